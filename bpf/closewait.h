@@ -1,0 +1,141 @@
+/* closewait.h - the layout shared by the BPF programs and the Python decoder.
+ *
+ * Only fixed-width types, explicit padding and constants live here: the Python side
+ * (closewait_trace/decode.py) mirrors every struct field by field, and a kernel-free test
+ * parses this file to check that the two agree on names, order, sizes and offsets.
+ * The file is included by bpf/closewait.bpf.c and must not include anything itself.
+ */
+#ifndef CLOSEWAIT_H
+#define CLOSEWAIT_H
+
+#define CW_COMM_LEN 16
+#define CW_ADDR_LEN 16
+
+/* TCP states as the kernel numbers them (include/net/tcp_states.h). */
+#define CW_TCP_ESTABLISHED 1
+#define CW_TCP_SYN_SENT 2
+#define CW_TCP_SYN_RECV 3
+#define CW_TCP_FIN_WAIT1 4
+#define CW_TCP_FIN_WAIT2 5
+#define CW_TCP_TIME_WAIT 6
+#define CW_TCP_CLOSE 7
+#define CW_TCP_CLOSE_WAIT 8
+#define CW_TCP_LAST_ACK 9
+#define CW_TCP_LISTEN 10
+#define CW_TCP_CLOSING 11
+#define CW_TCP_NEW_SYN_RECV 12
+
+/* Which mechanism sees accept() and the application's close(). */
+#define CW_BACKEND_TRACEPOINT 1
+#define CW_BACKEND_KPROBE 2
+#define CW_BACKEND_FENTRY 3
+
+/* struct cw_sock.flags */
+#define CW_F_PASSIVE (1u << 0)      /* child of a listener (LISTEN -> SYN_RECV seen) */
+#define CW_F_ACTIVE (1u << 1)       /* connect()ed from this host (CLOSE -> SYN_SENT seen) */
+#define CW_F_ACCEPTED (1u << 2)     /* the application accept()ed it */
+#define CW_F_APP_CLOSED (1u << 3)   /* the application closed it (tcp_close or close() path) */
+#define CW_F_OWNER_KNOWN (1u << 4)  /* owner_tgid is meaningful */
+#define CW_F_PREEXISTING (1u << 5)  /* first seen after its creation: history is partial */
+#define CW_F_IN_CW (1u << 6)        /* currently in CLOSE_WAIT */
+#define CW_F_ACCEPT_IN_CW (1u << 7) /* accepted only after the peer had closed */
+#define CW_F_TIMELINE (1u << 8)     /* every transition of this socket is sent to userspace */
+#define CW_F_REPORTED (1u << 9)     /* passed the filters when it entered CLOSE_WAIT */
+
+/* struct cw_event.type */
+#define CW_EV_CW_EXIT 1    /* a socket left CLOSE_WAIT after at least report_min_ns */
+#define CW_EV_LISTEN 2     /* a socket started listening (process context: owner known) */
+#define CW_EV_UNLISTEN 3   /* a listening socket closed */
+#define CW_EV_STATE 4      /* a state change of a socket under a timeline watch */
+#define CW_EV_ACCEPT 5     /* accept() of a socket under a timeline watch */
+#define CW_EV_APP_CLOSE 6  /* the application's close of a socket under a timeline watch */
+
+/* struct cw_event.exit_how: how a socket left CLOSE_WAIT */
+#define CW_EXIT_NONE 0
+#define CW_EXIT_APP_CLOSE 1       /* CLOSE_WAIT -> LAST_ACK: the application closed (or shut down) */
+#define CW_EXIT_APP_ABORT 2       /* CLOSE_WAIT -> CLOSE by the application (unread data: RST sent) */
+#define CW_EXIT_RESET 3           /* CLOSE_WAIT -> CLOSE outside the owner: RST received, timeout */
+#define CW_EXIT_LISTENER_CLOSED 4 /* never accepted, its listener was closed */
+
+/* Indices of the per-CPU stats array. */
+#define CW_STAT_RINGBUF_LOST 0  /* bpf_ringbuf_reserve failed: an event was lost */
+#define CW_STAT_SOCKS_FULL 1    /* the per-socket map was full: a socket went untracked */
+#define CW_STAT_CW_FULL 2       /* the CLOSE_WAIT map was full: a CLOSE_WAIT socket went unseen */
+#define CW_STAT_LISTEN_FULL 3   /* the listener map was full */
+#define CW_STAT_CW_ENTERED 4    /* sockets that entered CLOSE_WAIT (all, filtered or not) */
+#define CW_STAT_CW_REPORTED 5   /* of those, sockets that passed the filters */
+#define CW_STAT_CW_SHORT 6      /* reported sockets that left before report_min_ns */
+#define CW_STAT_ACCEPTS 7       /* accepts matched to a tracked socket */
+#define CW_STAT_ACCEPT_UNMATCHED 8 /* successful accepts the tracer could not tie to a socket */
+#define CW_STAT_PENDING_FULL 9  /* tracepoint backend: the accept-matching map was full */
+#define CW_STAT_MAX 16
+
+/* Number of log2 buckets of the CLOSE_WAIT duration histogram (microseconds). */
+#define CW_HIST_BUCKETS 40
+
+/* config[0]: settings written by userspace before the programs run. */
+struct cw_config {
+    __u64 report_min_ns; /* a socket leaving CLOSE_WAIT sooner is only counted */
+    __u32 filter_pids;   /* non-zero: only owners in pid_filter */
+    __u32 filter_ports;  /* non-zero: only local or remote ports in port_filter */
+    __u32 timeline_all;  /* non-zero: every socket passing the filters gets a timeline */
+    __u32 _pad;
+};
+
+/* What the kernel knows of one socket: the value of the socks and cw maps. */
+struct cw_sock {
+    __u64 skaddr;         /* the struct sock address (reused after free) */
+    __u64 ts_first;       /* first transition the tracer saw (ns, CLOCK_MONOTONIC) */
+    __u64 ts_established; /* entered ESTABLISHED, 0 if not seen */
+    __u64 ts_cw_enter;    /* entered CLOSE_WAIT: the peer's FIN arrived */
+    __u64 ts_accept;      /* accept() returned it, 0 if not seen */
+    __u64 ts_close;       /* the application closed it, 0 if not seen */
+    __u32 owner_tgid;     /* accepting, connecting, or listener-owning process */
+    __u32 closer_tgid;    /* process that closed it */
+    __u32 flags;          /* CW_F_* */
+    __u16 family;         /* AF_INET or AF_INET6 */
+    __u16 lport;          /* local port, host order */
+    __u16 rport;          /* remote port, host order */
+    __u16 _pad0;
+    __u32 _pad1;
+    __u8 laddr[CW_ADDR_LEN]; /* IPv6, or IPv4-mapped IPv6 */
+    __u8 raddr[CW_ADDR_LEN];
+    char owner_comm[CW_COMM_LEN];
+};
+
+/* One ring buffer record. */
+struct cw_event {
+    __u64 ts;       /* when it happened (ns, CLOCK_MONOTONIC) */
+    __u32 type;     /* CW_EV_* */
+    __u32 tgid;     /* current process (meaningless in softirq context) */
+    __u32 tid;
+    __s32 oldstate;
+    __s32 newstate;
+    __u32 exit_how; /* CW_EXIT_* for CW_EV_CW_EXIT */
+    char comm[CW_COMM_LEN];
+    struct cw_sock sock;
+};
+
+/* Key of the listener map: one entry per listening port. */
+struct cw_listener {
+    __u64 skaddr;
+    __u32 tgid;
+    __u32 _pad;
+    char comm[CW_COMM_LEN];
+};
+
+/* Key of the tracepoint backend's accept-matching map: the peer as accept() reports it. */
+struct cw_peer {
+    __u8 addr[CW_ADDR_LEN];
+    __u16 port; /* host order */
+    __u16 _pad0;
+    __u32 _pad1;
+};
+
+/* Key of the accept error counters. */
+struct cw_accept_err {
+    __u32 tgid;
+    __s32 err; /* positive errno */
+};
+
+#endif /* CLOSEWAIT_H */
