@@ -132,6 +132,16 @@ struct cw_peer {
     __u32 _pad1;
 };
 
+/* Value of the accept_stats map, one per process calling accept()/accept4(). */
+struct cw_accept_stat {
+    __u64 last_ok_ts;  /* last successful accept (ns, CLOCK_MONOTONIC) */
+    __u64 last_err_ts; /* last failed accept */
+    __u64 ok;          /* successful accepts */
+    __u64 err;         /* failed accepts, EAGAIN excluded */
+    __s32 last_err;    /* positive errno of the last failure, EAGAIN excluded */
+    __u32 _pad;
+};
+
 /* Key of the accept error counters. */
 struct cw_accept_err {
     __u32 tgid;

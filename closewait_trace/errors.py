@@ -43,3 +43,9 @@ class BpfLoadError(CloseWaitError):
     """The BPF programs failed to compile, load or attach."""
 
     exit_code = 70
+
+
+class EnrichError(CloseWaitError):
+    """Userspace enrichment failed: the sock_diag netlink query, or a process's /proc entries."""
+
+    exit_code = 74

@@ -1,0 +1,309 @@
+"""Attach stage: compile the BPF programs with BCC, load them, attach them, read their maps.
+
+BCC comes from the distribution (python3-bpfcc), not from PyPI: import_bcc() finds it where
+the distribution puts it even from a virtual environment that does not see system packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import importlib
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import decode
+from .decode import CConfig, CListener, CSock, SockInfo, Stat
+from .errors import BccMissingError, BpfLoadError, KernelHeadersError
+from .features import Backend
+from .headers import HeaderCandidate
+
+#: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
+DISTRO_BCC_DIRS = (
+    Path("/usr/lib/python3/dist-packages"),
+    Path("/usr/lib/python3/site-packages"),
+    Path("/usr/share/bcc/python"),
+)
+
+BCC_INSTALL_HINT = (
+    "BCC is not installed: run `make setup`, or `apt-get install python3-bpfcc bpfcc-tools`"
+    " (Debian/Ubuntu); PyPI's 'bcc' is an unrelated project"
+)
+
+
+def import_bcc() -> ModuleType:
+    """The bcc module, from the environment or from the distribution's directory."""
+    try:
+        return importlib.import_module("bcc")
+    except ImportError:
+        pass
+    for base in DISTRO_BCC_DIRS:
+        init = base / "bcc" / "__init__.py"
+        if not init.is_file():
+            continue
+        spec = importlib.util.spec_from_file_location(
+            "bcc", init, submodule_search_locations=[str(base / "bcc")]
+        )
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bcc"] = module
+        try:
+            spec.loader.exec_module(module)
+        except (ImportError, OSError) as exc:
+            sys.modules.pop("bcc", None)
+            raise BccMissingError(f"{BCC_INSTALL_HINT} (loading {init} failed: {exc})") from exc
+        return module
+    raise BccMissingError(BCC_INSTALL_HINT)
+
+
+def bpf_source_dir() -> Path:
+    """bpf/ of a source checkout, or closewait_trace/bpf of an installed package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "bpf", here.parent / "bpf"):
+        if (candidate / "closewait.bpf.c").is_file():
+            return candidate
+    raise BpfLoadError(f"the BPF sources are missing (looked in {here / 'bpf'} and {here.parent / 'bpf'})")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    backend: Backend
+    accept_nargs: int | None = None  # fentry: parameters of inet_csk_accept in BTF
+    report_min_ns: int = 200_000_000
+    pids: frozenset[int] = frozenset()
+    ports: frozenset[int] = frozenset()
+    timeline_all: bool = False
+    max_socks: int = 131072
+    max_cw: int = 32768
+    max_listeners: int = 4096
+    ringbuf_pages: int = 64
+
+    def cflags(self, src_dir: Path) -> list[str]:
+        flags = [
+            f"-I{src_dir}",
+            f"-DCW_BACKEND={self.backend.value}",
+            f"-DCW_MAX_SOCKS={self.max_socks}",
+            f"-DCW_MAX_CW={self.max_cw}",
+            f"-DCW_MAX_LISTENERS={self.max_listeners}",
+            f"-DCW_RINGBUF_PAGES={self.ringbuf_pages}",
+            "-Wno-macro-redefined",
+        ]
+        if self.backend is Backend.FENTRY:
+            flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
+        return flags
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Path]:
+    """Send fd 2 to a file while BCC compiles: its compiler and verifier write there."""
+    fd, name = tempfile.mkstemp(prefix="closewait-trace-bcc-", suffix=".log")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        yield Path(name)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    useful = [line for line in text if line.strip() and not line.startswith(("In file included", "      "))]
+    return " | ".join(useful[-lines:])
+
+
+@dataclass
+class Probes:
+    """The loaded programs and their maps."""
+
+    bpf: Any
+    settings: ProbeSettings
+    header: HeaderCandidate | None
+    notices: list[str] = field(default_factory=list)
+    _closed: bool = False
+    _batch_ok: bool = True
+
+    # --- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        settings: ProbeSettings,
+        headers: Iterable[HeaderCandidate],
+        *,
+        on_compile: Callable[[HeaderCandidate], None] | None = None,
+    ) -> Probes:
+        """Compile against the first header set that works, load, attach, configure."""
+        bcc = import_bcc()
+        src_dir = bpf_source_dir()
+        source = (src_dir / "closewait.bpf.c").read_text()
+        notices: list[str] = []
+        failures: list[str] = []
+        bpf = None
+        chosen: HeaderCandidate | None = None
+        candidates = list(headers)
+        if not candidates:
+            raise KernelHeadersError(
+                "no kernel headers found: install linux-headers-$(uname -r)"
+                " (or linux-headers-amd64 on Debian), or pass --kernel-headers DIR"
+            )
+        for cand in candidates:
+            if on_compile is not None:
+                on_compile(cand)
+            os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
+            with _captured_stderr() as log:
+                try:
+                    bpf = bcc.BPF(text=source.encode(), cflags=settings.cflags(src_dir))
+                except Exception as exc:  # BCC raises bare Exception
+                    msg = str(exc)
+                    if "compile" in msg.lower():
+                        failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
+                        continue
+                    raise BpfLoadError(
+                        f"loading the BPF programs failed: {msg}; {_log_tail(log)} (log: {log})"
+                    ) from exc
+            chosen = cand
+            if failures:
+                notices.append(
+                    f"kernel headers: compiled with {cand.origin} after "
+                    f"{len(failures)} header set(s) failed ({failures[0][:160]})"
+                )
+            elif cand.notice:
+                notices.append(cand.notice)
+            break
+        if bpf is None:
+            raise KernelHeadersError(
+                "no installed kernel header set compiles the BPF programs: "
+                + "; ".join(f[:200] for f in failures)
+            )
+        probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices)
+        try:
+            probes._attach()
+            probes._configure()
+        except BaseException:
+            probes.close()
+            raise
+        return probes
+
+    def _attach(self) -> None:
+        """Tracepoints and fentry/fexit attach themselves when BCC loads; kprobes here."""
+        if self.settings.backend is not Backend.KPROBE:
+            return
+        try:
+            self.bpf.attach_kretprobe(event="inet_csk_accept", fn_name="cwt_accept_ret")
+            self.bpf.attach_kprobe(event="tcp_close", fn_name="cwt_tcp_close")
+        except Exception as exc:
+            raise BpfLoadError(f"attaching kprobes failed: {exc}") from exc
+
+    def _configure(self) -> None:
+        cfg = CConfig()
+        cfg.report_min_ns = self.settings.report_min_ns
+        cfg.filter_pids = 1 if self.settings.pids else 0
+        cfg.filter_ports = 1 if self.settings.ports else 0
+        cfg.timeline_all = 1 if self.settings.timeline_all else 0
+        self.set_pids(self.settings.pids)
+        self.set_ports(self.settings.ports)
+        table = self.bpf["config"]
+        table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
+
+    # --- filters and seeds --------------------------------------------------------------
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        table = self.bpf["pid_filter"]
+        wanted = set(pids)
+        for key in list(table.keys()):
+            if key.value not in wanted:
+                del table[key]
+        for pid in wanted:
+            table[ct.c_uint32(pid)] = ct.c_uint8(1)
+
+    def set_ports(self, ports: Iterable[int]) -> None:
+        table = self.bpf["port_filter"]
+        for port in ports:
+            table[ct.c_uint16(port)] = ct.c_uint8(1)
+
+    def seed_listener(self, port: int, pid: int, comm: str) -> None:
+        """A listener that existed before the tracer: its children get this owner."""
+        table = self.bpf["listeners"]
+        lst = CListener()
+        lst.tgid = pid
+        lst.comm = comm.encode()[: decode.COMM_LEN - 1]
+        table[ct.c_uint16(port)] = table.Leaf.from_buffer_copy(bytes(lst))
+
+    # --- reading ------------------------------------------------------------------------
+
+    def open_events(self, callback: Callable[[decode.Event], None]) -> None:
+        def _raw(_ctx: Any, data: Any, size: int) -> None:
+            callback(decode.decode_event(ct.string_at(data, size)))
+
+        self.bpf["events"].open_ring_buffer(_raw)
+
+    def poll_events(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def read_cw(self) -> list[SockInfo]:
+        """Every entry of the cw map: sockets now in CLOSE_WAIT that passed the filters."""
+        table = self.bpf["cw"]
+        items: Iterable[tuple[Any, Any]]
+        if self._batch_ok:
+            try:
+                items = list(table.items_lookup_batch())
+            except Exception:
+                self._batch_ok = False  # kernel without batch ops (< 5.6)
+                items = list(table.items())
+        else:
+            items = list(table.items())
+        return [decode.sock_from_c(CSock.from_buffer_copy(bytes(v))) for _, v in items]
+
+    def read_stats(self) -> dict[Stat, int]:
+        table = self.bpf["stats"]
+        return {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
+
+    def read_hist(self) -> list[int]:
+        table = self.bpf["cw_hist"]
+        return [int(table.sum(ct.c_int(i)).value) for i in range(decode.HIST_BUCKETS)]
+
+    def read_accept_stats(self) -> dict[int, decode.CAcceptStat]:
+        table = self.bpf["accept_stats"]
+        return {
+            int(k.value): decode.CAcceptStat.from_buffer_copy(bytes(v)) for k, v in table.items()
+        }
+
+    def read_accept_errs(self) -> dict[tuple[int, int], int]:
+        table = self.bpf["accept_errs"]
+        out = {}
+        for k, v in table.items():
+            key = decode.CAcceptErr.from_buffer_copy(bytes(k))
+            out[(int(key.tgid), int(key.err))] = int(v.value)
+        return out
+
+    def map_sizes(self) -> dict[str, int]:
+        return {
+            "socks": self.settings.max_socks,
+            "cw": self.settings.max_cw,
+            "listeners": self.settings.max_listeners,
+        }
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach every probe and free the maps (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()

@@ -1,0 +1,267 @@
+"""CLI stage: options in, one clear line and an exit code out on any error.
+
+`closewait-trace [OPTIONS]` traces live; `doctor` says what will run and why; `demo` starts a
+built-in workload and traces it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .errors import CloseWaitError, UsageError
+from .headers import HeaderCandidate
+from .render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
+          "h": 3_600_000_000_000}
+
+
+def parse_duration(text: str) -> int:
+    """'10s', '500ms', '2m', '1h', '1.5' (seconds) -> nanoseconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*", text)
+    if not m:
+        raise UsageError(f"bad duration {text!r}: use e.g. 500ms, 10s, 2m")
+    value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if value <= 0:
+        raise UsageError(f"bad duration {text!r}: must be greater than zero")
+    return int(value)
+
+
+class DurationType(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_duration(str(value))
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = DurationType()
+
+
+def _tracing_options(fn: F) -> F:
+    opts = [
+        click.option("--threshold", type=DURATION, default="10s", show_default=True,
+                     help="Age in CLOSE_WAIT at which a socket is flagged as a leak."),
+        click.option("--report-min", type=DURATION, default="200ms", show_default=True,
+                     help="Stays in CLOSE_WAIT shorter than this are only counted, not listed."),
+        click.option("--backend", type=click.Choice(["auto", "kprobe", "fentry", "tracepoint"]),
+                     default="auto", show_default=True,
+                     help="How accept() and close() are seen; auto picks the best available."),
+        click.option("--kernel-headers", type=click.Path(path_type=Path),
+                     help="Kernel header tree to compile against (default: found automatically)."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON object per line "
+                     "(docs/json-schema.md)."),
+        click.option("--plain", is_flag=True, help="Plain lines even on a terminal."),
+        click.option("--max-sockets", type=click.IntRange(1024, 1 << 22), default=131072,
+                     show_default=True, help="Size of the kernel's per-socket map."),
+        click.option("--max-close-wait", type=click.IntRange(256, 1 << 22), default=32768,
+                     show_default=True, help="Size of the kernel's CLOSE_WAIT map."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _renderer(as_json: bool, plain: bool) -> Renderer:
+    if as_json:
+        return JsonRenderer(sys.stdout)
+    if plain or not sys.stdout.isatty():
+        return PlainRenderer(sys.stdout)
+    return LiveRenderer(Console())
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Library errors become one line on stderr and the error's exit code."""
+    try:
+        yield
+    except CloseWaitError as exc:
+        click.echo(f"closewait-trace: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], None], Callable[[], None]]:
+    """A spinner while BCC compiles (terminal only); returns (on_compile, done)."""
+    if isinstance(renderer, LiveRenderer):
+        status = renderer.console.status("compiling BPF programs")
+        started = [False]
+
+        def on_compile(cand: HeaderCandidate) -> None:
+            status.update(f"compiling BPF programs against {cand.origin} ({cand.path})")
+            if not started[0]:
+                status.start()
+                started[0] = True
+
+        return on_compile, status.stop
+    return (lambda cand: None), (lambda: None)
+
+
+def run_trace(options: Any, renderer: Renderer, before_run: Callable[[], None] | None = None) -> int:
+    from .session import Session
+
+    session = Session(options, renderer)
+    session.install_signal_handlers()
+    on_compile, done = _compile_notice(renderer)
+    try:
+        session.start(on_compile=on_compile)
+    finally:
+        done()
+    if before_run is not None:
+        before_run()
+    session.run()
+    return 0
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="closewait-trace")
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Trace only sockets owned by this process (and its children). Repeatable.")
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+              help="Trace only sockets with this local or remote port. Repeatable.")
+@click.option("--duration", type=DURATION, default=None,
+              help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
+@_tracing_options
+@click.pass_context
+def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
+         threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
+         as_json: bool, plain: bool, max_sockets: int, max_close_wait: int) -> None:
+    """Trace TCP sockets in CLOSE_WAIT live: who owns them, whether they were accepted,
+    whether they were closed, and why they leak.
+
+    With no command, traces every process (or those given with -p) until stopped.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .session import Options
+
+    with _errors():
+        for pid in pids:
+            if pid <= 0:
+                raise UsageError(f"bad PID {pid}")
+        if threshold < report_min:
+            raise UsageError("--threshold must not be shorter than --report-min")
+        options = Options(
+            pids=frozenset(pids), ports=frozenset(ports), threshold_ns=threshold,
+            report_min_ns=report_min, backend=backend, kernel_headers=kernel_headers,
+            duration_s=duration / 1e9 if duration else None, max_socks=max_sockets,
+            max_cw=max_close_wait,
+        )
+        sys.exit(run_trace(options, _renderer(as_json, plain)))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """Say which backend will run and why; exit non-zero if tracing is impossible."""
+    import json
+
+    from .features import backend_reasons, choose_backend, ensure_tracefs, is_privileged, \
+        probe_features
+    from .headers import candidate_header_dirs
+
+    checks: list[tuple[str, bool, str]] = []
+    fatal = False
+    ok, why = is_privileged()
+    checks.append(("privileges", ok, why if not ok else "ok (" + (why or "root") + ")"))
+    if ok:
+        try:
+            for notice in ensure_tracefs():
+                checks.append(("tracefs", True, notice))
+        except CloseWaitError as exc:
+            checks.append(("tracefs", False, str(exc)))
+    else:
+        fatal = True
+    feats = probe_features()
+    checks.append(("kernel", True, feats.release))
+    checks.append(("tracefs", feats.tracefs is not None, str(feats.tracefs or "not mounted")))
+    checks.append(("btf", feats.btf, "/sys/kernel/btf/vmlinux" if feats.btf else "missing"))
+    for reason in backend_reasons(feats):
+        name, _, text = reason.partition(": ")
+        checks.append((name, not text.startswith(("not", "missing")), text))
+    try:
+        backend = choose_backend(feats, None)
+        checks.append(("backend", True, f"{backend.label} will be used"))
+    except CloseWaitError as exc:
+        checks.append(("backend", False, str(exc)))
+        fatal = True
+    try:
+        cands = candidate_header_dirs()
+        checks.append(("headers", bool(cands),
+                       "; ".join(f"{c.origin}: {c.path}" for c in cands[:3]) or "none found"))
+        fatal = fatal or not cands
+    except CloseWaitError as exc:
+        checks.append(("headers", False, str(exc)))
+        fatal = True
+    try:
+        from .attach import import_bcc
+
+        bcc = import_bcc()
+        checks.append(("bcc", True, f"python module at {os.path.dirname(bcc.__file__ or '')}"))
+    except CloseWaitError as exc:
+        checks.append(("bcc", False, str(exc)))
+        fatal = True
+    if as_json:
+        click.echo(json.dumps({"ok": not fatal, "checks": [
+            {"check": n, "ok": o, "detail": d} for n, o, d in checks]}))
+    else:
+        for name, good, detail in checks:
+            mark = "ok " if good else "-- "
+            click.echo(f"{mark} {name:<28} {detail}")
+        click.echo("tracing is possible" if not fatal else "tracing is NOT possible here")
+    sys.exit(1 if fatal else 0)
+
+
+@main.command()
+@click.option("--duration", type=DURATION, default="20s", show_default=True,
+              help="How long to run the demo.")
+@click.option("--threshold", type=DURATION, default="3s", show_default=True,
+              help="Leak threshold for the demo.")
+@click.option("--backend", type=click.Choice(["auto", "kprobe", "fentry", "tracepoint"]),
+              default="auto", show_default=True)
+@click.option("--kernel-headers", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | None,
+         as_json: bool, plain: bool) -> None:
+    """Start a built-in leaky workload in child processes and trace it live.
+
+    A listener that never accepts, a server that accepts and never closes, a healthy server,
+    and a client pool whose server closes idle connections.
+    """
+    from .demo import Workload
+    from .session import Options
+
+    renderer = _renderer(as_json, plain)
+    with _errors():
+        workload = Workload()
+        workload.start_servers()
+        try:
+            renderer.notice(
+                "demo: " + ", ".join(f"{n} pid {p} port {workload.ports.get(n, '-')}"
+                                      for n, p in workload.pids().items())
+            )
+            options = Options(
+                ports=frozenset(workload.ports.values()),
+                threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
+                backend=backend, kernel_headers=kernel_headers, duration_s=duration / 1e9,
+            )
+            run_trace(options, renderer, before_run=workload.start_clients)
+        finally:
+            workload.stop()
+    sys.exit(0)

@@ -1,0 +1,308 @@
+"""Decode stage: the C layouts of bpf/closewait.h as ctypes structs, and plain Python records.
+
+Every struct here mirrors one in bpf/closewait.h field by field; tests/unit/test_decode.py
+parses the header and checks names, order, sizes and offsets, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+COMM_LEN = 16
+ADDR_LEN = 16
+HIST_BUCKETS = 40
+STAT_MAX = 16
+
+
+class TcpState(enum.IntEnum):
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+class SockFlag(enum.IntFlag):
+    PASSIVE = 1 << 0
+    ACTIVE = 1 << 1
+    ACCEPTED = 1 << 2
+    APP_CLOSED = 1 << 3
+    OWNER_KNOWN = 1 << 4
+    PREEXISTING = 1 << 5
+    IN_CW = 1 << 6
+    ACCEPT_IN_CW = 1 << 7
+    TIMELINE = 1 << 8
+    REPORTED = 1 << 9
+
+
+class EventType(enum.IntEnum):
+    CW_EXIT = 1
+    LISTEN = 2
+    UNLISTEN = 3
+    STATE = 4
+    ACCEPT = 5
+    APP_CLOSE = 6
+
+
+class ExitHow(enum.IntEnum):
+    NONE = 0
+    APP_CLOSE = 1
+    APP_ABORT = 2
+    RESET = 3
+    LISTENER_CLOSED = 4
+
+
+class Stat(enum.IntEnum):
+    RINGBUF_LOST = 0
+    SOCKS_FULL = 1
+    CW_FULL = 2
+    LISTEN_FULL = 3
+    CW_ENTERED = 4
+    CW_REPORTED = 5
+    CW_SHORT = 6
+    ACCEPTS = 7
+    ACCEPT_UNMATCHED = 8
+    PENDING_FULL = 9
+
+
+#: Stats whose non-zero value means something was missed.
+LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL)
+
+
+class CConfig(ct.Structure):
+    _fields_ = [
+        ("report_min_ns", ct.c_uint64),
+        ("filter_pids", ct.c_uint32),
+        ("filter_ports", ct.c_uint32),
+        ("timeline_all", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class CSock(ct.Structure):
+    _fields_ = [
+        ("skaddr", ct.c_uint64),
+        ("ts_first", ct.c_uint64),
+        ("ts_established", ct.c_uint64),
+        ("ts_cw_enter", ct.c_uint64),
+        ("ts_accept", ct.c_uint64),
+        ("ts_close", ct.c_uint64),
+        ("owner_tgid", ct.c_uint32),
+        ("closer_tgid", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("family", ct.c_uint16),
+        ("lport", ct.c_uint16),
+        ("rport", ct.c_uint16),
+        ("_pad0", ct.c_uint16),
+        ("_pad1", ct.c_uint32),
+        ("laddr", ct.c_uint8 * ADDR_LEN),
+        ("raddr", ct.c_uint8 * ADDR_LEN),
+        ("owner_comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class CEvent(ct.Structure):
+    _fields_ = [
+        ("ts", ct.c_uint64),
+        ("type", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("oldstate", ct.c_int32),
+        ("newstate", ct.c_int32),
+        ("exit_how", ct.c_uint32),
+        ("comm", ct.c_char * COMM_LEN),
+        ("sock", CSock),
+    ]
+
+
+class CListener(ct.Structure):
+    _fields_ = [
+        ("skaddr", ct.c_uint64),
+        ("tgid", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class CPeer(ct.Structure):
+    _fields_ = [
+        ("addr", ct.c_uint8 * ADDR_LEN),
+        ("port", ct.c_uint16),
+        ("_pad0", ct.c_uint16),
+        ("_pad1", ct.c_uint32),
+    ]
+
+
+class CAcceptStat(ct.Structure):
+    _fields_ = [
+        ("last_ok_ts", ct.c_uint64),
+        ("last_err_ts", ct.c_uint64),
+        ("ok", ct.c_uint64),
+        ("err", ct.c_uint64),
+        ("last_err", ct.c_int32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class CAcceptErr(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("err", ct.c_int32)]
+
+
+#: Struct name in the C header -> its ctypes mirror, for the layout test.
+C_STRUCTS: dict[str, type[ct.Structure]] = {
+    "cw_config": CConfig,
+    "cw_sock": CSock,
+    "cw_event": CEvent,
+    "cw_listener": CListener,
+    "cw_peer": CPeer,
+    "cw_accept_stat": CAcceptStat,
+    "cw_accept_err": CAcceptErr,
+}
+
+
+def format_addr(family: int, raw: bytes) -> str:
+    """Text of an address the kernel stored as IPv6 or IPv4-mapped IPv6."""
+    addr = ipaddress.IPv6Address(bytes(raw))
+    mapped = addr.ipv4_mapped
+    if family == socket.AF_INET or mapped is not None:
+        return str(mapped) if mapped is not None else str(ipaddress.IPv4Address(bytes(raw)[12:]))
+    return str(addr)
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class SockInfo:
+    """What the kernel knows of one socket (struct cw_sock), in Python types."""
+
+    skaddr: int
+    ts_first: int
+    ts_established: int
+    ts_cw_enter: int
+    ts_accept: int
+    ts_close: int
+    owner_tgid: int
+    closer_tgid: int
+    flags: SockFlag
+    family: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    owner_comm: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Identity of one stay in CLOSE_WAIT: the address is reused, the entry time is not."""
+        return (self.skaddr, self.ts_cw_enter)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One ring buffer record (struct cw_event)."""
+
+    ts: int
+    type: EventType
+    tgid: int
+    tid: int
+    oldstate: int
+    newstate: int
+    exit_how: ExitHow
+    comm: str
+    sock: SockInfo
+
+
+def sock_from_c(c: CSock) -> SockInfo:
+    return SockInfo(
+        skaddr=c.skaddr,
+        ts_first=c.ts_first,
+        ts_established=c.ts_established,
+        ts_cw_enter=c.ts_cw_enter,
+        ts_accept=c.ts_accept,
+        ts_close=c.ts_close,
+        owner_tgid=c.owner_tgid,
+        closer_tgid=c.closer_tgid,
+        flags=SockFlag(c.flags),
+        family=c.family,
+        laddr=format_addr(c.family, bytes(c.laddr)),
+        lport=c.lport,
+        raddr=format_addr(c.family, bytes(c.raddr)),
+        rport=c.rport,
+        owner_comm=_comm(c.owner_comm),
+    )
+
+
+def decode_sock(data: bytes | bytearray | memoryview) -> SockInfo:
+    return sock_from_c(CSock.from_buffer_copy(bytes(data[: ct.sizeof(CSock)])))
+
+
+def decode_event(data: bytes | bytearray | memoryview) -> Event:
+    """Decode one ring buffer record; raises ValueError on a short record."""
+    if len(data) < ct.sizeof(CEvent):
+        raise ValueError(f"ring buffer record of {len(data)} bytes, expected {ct.sizeof(CEvent)}")
+    c = CEvent.from_buffer_copy(bytes(data[: ct.sizeof(CEvent)]))
+    return Event(
+        ts=c.ts,
+        type=EventType(c.type),
+        tgid=c.tgid,
+        tid=c.tid,
+        oldstate=c.oldstate,
+        newstate=c.newstate,
+        exit_how=ExitHow(c.exit_how),
+        comm=_comm(c.comm),
+        sock=sock_from_c(c.sock),
+    )
+
+
+def encode_sock(s: SockInfo) -> CSock:
+    """The inverse of sock_from_c, for tests and recorded traces."""
+    c = CSock()
+    c.skaddr = s.skaddr
+    c.ts_first = s.ts_first
+    c.ts_established = s.ts_established
+    c.ts_cw_enter = s.ts_cw_enter
+    c.ts_accept = s.ts_accept
+    c.ts_close = s.ts_close
+    c.owner_tgid = s.owner_tgid
+    c.closer_tgid = s.closer_tgid
+    c.flags = int(s.flags)
+    c.family = s.family
+    c.lport = s.lport
+    c.rport = s.rport
+    for name, text in (("laddr", s.laddr), ("raddr", s.raddr)):
+        ip = ipaddress.ip_address(text)
+        raw = (
+            ipaddress.IPv6Address("::ffff:" + str(ip)).packed
+            if isinstance(ip, ipaddress.IPv4Address)
+            else ip.packed
+        )
+        getattr(c, name)[:] = list(raw)
+    c.owner_comm = s.owner_comm.encode()[: COMM_LEN - 1]
+    return c
+
+
+def encode_event(e: Event) -> bytes:
+    c = CEvent()
+    c.ts = e.ts
+    c.type = int(e.type)
+    c.tgid = e.tgid
+    c.tid = e.tid
+    c.oldstate = e.oldstate
+    c.newstate = e.newstate
+    c.exit_how = int(e.exit_how)
+    c.comm = e.comm.encode()[: COMM_LEN - 1]
+    c.sock = encode_sock(e.sock)
+    return bytes(c)

@@ -1,0 +1,347 @@
+"""Join stage: one Connection per stay in CLOSE_WAIT, built from what the kernel reports.
+
+Three inputs reach the Tracker, in any order:
+- polls of the kernel's cw map (sockets now in CLOSE_WAIT that passed the filters),
+- ring buffer events (a socket left CLOSE_WAIT, a listener appeared or went),
+- a sock_diag snapshot taken at start (sockets already in CLOSE_WAIT before the tracer).
+
+A stay in CLOSE_WAIT is identified by (socket address, time it entered CLOSE_WAIT): the kernel
+reuses socket addresses, never entry times. Everything here is pure logic on records, tested
+without a kernel.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .decode import Event, EventType, ExitHow, SockFlag, SockInfo
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"    # child of a listener on this host
+    OUTBOUND = "outbound"  # connect()ed from this host
+    UNKNOWN = "unknown"    # created before the tracer started
+
+
+class Accepted(enum.Enum):
+    YES = "yes"
+    NO = "no"
+    UNKNOWN = "unknown"
+
+
+class ChangeKind(enum.Enum):
+    OPENED = "open"       # first seen in CLOSE_WAIT (at least report_min in it)
+    UPDATED = "update"    # accepted or closed by the application while in CLOSE_WAIT
+    FLAGGED = "leak"      # crossed the leak threshold
+    CLOSED = "close"      # left CLOSE_WAIT
+    LOST = "lost"         # left CLOSE_WAIT but its exit event was lost
+    LISTEN = "listen"
+    UNLISTEN = "unlisten"
+
+
+@dataclass
+class Connection:
+    """One socket's stay in CLOSE_WAIT, and what is known of its life around it."""
+
+    key: tuple[int, int]
+    family: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    direction: Direction
+    owner_pid: int | None = None
+    owner_comm: str | None = None
+    accepted: Accepted = Accepted.UNKNOWN
+    accepted_ns: int | None = None
+    accepted_after_fin: bool = False
+    established_ns: int | None = None
+    cw_enter_ns: int | None = None  # None: in CLOSE_WAIT since before the tracer started
+    first_seen_ns: int = 0
+    cw_exit_ns: int | None = None
+    exit_how: ExitHow | None = None
+    closer_pid: int | None = None
+    app_close_ns: int | None = None
+    flagged_ns: int | None = None
+    inode: int | None = None
+    fd: int | None = None
+    uid: int | None = None
+    enriched: bool = False
+    #: Full transitions, for sockets under a timeline watch: (ts, oldstate, newstate, pid).
+    steps: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def preexisting(self) -> bool:
+        return self.cw_enter_ns is None
+
+    @property
+    def is_open(self) -> bool:
+        return self.cw_exit_ns is None and self.exit_how is None
+
+    @property
+    def since_ns(self) -> int:
+        """When its stay started, as far as the tracer knows (start time for preexisting)."""
+        return self.cw_enter_ns if self.cw_enter_ns is not None else self.first_seen_ns
+
+    def age_ns(self, now_ns: int) -> int:
+        end = self.cw_exit_ns if self.cw_exit_ns is not None else now_ns
+        return max(0, end - self.since_ns)
+
+    @property
+    def service_port(self) -> int:
+        """The port that names the service: local for inbound, remote for outbound."""
+        return self.rport if self.direction is Direction.OUTBOUND else self.lport
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    conn: Connection | None = None
+    listener: Listener | None = None
+
+
+@dataclass(frozen=True)
+class Listener:
+    port: int
+    family: int
+    addr: str
+    pid: int
+    comm: str
+
+
+def _direction(flags: SockFlag) -> Direction:
+    if flags & SockFlag.PASSIVE:
+        return Direction.INBOUND
+    if flags & SockFlag.ACTIVE:
+        return Direction.OUTBOUND
+    return Direction.UNKNOWN
+
+
+def _accepted(s: SockInfo) -> Accepted:
+    if s.flags & SockFlag.ACCEPTED:
+        return Accepted.YES
+    if s.flags & SockFlag.PASSIVE:
+        # Not seen accepted. The kernel may have missed an accept() already blocked when the
+        # probes attached; enrichment confirms with the socket's inode.
+        return Accepted.NO
+    return Accepted.UNKNOWN
+
+
+class Tracker:
+    """Joins kernel records into Connections and says what changed.
+
+    `threshold_ns` is the age in CLOSE_WAIT at which a connection is flagged as a leak;
+    `report_min_ns` the age below which polled entries are not yet reported (the kernel sends
+    an exit event only for stays at least that long, so every reported stay gets its end).
+    """
+
+    #: Polls a reported connection may be missing from the cw map before its exit event is
+    #: declared lost (the kernel deletes the entry just before it submits the event).
+    MISSING_POLLS_BEFORE_LOST = 3
+
+    def __init__(self, *, threshold_ns: int, report_min_ns: int, start_ns: int) -> None:
+        if threshold_ns < report_min_ns:
+            raise ValueError("threshold must not be below report_min")
+        self.threshold_ns = threshold_ns
+        self.report_min_ns = report_min_ns
+        self.start_ns = start_ns
+        self.open: dict[tuple[int, int], Connection] = {}
+        self.closed: list[Connection] = []
+        self.listeners: dict[int, Listener] = {}
+        self.flagged_total = 0
+        self.lost_exits = 0
+        self._missing: dict[tuple[int, int], int] = {}
+        self._recently_closed: dict[tuple[int, int], int] = {}
+        self._preexisting_seq = 0
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def seed_preexisting(
+        self, sockets: Iterable[tuple[int, str, int, str, int]], now_ns: int
+    ) -> list[Change]:
+        """Sockets in CLOSE_WAIT at start: (family, laddr, lport, raddr, rport) each."""
+        changes = []
+        for family, laddr, lport, raddr, rport in sockets:
+            self._preexisting_seq += 1
+            conn = Connection(
+                key=(0, self._preexisting_seq),
+                family=family,
+                laddr=laddr,
+                lport=lport,
+                raddr=raddr,
+                rport=rport,
+                direction=Direction.UNKNOWN,
+                first_seen_ns=now_ns,
+            )
+            self.open[conn.key] = conn
+            changes.append(Change(ChangeKind.OPENED, conn))
+        return changes
+
+    def apply_poll(self, socks: Iterable[SockInfo], now_ns: int) -> list[Change]:
+        """A read of the kernel's cw map at now_ns."""
+        changes: list[Change] = []
+        seen: set[tuple[int, int]] = set()
+        for s in socks:
+            if s.ts_cw_enter == 0:
+                continue
+            key = s.key
+            seen.add(key)
+            if key in self._recently_closed:
+                continue  # its exit event was handled before this poll was read
+            conn = self.open.get(key)
+            if conn is None:
+                if now_ns - s.ts_cw_enter < self.report_min_ns:
+                    continue
+                conn = self._new_connection(s, now_ns)
+                self.open[key] = conn
+                changes.append(Change(ChangeKind.OPENED, conn))
+            elif self._update_from(conn, s):
+                changes.append(Change(ChangeKind.UPDATED, conn))
+        for key, conn in list(self.open.items()):
+            if key[0] == 0 or key in seen:
+                self._missing.pop(key, None)
+                continue
+            n = self._missing.get(key, 0) + 1
+            if n < self.MISSING_POLLS_BEFORE_LOST:
+                self._missing[key] = n
+                continue
+            # Gone from the map and no exit event: it was lost (the kernel counted it).
+            self._missing.pop(key, None)
+            del self.open[key]
+            conn.cw_exit_ns = None
+            self.lost_exits += 1
+            self.closed.append(conn)
+            changes.append(Change(ChangeKind.LOST, conn))
+        self._expire_recent(now_ns)
+        return changes
+
+    def apply_event(self, ev: Event, now_ns: int) -> list[Change]:
+        if ev.type is EventType.CW_EXIT:
+            return self._on_exit(ev, now_ns)
+        if ev.type is EventType.LISTEN:
+            lst = Listener(
+                port=ev.sock.lport,
+                family=ev.sock.family,
+                addr=ev.sock.laddr,
+                pid=ev.sock.owner_tgid,
+                comm=ev.sock.owner_comm,
+            )
+            self.listeners[lst.port] = lst
+            return [Change(ChangeKind.LISTEN, listener=lst)]
+        if ev.type is EventType.UNLISTEN:
+            old = self.listeners.pop(ev.sock.lport, None)
+            if old is None:
+                return []
+            return [Change(ChangeKind.UNLISTEN, listener=old)]
+        return []
+
+    def add_listener(self, lst: Listener) -> None:
+        """A listener found by the start-up scan."""
+        self.listeners.setdefault(lst.port, lst)
+
+    def tick(self, now_ns: int) -> list[Change]:
+        """Flag the open connections that crossed the threshold."""
+        changes = []
+        for conn in self.open.values():
+            if conn.flagged_ns is None and conn.age_ns(now_ns) >= self.threshold_ns:
+                conn.flagged_ns = now_ns
+                self.flagged_total += 1
+                changes.append(Change(ChangeKind.FLAGGED, conn))
+        return changes
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _new_connection(self, s: SockInfo, now_ns: int) -> Connection:
+        conn = Connection(
+            key=s.key,
+            family=s.family,
+            laddr=s.laddr,
+            lport=s.lport,
+            raddr=s.raddr,
+            rport=s.rport,
+            direction=_direction(s.flags),
+            cw_enter_ns=s.ts_cw_enter,
+            first_seen_ns=now_ns,
+        )
+        self._update_from(conn, s)
+        return conn
+
+    def _update_from(self, conn: Connection, s: SockInfo) -> bool:
+        """Copy the kernel's view into conn; True if something the user sees changed."""
+        before = (conn.accepted, conn.owner_pid, conn.app_close_ns)
+        if s.flags & SockFlag.OWNER_KNOWN:
+            conn.owner_pid = s.owner_tgid
+            conn.owner_comm = s.owner_comm
+        accepted = _accepted(s)
+        # The kernel's "not accepted" never overrides enrichment's "accepted".
+        if accepted is Accepted.YES or conn.accepted is Accepted.UNKNOWN:
+            conn.accepted = accepted
+        if s.ts_accept:
+            conn.accepted_ns = s.ts_accept
+        conn.accepted_after_fin = bool(s.flags & SockFlag.ACCEPT_IN_CW)
+        if s.ts_established:
+            conn.established_ns = s.ts_established
+        if s.ts_close:
+            conn.app_close_ns = s.ts_close
+            conn.closer_pid = s.closer_tgid or conn.closer_pid
+        return before != (conn.accepted, conn.owner_pid, conn.app_close_ns)
+
+    def _on_exit(self, ev: Event, now_ns: int) -> list[Change]:
+        s = ev.sock
+        if s.flags & SockFlag.PREEXISTING and s.ts_cw_enter == 0:
+            conn = self._match_preexisting(s)
+            if conn is None:
+                return []
+        else:
+            conn = self.open.get(s.key)
+            if conn is None:
+                if s.key in self._recently_closed:
+                    return []
+                conn = self._new_connection(s, now_ns)
+            else:
+                self._update_from(conn, s)
+        self.open.pop(conn.key, None)
+        self._missing.pop(conn.key, None)
+        conn.cw_exit_ns = ev.ts
+        how = ev.exit_how
+        if (
+            how is ExitHow.LISTENER_CLOSED
+            and conn.accepted is Accepted.YES
+        ):
+            how = ExitHow.APP_ABORT  # enrichment saw an inode: it was accepted after all
+        conn.exit_how = how
+        if how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT):
+            conn.closer_pid = s.closer_tgid or ev.tgid
+            if conn.app_close_ns is None:
+                conn.app_close_ns = s.ts_close or ev.ts
+        self.closed.append(conn)
+        self._recently_closed[conn.key] = now_ns
+        return [Change(ChangeKind.CLOSED, conn)]
+
+    def _match_preexisting(self, s: SockInfo) -> Connection | None:
+        for conn in self.open.values():
+            if (
+                conn.preexisting
+                and conn.lport == s.lport
+                and conn.rport == s.rport
+                and conn.laddr == s.laddr
+                and conn.raddr == s.raddr
+            ):
+                return conn
+        return None
+
+    def _expire_recent(self, now_ns: int) -> None:
+        horizon = 10 * 1_000_000_000
+        if len(self._recently_closed) > 4096 or any(
+            now_ns - t > horizon for t in self._recently_closed.values()
+        ):
+            self._recently_closed = {
+                k: t for k, t in self._recently_closed.items() if now_ns - t <= horizon
+            }
+
+    def trim_closed(self, keep: int) -> None:
+        """Bound memory: keep only the newest `keep` closed connections."""
+        if len(self.closed) > keep:
+            del self.closed[: len(self.closed) - keep]

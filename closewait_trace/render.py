@@ -1,0 +1,437 @@
+"""Render stage: what the user sees. Plain lines, JSON lines, or a rich live view.
+
+Renderers get a View (a snapshot of the session's state) and the Changes of each tick; they
+hold no state of the tracer and open nothing themselves: streams and consoles are passed in.
+The JSON format is documented in docs/json-schema.md; SCHEMA_VERSION changes with any
+incompatible change to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .decode import LOSS_STATS, ExitHow, Stat
+from .diagnose import Verdict
+from .join import Change, ChangeKind, Connection, Direction, Listener
+
+SCHEMA_VERSION = 1
+
+EXIT_WORDS = {
+    ExitHow.APP_CLOSE: "app-close",
+    ExitHow.APP_ABORT: "app-abort",
+    ExitHow.RESET: "reset",
+    ExitHow.LISTENER_CLOSED: "listener-closed",
+    ExitHow.NONE: "unknown",
+}
+
+
+@dataclass
+class View:
+    """A snapshot of the session for the renderers."""
+
+    now_ns: int
+    started_ns: int
+    backend: str
+    threshold_ns: int
+    open: Sequence[Connection]
+    verdicts: dict[tuple[int, int], Verdict]
+    stats: dict[Stat, int]
+    closed_total: int
+    flagged_total: int
+    lost_exits: int
+    listeners: dict[int, Listener]
+    accept_errors: dict[tuple[int, int], int] = field(default_factory=dict)
+    exited_pids: Sequence[int] = ()
+    closed_by_how: dict[str, int] = field(default_factory=dict)
+    max_closed_ns: int = 0
+    hist: Sequence[int] = ()
+
+    @property
+    def events_lost(self) -> int:
+        return sum(self.stats.get(s, 0) for s in LOSS_STATS) + self.lost_exits
+
+    def wall(self, ts_ns: int) -> dt.datetime:
+        """Wall-clock time of a kernel CLOCK_MONOTONIC timestamp."""
+        offset = time.time_ns() - time.monotonic_ns()
+        return dt.datetime.fromtimestamp((ts_ns + offset) / 1e9).astimezone()
+
+
+class Renderer(Protocol):
+    def notice(self, message: str) -> None: ...
+    def ready(self, view: View, info: dict[str, Any]) -> None: ...
+    def changes(self, changes: Sequence[Change], view: View) -> None: ...
+    def refresh(self, view: View) -> None: ...
+    def pid_exit(self, pid: int, view: View) -> None: ...
+    def finish(self, view: View) -> None: ...
+
+
+def fmt_duration(ns: int) -> str:
+    s = ns / 1e9
+    if s < 1:
+        return f"{s * 1000:.0f}ms"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def conn_age(conn: Connection, now_ns: int) -> str:
+    text = fmt_duration(conn.age_ns(now_ns))
+    return f">={text}" if conn.preexisting else text
+
+
+def owner_text(conn: Connection) -> str:
+    if conn.owner_pid is None:
+        return "?"
+    return f"{conn.owner_pid}/{conn.owner_comm or '?'}"
+
+
+def accepted_text(conn: Connection) -> str:
+    if conn.direction is Direction.OUTBOUND:
+        return "outbound"
+    if conn.accepted.value == "yes":
+        return "accepted-after-fin" if conn.accepted_after_fin else "accepted"
+    if conn.accepted.value == "no":
+        return "never-accepted"
+    return "accept-unknown"
+
+
+def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
+    verdict = view.verdicts.get(conn.key)
+    d: dict[str, Any] = {
+        "id": f"{conn.key[0]:x}-{conn.key[1]}",
+        "family": "ipv6" if conn.family == 10 else "ipv4",
+        "local": endpoint(conn.laddr, conn.lport),
+        "remote": endpoint(conn.raddr, conn.rport),
+        "direction": conn.direction.value,
+        "pid": conn.owner_pid,
+        "comm": conn.owner_comm,
+        "accepted": conn.accepted.value,
+        "accepted_after_fin": conn.accepted_after_fin,
+        "fd": conn.fd,
+        "inode": conn.inode,
+        "cw_since": view.wall(conn.since_ns).isoformat(timespec="milliseconds"),
+        "cw_age_s": round(conn.age_ns(view.now_ns) / 1e9, 6),
+        "cw_age_at_least": conn.preexisting,
+        "open": conn.is_open,
+        "exit": EXIT_WORDS[conn.exit_how] if conn.exit_how is not None else None,
+        "closer_pid": conn.closer_pid,
+        "flagged": conn.flagged_ns is not None,
+        "verdict": verdict.as_dict() if verdict else None,
+    }
+    if conn.established_ns is not None and conn.cw_enter_ns is not None:
+        d["established_before_fin_s"] = round((conn.cw_enter_ns - conn.established_ns) / 1e9, 6)
+    if conn.accepted_ns is not None and conn.cw_enter_ns is not None:
+        d["accept_after_fin_s"] = round((conn.accepted_ns - conn.cw_enter_ns) / 1e9, 6)
+    return d
+
+
+def stats_dict(view: View) -> dict[str, Any]:
+    return {
+        "cw_entered": view.stats.get(Stat.CW_ENTERED, 0),
+        "cw_reported": view.stats.get(Stat.CW_REPORTED, 0),
+        "cw_short": view.stats.get(Stat.CW_SHORT, 0),
+        "open": len(view.open),
+        "flagged": view.flagged_total,
+        "closed": view.closed_total,
+        "events_lost": view.events_lost,
+        "lost": {
+            "ringbuf": view.stats.get(Stat.RINGBUF_LOST, 0),
+            "socks_map_full": view.stats.get(Stat.SOCKS_FULL, 0),
+            "cw_map_full": view.stats.get(Stat.CW_FULL, 0),
+            "listener_map_full": view.stats.get(Stat.LISTEN_FULL, 0),
+            "accept_map_full": view.stats.get(Stat.PENDING_FULL, 0),
+            "exit_events": view.lost_exits,
+        },
+        "accepts_seen": view.stats.get(Stat.ACCEPTS, 0),
+        "accepts_unmatched": view.stats.get(Stat.ACCEPT_UNMATCHED, 0),
+    }
+
+
+def summary_dict(view: View) -> dict[str, Any]:
+    by_pid: Counter[str] = Counter(owner_text(c) for c in view.open)
+    by_port: Counter[int] = Counter(c.service_port for c in view.open)
+    return {
+        "duration_s": round((view.now_ns - view.started_ns) / 1e9, 3),
+        "backend": view.backend,
+        "threshold_s": view.threshold_ns / 1e9,
+        **stats_dict(view),
+        "complete": view.events_lost == 0,
+        "closed_by": view.closed_by_how,
+        "max_closed_cw_s": round(view.max_closed_ns / 1e9, 6),
+        "open_by_process": dict(by_pid.most_common()),
+        "open_by_port": {str(k): v for k, v in by_port.most_common()},
+        "still_open": [conn_dict(c, view) for c in sorted(view.open, key=lambda c: c.since_ns)],
+        "accept_errors": [
+            {"pid": pid, "errno": err, "count": n}
+            for (pid, err), n in sorted(view.accept_errors.items())
+        ],
+    }
+
+
+# --- JSON lines -----------------------------------------------------------------------------
+
+
+class JsonRenderer:
+    """One JSON object per line: see docs/json-schema.md."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def _emit(self, kind: str, view: View | None, **body: Any) -> None:
+        record: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind}
+        record["time"] = dt.datetime.now().astimezone().isoformat(timespec="milliseconds")
+        record.update(body)
+        self.out.write(json.dumps(record, sort_keys=False) + "\n")
+        self.out.flush()
+
+    def notice(self, message: str) -> None:
+        self._emit("notice", None, message=message)
+
+    def ready(self, view: View, info: dict[str, Any]) -> None:
+        self._emit("ready", view, **info)
+
+    def changes(self, changes: Sequence[Change], view: View) -> None:
+        for ch in changes:
+            if ch.conn is not None:
+                self._emit(ch.kind.value, view, connection=conn_dict(ch.conn, view))
+            elif ch.listener is not None:
+                lst = ch.listener
+                self._emit(
+                    ch.kind.value, view, port=lst.port, addr=lst.addr, pid=lst.pid, comm=lst.comm
+                )
+
+    def refresh(self, view: View) -> None:
+        pass
+
+    def pid_exit(self, pid: int, view: View) -> None:
+        self._emit("pid_exit", view, pid=pid)
+
+    def finish(self, view: View) -> None:
+        self._emit("summary", view, **summary_dict(view))
+
+
+# --- plain lines ----------------------------------------------------------------------------
+
+
+def conn_line(kind: str, conn: Connection, view: View) -> str:
+    verdict = view.verdicts.get(conn.key)
+    parts = [
+        view.wall(view.now_ns).strftime("%H:%M:%S.%f")[:-3],
+        f"{kind:<6}",
+        f"{endpoint(conn.laddr, conn.lport)} <- {endpoint(conn.raddr, conn.rport)}"
+        if conn.direction is not Direction.OUTBOUND
+        else f"{endpoint(conn.laddr, conn.lport)} -> {endpoint(conn.raddr, conn.rport)}",
+        f"pid={owner_text(conn)}",
+        accepted_text(conn),
+    ]
+    if conn.is_open:
+        parts.append(f"cw={conn_age(conn, view.now_ns)}")
+    else:
+        exit_word = EXIT_WORDS[conn.exit_how] if conn.exit_how is not None else "lost"
+        parts.append(f"cw={conn_age(conn, view.now_ns)} exit={exit_word}")
+    if verdict is not None and kind == "LEAK":
+        parts.append(f"-- {verdict.summary}")
+        if verdict.evidence:
+            parts.append("[" + "; ".join(verdict.evidence) + "]")
+    return "  ".join(parts)
+
+
+class PlainRenderer:
+    """Human-readable lines, for pipes and logs."""
+
+    KINDS = {
+        ChangeKind.OPENED: "OPEN",
+        ChangeKind.FLAGGED: "LEAK",
+        ChangeKind.CLOSED: "CLOSE",
+        ChangeKind.LOST: "LOST",
+    }
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def notice(self, message: str) -> None:
+        self._line(f"closewait-trace: {message}")
+
+    def ready(self, view: View, info: dict[str, Any]) -> None:
+        self._line(
+            f"closewait-trace: tracing {info.get('target', 'all processes')} with the"
+            f" {view.backend} backend; leak threshold {fmt_duration(view.threshold_ns)}."
+            " Ctrl-C to stop."
+        )
+
+    def changes(self, changes: Sequence[Change], view: View) -> None:
+        for ch in changes:
+            kind = self.KINDS.get(ch.kind)
+            if kind is not None and ch.conn is not None:
+                self._line(conn_line(kind, ch.conn, view))
+            elif ch.listener is not None:
+                word = "LISTEN" if ch.kind is ChangeKind.LISTEN else "UNLSTN"
+                lst = ch.listener
+                self._line(
+                    f"{view.wall(view.now_ns).strftime('%H:%M:%S.%f')[:-3]}  {word}  "
+                    f"{endpoint(lst.addr, lst.port)}  pid={lst.pid}/{lst.comm}"
+                )
+
+    def refresh(self, view: View) -> None:
+        pass
+
+    def pid_exit(self, pid: int, view: View) -> None:
+        self._line(f"closewait-trace: traced process {pid} has exited; its sockets stay counted")
+
+    def finish(self, view: View) -> None:
+        for line in summary_lines(view):
+            self._line(line)
+
+
+def summary_lines(view: View) -> list[str]:
+    s = summary_dict(view)
+    lines = [
+        "",
+        f"Summary after {fmt_duration(view.now_ns - view.started_ns)} ({view.backend} backend):",
+        f"  CLOSE_WAIT entered {s['cw_entered']}, reported {s['cw_reported']}, "
+        f"left quickly {s['cw_short']}, leaks flagged {s['flagged']}, still open {s['open']}",
+    ]
+    if view.closed_by_how:
+        closed = ", ".join(f"{k} {v}" for k, v in sorted(view.closed_by_how.items()))
+        lines.append(
+            f"  left CLOSE_WAIT: {closed}; longest {fmt_duration(view.max_closed_ns)}"
+        )
+    for conn in sorted(view.open, key=lambda c: c.since_ns)[:20]:
+        verdict = view.verdicts.get(conn.key)
+        lines.append(
+            f"  open {conn_age(conn, view.now_ns):>8}  {endpoint(conn.laddr, conn.lport)}"
+            f" <-> {endpoint(conn.raddr, conn.rport)}  pid={owner_text(conn)}"
+            f"  {accepted_text(conn)}" + (f"  -- {verdict.summary}" if verdict else "")
+        )
+    if len(view.open) > 20:
+        lines.append(f"  ... and {len(view.open) - 20} more open")
+    if view.events_lost:
+        lines.append(
+            f"  RESULTS INCOMPLETE: {view.events_lost} events lost"
+            f" ({', '.join(f'{k} {v}' for k, v in s['lost'].items() if v)})"
+        )
+    else:
+        lines.append("  no events lost")
+    return lines
+
+
+# --- rich live view -------------------------------------------------------------------------
+
+
+class LiveRenderer:
+    """A live terminal view: open CLOSE_WAIT sockets, leaks, counts, events lost."""
+
+    MAX_ROWS = 15
+    RECENT = 8
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live: Live | None = None
+        self.recent: list[Text] = []
+        self.info: dict[str, Any] = {}
+
+    def notice(self, message: str) -> None:
+        self.console.print(f"[dim]closewait-trace:[/] {message}")
+
+    def ready(self, view: View, info: dict[str, Any]) -> None:
+        self.info = info
+        self.live = Live(self._render(view), console=self.console, refresh_per_second=4,
+                         transient=False)
+        self.live.start()
+
+    def changes(self, changes: Sequence[Change], view: View) -> None:
+        for ch in changes:
+            if ch.conn is None or ch.kind not in (ChangeKind.FLAGGED, ChangeKind.CLOSED,
+                                                  ChangeKind.LOST):
+                continue
+            style = {"leak": "bold red", "close": "green", "lost": "yellow"}[ch.kind.value]
+            line = Text(conn_line(PlainRenderer.KINDS[ch.kind], ch.conn, view), style=style)
+            self.recent.append(line)
+        del self.recent[: -self.RECENT]
+
+    def refresh(self, view: View) -> None:
+        if self.live is not None:
+            self.live.update(self._render(view))
+
+    def pid_exit(self, pid: int, view: View) -> None:
+        self.recent.append(Text(f"traced process {pid} exited; its sockets stay counted",
+                                style="yellow"))
+
+    def finish(self, view: View) -> None:
+        if self.live is not None:
+            self.live.update(self._render(view))
+            self.live.stop()
+            self.live = None
+        for line in summary_lines(view):
+            self.console.print(line, highlight=False)
+
+    def _render(self, view: View) -> Group:
+        lost = view.events_lost
+        head = Text.assemble(
+            ("closewait-trace ", "bold"),
+            f"{self.info.get('target', 'all processes')} | {view.backend} backend | "
+            f"threshold {fmt_duration(view.threshold_ns)} | up "
+            f"{fmt_duration(view.now_ns - view.started_ns)} | ",
+            (f"{len(view.open)} in CLOSE_WAIT", "bold"),
+            " | ",
+            (f"{sum(1 for c in view.open if c.flagged_ns is not None)} leaking",
+             "bold red" if any(c.flagged_ns for c in view.open) else ""),
+            f" | left {view.closed_total} | ",
+            (f"events lost {lost}", "bold red" if lost else "green"),
+        )
+        table = Table(expand=True, box=None, header_style="bold")
+        for col in ("age", "local", "remote", "owner", "state", "verdict"):
+            table.add_column(col, overflow="fold")
+        rows = sorted(view.open, key=lambda c: c.since_ns)
+        for conn in rows[: self.MAX_ROWS]:
+            verdict = view.verdicts.get(conn.key)
+            flagged = conn.flagged_ns is not None
+            table.add_row(
+                conn_age(conn, view.now_ns),
+                endpoint(conn.laddr, conn.lport),
+                endpoint(conn.raddr, conn.rport),
+                owner_text(conn),
+                accepted_text(conn),
+                verdict.summary if verdict else "",
+                style="red" if flagged else None,
+            )
+        parts: list[Any] = [head, table]
+        if len(rows) > self.MAX_ROWS:
+            parts.append(Text(f"... {len(rows) - self.MAX_ROWS} more; grouped below", style="dim"))
+        groups = Table(box=None, header_style="bold")
+        groups.add_column("owner")
+        groups.add_column("service port")
+        groups.add_column("state")
+        groups.add_column("count", justify="right")
+        grouped: Counter[tuple[str, int, str]] = Counter(
+            (owner_text(c), c.service_port, accepted_text(c)) for c in view.open
+        )
+        for (owner, port, state), n in grouped.most_common(8):
+            groups.add_row(owner, str(port), state, str(n))
+        if grouped:
+            parts.append(Panel(groups, title="by process and service", expand=False))
+        if self.recent:
+            parts.append(Panel(Group(*self.recent), title="recent", expand=True))
+        return Group(*parts)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian/Ubuntu: distro packages (BCC, kernel headers, tools), then a
+# virtual environment that sees the distro's bcc module, with the package installed in it.
+#
+#   scripts/setup.sh [--dev] [--vm] [--bench]
+#     --dev    test tools (pytest, hypothesis, mypy) into the venv
+#     --vm     what the kernel x backend VM matrix needs (QEMU, Debian kernels, virtme-ng)
+#     --bench  what the overhead benchmark needs (nginx, wrk)
+# Safe to run again: it installs only what is missing. Needs root for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0 vm=0 bench=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    --vm) vm=1 ;;
+    --bench) bench=1 ;;
+    *) echo "setup: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+# --- distro packages --------------------------------------------------------------------------
+. /etc/os-release
+pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools iproute2 bpftool)
+case "${ID:-}" in
+  debian)
+    if ! ls -d /usr/src/linux-headers-*-common >/dev/null 2>&1 && [ ! -e "/lib/modules/$(uname -r)/build" ]; then
+      pkgs+=(linux-headers-amd64)
+    fi ;;
+  ubuntu)
+    if [ ! -e "/lib/modules/$(uname -r)/build" ]; then
+      if apt-cache show "linux-headers-$(uname -r)" >/dev/null 2>&1; then
+        pkgs+=("linux-headers-$(uname -r)")
+      else
+        pkgs+=(linux-headers-generic)
+      fi
+    fi ;;
+  *) echo "setup: ${PRETTY_NAME:-this system} is not Debian or Ubuntu; install BCC (python3 bindings), bpftool and kernel headers yourself" >&2 ;;
+esac
+[ "$vm" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static)
+[ "$bench" = 1 ] && pkgs+=(nginx-light wrk)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- virtual environment ------------------------------------------------------------------------
+# The distro's python3 with --system-site-packages sees python3-bpfcc's bcc module.
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' >/dev/null 2>&1; then
+  rm -rf .venv
+  "$PY" -m venv --system-site-packages .venv
+fi
+stamp=.venv/.closewait-setup
+want="$(cat pyproject.toml | sha1sum | cut -c1-12)-dev$dev-vm$vm"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  extras=""
+  [ "$dev" = 1 ] && extras="[test]"
+  .venv/bin/python -m pip install -q -e ".$extras"
+  [ "$vm" = 1 ] && .venv/bin/python -m pip install -q "virtme-ng>=1.30"
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready (.venv/bin/closewait-trace)"
