@@ -68,6 +68,33 @@ def role_healthy() -> None:
                 pass
 
 
+def role_server(family: int, accept: bool, close_after: float | None, backlog: int) -> None:
+    """A configurable server: accept or not; after reading EOF, close after `close_after`
+    seconds, or never (None); a negative close_after closes right after accept, without
+    reading (the server closes first). One connection at a time, like a blocking handler."""
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("::1" if family == socket.AF_INET6 else LOOPBACK, 0))
+    srv.listen(backlog)
+    print(f"PORT {srv.getsockname()[1]}", flush=True)
+    kept = []
+    while True:
+        if not accept:
+            time.sleep(3600)
+            continue
+        conn, _ = srv.accept()
+        if close_after is None:
+            kept.append(conn)
+            continue
+        if close_after < 0:
+            conn.close()
+            continue
+        while conn.recv(4096):
+            pass
+        time.sleep(close_after)
+        conn.close()
+
+
 def role_idle_closer(idle_s: float) -> None:
     """A server that closes connections idle for idle_s (like a keep-alive timeout)."""
     srv = _listen(64)
@@ -192,6 +219,14 @@ def main(argv: Sequence[str]) -> int:
         role_no_close()
     elif role == "healthy":
         role_healthy()
+    elif role == "server":
+        # server FAMILY(4|6) ACCEPT(yes|no) CLOSE_AFTER(seconds|never|now) BACKLOG
+        role_server(
+            socket.AF_INET6 if args[0] == "6" else socket.AF_INET,
+            args[1] == "yes",
+            None if args[2] == "never" else -1.0 if args[2] == "now" else float(args[2]),
+            int(args[3]),
+        )
     elif role == "idle-closer":
         role_idle_closer(float(args[0]))
     elif role == "pool-client":

@@ -106,6 +106,18 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
 
     if not conn.is_open and conn.flagged_ns is not None:
         dur = conn.age_ns(now_ns)
+        if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
+            evidence.append(
+                f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the accept queue"
+                " after the peer had closed"
+            )
+            return Verdict(
+                Cause.DRAINED_LATE,
+                Confidence.CERTAIN,
+                f"accepted late and closed after {_secs(dur)} in CLOSE_WAIT:"
+                " the accept queue drains slower than clients give up",
+                tuple(evidence),
+            )
         return Verdict(
             Cause.CLOSED_LATE,
             Confidence.CERTAIN,
@@ -165,15 +177,17 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     if conn.accepted is Accepted.YES:
         if conn.accepted_ns is not None:
             evidence.append(f"accepted {_secs(now_ns - conn.accepted_ns)} ago")
+            if conn.accepted_after_fin and conn.cw_enter_ns is not None:
+                evidence.append(
+                    f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
+                )
+        else:
+            evidence.append(
+                "accept() not seen (it may have been blocked in accept() before tracing"
+                " started); the socket has an inode, so it was accepted"
+            )
         if conn.fd is not None:
             evidence.append(f"still open as fd {conn.fd}")
-        if conn.accepted_after_fin:
-            return Verdict(
-                Cause.DRAINED_LATE,
-                Confidence.CERTAIN,
-                f"{who} accepted it only after the peer had closed, and has not closed it",
-                tuple(evidence),
-            )
         return Verdict(
             Cause.NOT_CLOSED,
             Confidence.CERTAIN,

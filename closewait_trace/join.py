@@ -69,6 +69,7 @@ class Connection:
     fd: int | None = None
     uid: int | None = None
     enriched: bool = False
+    enrich_tries: int = 0
     #: Full transitions, for sockets under a timeline watch: (ts, oldstate, newstate, pid).
     steps: list[tuple[int, int, int, int]] = field(default_factory=list)
 

@@ -238,6 +238,12 @@ class Session:
         new = [c.conn for c in changes if c.kind is ChangeKind.OPENED and c.conn]
         if slow_due or new:
             self._read_counters()
+        if slow_due:
+            # Owners found by /proc need a rescan the index allows only every second.
+            new += [c for c in self.tracker.open.values()
+                    if c.enrich_tries < 5 and not c.preexisting
+                    and (c.inode is None or (c.inode != 0 and c.fd is None))
+                    and c not in new]
         if new:
             self._enrich(new)
         changes = self._apply_pid_filter(changes)
@@ -250,6 +256,9 @@ class Session:
             if ch.kind in (ChangeKind.FLAGGED, ChangeKind.CLOSED, ChangeKind.OPENED,
                            ChangeKind.UPDATED):
                 self.verdicts[ch.conn.key] = diagnose(ch.conn, self._facts(ch.conn), now)
+        for conn in new:
+            if conn.is_open and conn.key in self.tracker.open:
+                self.verdicts[conn.key] = diagnose(conn, self._facts(conn), now)
         if slow_due:
             self._last_slow = time.monotonic()
             self._watch_pids()
@@ -273,7 +282,7 @@ class Session:
 
     def _enrich(self, conns: list[Connection]) -> None:
         """Facts that need kernel structs: inode (accepted or not), owner fd, uid."""
-        needs = [c for c in conns if not c.enriched]
+        needs = [c for c in conns if c.enrich_tries < 5]
         if not needs:
             return
         try:
@@ -287,6 +296,7 @@ class Session:
 
     def _enrich_one(self, conn: Connection, d: enrich.DiagSocket | None) -> None:
         conn.enriched = True
+        conn.enrich_tries += 1
         if d is None:
             return
         conn.inode = d.inode

@@ -1,0 +1,669 @@
+"""Userspace enrichment: the socket facts that live in kernel structs, read without BPF.
+
+The kernel side of the tracer reports sockets by their 4-tuple (and state).  This module
+answers the questions that need the kernel's socket tables and the process table:
+
+* ``sock_diag`` (NETLINK_SOCK_DIAG / inet_diag, through pyroute2) gives, per TCP socket,
+  its state, 4-tuple, inode, uid, queue lengths and cookie.  An inode of 0 means the socket
+  has no ``struct socket``: it was never accepted (it still sits in a listener's accept
+  queue) or it is an orphan.  For a LISTEN socket ``rqueue`` is the current accept-queue
+  length and ``wqueue`` the backlog; for other states ``rqueue`` is the number of received
+  sequence numbers the application has not consumed (unread bytes, plus 1 for a FIN not yet
+  read: a CLOSE_WAIT socket whose owner never read the EOF shows ``rqueue >= 1``).
+* ``/proc/PID/fd/*`` symlinks ``socket:[INODE]`` name the processes and fds that hold an
+  accepted socket (:class:`ProcessIndex`).
+
+Everything here is read-only and needs no BPF; nothing is attached to the kernel.
+Processes that vanish while being scanned and ``/proc`` entries that cannot be read (other
+users' processes without privilege) are skipped silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import resource
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from closewait_trace.errors import EnrichError, UsageError
+
+__all__ = [
+    "DiagSocket",
+    "Listener",
+    "ProcessIndex",
+    "SocketOwner",
+    "TcpState",
+    "comm_of",
+    "diag_sockets",
+    "find_by_tuple",
+    "format_addr",
+    "listeners",
+    "listeners_with_owners",
+    "listening_ports_of",
+    "normalize_addr",
+    "open_files",
+    "parse_limits_nofile",
+    "parse_socket_link",
+    "pid_alive",
+]
+
+PROC = Path("/proc")
+
+_SUPPORTED_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_SOCKET_LINK_PREFIX = "socket:["
+
+
+class TcpState(enum.IntEnum):
+    """TCP states in the kernel's numbering (include/net/tcp_states.h)."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def normalize_addr(text: str) -> str:
+    """Canonical text of an IP address; an IPv4-mapped IPv6 address becomes its IPv4 text.
+
+    ``"::ffff:127.0.0.1"`` -> ``"127.0.0.1"``, ``"0:0::1"`` -> ``"::1"``.  Text that is
+    not an IP address is returned unchanged (so it compares only with itself).
+    """
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return text
+    if isinstance(addr, ipaddress.IPv6Address):
+        mapped = addr.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        # Drop any zone id ("fe80::1%eth0"): sock_diag reports none.
+        return str(ipaddress.IPv6Address(int(addr)))
+    return str(addr)
+
+
+def format_addr(family: int, packed: bytes) -> str:
+    """Text of a raw network-order address (4 bytes for AF_INET, 16 for AF_INET6).
+
+    An AF_INET6 address that is IPv4-mapped is written as the IPv4 text, like the addresses
+    of :class:`DiagSocket`.  Longer buffers are accepted (kernel events often carry a 16-byte
+    field for both families); only the leading 4 or 16 bytes are used.
+    """
+    if family == socket.AF_INET:
+        if len(packed) < 4:
+            raise UsageError(f"an IPv4 address needs 4 bytes, got {len(packed)}")
+        return str(ipaddress.IPv4Address(bytes(packed[:4])))
+    if family == socket.AF_INET6:
+        if len(packed) < 16:
+            raise UsageError(f"an IPv6 address needs 16 bytes, got {len(packed)}")
+        return normalize_addr(str(ipaddress.IPv6Address(bytes(packed[:16]))))
+    raise UsageError(f"unsupported address family {family}")
+
+
+# --------------------------------------------------------------------------- sock_diag
+
+
+@dataclass(frozen=True)
+class DiagSocket:
+    """One TCP socket as sock_diag reports it.
+
+    ``family`` is the socket's own family: a dual-stack AF_INET6 socket talking IPv4 keeps
+    AF_INET6, but its addresses are written as IPv4 text (``"127.0.0.1"``, never
+    ``"::ffff:127.0.0.1"``).
+    """
+
+    family: int
+    state: TcpState
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    inode: int
+    uid: int
+    rqueue: int
+    wqueue: int
+    cookie: int
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the socket has a ``struct socket`` (non-zero inode)."""
+        return self.inode != 0
+
+    @property
+    def eof_unread(self) -> bool | None:
+        """For CLOSE_WAIT: True while the peer's FIN (and maybe data) is still unread.
+
+        The kernel reports ``rcv_nxt - copied_seq`` as ``rqueue``; the FIN occupies one
+        sequence number that is consumed only when the application reads the EOF.  None for
+        other states.
+        """
+        if self.state != TcpState.CLOSE_WAIT:
+            return None
+        return self.rqueue > 0
+
+
+def _kernel_addr_text(text: str) -> str:
+    """Fast :func:`normalize_addr` for ``inet_ntop`` output (already canonical)."""
+    if "." in text and ":" in text:
+        if text.startswith("::ffff:"):
+            return text[7:]  # IPv4-mapped
+        return normalize_addr(text)  # IPv4-compatible "::1.2.3.4" (deprecated form)
+    return text
+
+
+def _state_mask(states: Iterable[TcpState]) -> int:
+    mask = 0
+    for state in states:
+        mask |= 1 << int(state)
+    return mask
+
+
+def _attr(msg: Any, key: str) -> Any:
+    # pyroute2 messages are dict subclasses whose __getitem__ is slow (it also searches
+    # attributes); the fixed header fields are plain dict items.
+    try:
+        return dict.__getitem__(msg, key)
+    except (KeyError, TypeError):
+        return msg[key]
+
+
+def _to_diag_socket(msg: Any, requested: frozenset[int]) -> DiagSocket | None:
+    try:
+        raw_state = int(_attr(msg, "idiag_state"))
+        family = int(_attr(msg, "idiag_family"))
+        if raw_state not in requested:
+            # The kernel adds NEW_SYN_RECV/SYN_RECV by itself; states unknown to us
+            # (e.g. BOUND_INACTIVE) are dropped too.
+            return None
+        return DiagSocket(
+            family=family,
+            state=TcpState(raw_state),
+            laddr=_kernel_addr_text(str(_attr(msg, "idiag_src"))),
+            lport=int(_attr(msg, "idiag_sport")),
+            raddr=_kernel_addr_text(str(_attr(msg, "idiag_dst"))),
+            rport=int(_attr(msg, "idiag_dport")),
+            inode=int(_attr(msg, "idiag_inode")),
+            uid=int(_attr(msg, "idiag_uid")),
+            rqueue=int(_attr(msg, "idiag_rqueue")),
+            wqueue=int(_attr(msg, "idiag_wqueue")),
+            cookie=int(_attr(msg, "idiag_cookie")),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def diag_sockets(
+    states: Collection[TcpState],
+    families: Collection[int] = (socket.AF_INET, socket.AF_INET6),
+) -> list[DiagSocket]:
+    """Dump the TCP sockets in ``states`` of the given families through sock_diag.
+
+    Query both families: an AF_INET6 socket that accepted an IPv4 connection is reported
+    only in the AF_INET6 dump.  Request sockets (NEW_SYN_RECV inside the kernel) are
+    reported by the kernel as SYN_RECV, so asking for either state returns them as
+    SYN_RECV.  Raises :class:`EnrichError` when netlink fails.
+    """
+    wanted = frozenset(int(TcpState(s)) for s in states)
+    if not wanted:
+        return []
+    if wanted & {TcpState.SYN_RECV, TcpState.NEW_SYN_RECV}:
+        wanted = wanted | {int(TcpState.SYN_RECV), int(TcpState.NEW_SYN_RECV)}
+    for family in families:
+        if family not in _SUPPORTED_FAMILIES:
+            raise UsageError(f"unsupported address family {family} (AF_INET or AF_INET6)")
+    mask = _state_mask(TcpState(s) for s in wanted)
+
+    try:
+        from pyroute2 import DiagSocket as _NetlinkDiagSocket
+    except ImportError as exc:  # pragma: no cover - pyroute2 is a declared dependency
+        raise EnrichError(f"pyroute2 is not installed ({exc}); pip install pyroute2") from exc
+
+    result: list[DiagSocket] = []
+    try:
+        with _NetlinkDiagSocket() as nl:
+            nl.bind()
+            for family in dict.fromkeys(families):
+                for msg in nl.get_sock_stats(
+                    family=family, states=mask, protocol=socket.IPPROTO_TCP
+                ):
+                    item = _to_diag_socket(msg, wanted)
+                    if item is not None:
+                        result.append(item)
+    except EnrichError:
+        raise
+    except Exception as exc:  # pyroute2 raises NetlinkError, OSError and its own internals
+        raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
+    return result
+
+
+def listeners(families: Collection[int] = (socket.AF_INET, socket.AF_INET6)) -> list[DiagSocket]:
+    """TCP sockets in LISTEN: ``rqueue`` is the accept-queue length, ``wqueue`` the backlog."""
+    return diag_sockets((TcpState.LISTEN,), families)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
+def find_by_tuple(
+    sockets: Iterable[DiagSocket],
+    family: int,
+    laddr: str,
+    lport: int,
+    raddr: str,
+    rport: int,
+) -> DiagSocket | None:
+    """The socket with this 4-tuple, or None.
+
+    Addresses compare after :func:`normalize_addr`, so ``"::ffff:10.0.0.1"`` matches
+    ``"10.0.0.1"``; an AF_INET query then also matches an AF_INET6 (dual-stack) socket and
+    the reverse.  A socket of exactly ``family`` is preferred when both exist.
+    """
+    want_l = normalize_addr(laddr)
+    want_r = normalize_addr(raddr)
+    fallback: DiagSocket | None = None
+    for sock in sockets:
+        if sock.lport != lport or sock.rport != rport:
+            continue
+        if normalize_addr(sock.laddr) != want_l or normalize_addr(sock.raddr) != want_r:
+            continue
+        if sock.family == family:
+            return sock
+        # AF_INET vs AF_INET6 (dual-stack socket): the same connection only when both
+        # addresses are IPv4 once mapped addresses are unwrapped.
+        if fallback is None and _is_ipv4(want_l) and _is_ipv4(want_r):
+            fallback = sock
+    return fallback
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+@dataclass(frozen=True)
+class SocketOwner:
+    """A process holding a socket: its pid, the fd number and its command name."""
+
+    pid: int
+    fd: int
+    comm: str
+
+
+def parse_socket_link(target: str) -> int | None:
+    """The inode of an fd symlink target ``"socket:[12345]"``, or None for anything else."""
+    if not target.startswith(_SOCKET_LINK_PREFIX) or not target.endswith("]"):
+        return None
+    digits = target[len(_SOCKET_LINK_PREFIX) : -1]
+    if not digits.isdigit():
+        return None
+    return int(digits)
+
+
+def _read_comm(path: str) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 64)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return raw.rstrip(b"\n").decode("utf-8", errors="replace")
+
+
+def comm_of(pid: int, proc_root: Path = PROC) -> str | None:
+    """The command name (``/proc/PID/comm``) of a process, or None if it cannot be read."""
+    if pid <= 0:
+        return None
+    return _read_comm(f"{os.fspath(proc_root)}/{pid}/comm")
+
+
+def pid_alive(pid: int, proc_root: Path = PROC) -> bool:
+    """Whether a process with this pid exists and is not a zombie."""
+    if pid <= 0:
+        return False  # kill(0, ...) and kill(-1, ...) address groups, not a process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    except OSError:
+        return False
+    try:
+        with open(proc_root / str(pid) / "stat", "rb") as fh:
+            stat = fh.read(512)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    # "PID (comm) S ...": the comm may hold spaces or ')', so split at the last ')'.
+    end = stat.rfind(b")")
+    if end < 0:
+        return True
+    fields = stat[end + 1 :].split()
+    return not (fields and fields[0] in (b"Z", b"X"))
+
+
+def parse_limits_nofile(text: str) -> int | None:
+    """The soft "Max open files" limit from ``/proc/PID/limits`` text.
+
+    ``"unlimited"`` gives ``resource.RLIM_INFINITY``; None when the line is missing.
+    """
+    for line in text.splitlines():
+        if not line.startswith("Max open files"):
+            continue
+        fields = line[len("Max open files") :].split()
+        if not fields:
+            return None
+        soft = fields[0]
+        if soft == "unlimited":
+            return resource.RLIM_INFINITY
+        try:
+            return int(soft)
+        except ValueError:
+            return None
+    return None
+
+
+def _count_fds(fd_dir: Path, *, procfs: bool) -> int:
+    if procfs:
+        # Linux >= 6.2 reports the number of open fds as the size of /proc/PID/fd: O(1)
+        # even for a process that leaked a million descriptors.  Older kernels say 0.
+        size = os.stat(fd_dir).st_size
+        if size > 0:
+            return size
+    count = 0
+    with os.scandir(fd_dir) as it:
+        for _entry in it:
+            count += 1
+    return count
+
+
+def open_files(pid: int, proc_root: Path = PROC) -> tuple[int, int]:
+    """``(open fd count, soft RLIMIT_NOFILE)`` of a process, from ``/proc/PID``.
+
+    Raises :class:`EnrichError` when the process is gone or its entries cannot be read
+    (another user's process without privilege).  The count is a snapshot; on kernels
+    before 6.2 it is counted by listing ``/proc/PID/fd`` (for the calling process that
+    includes the descriptor used for the listing).
+    """
+    if pid <= 0:
+        raise UsageError(f"invalid pid {pid}")
+    base = proc_root / str(pid)
+    try:
+        limits = (base / "limits").read_text(encoding="utf-8", errors="replace")
+        count = _count_fds(base / "fd", procfs=Path(proc_root) == PROC)
+    except FileNotFoundError as exc:
+        raise EnrichError(f"process {pid} does not exist") from exc
+    except PermissionError as exc:
+        raise EnrichError(f"no permission to read /proc/{pid} ({exc.strerror})") from exc
+    except OSError as exc:
+        raise EnrichError(f"cannot read /proc/{pid}: {exc}") from exc
+    soft = parse_limits_nofile(limits)
+    if soft is None:
+        raise EnrichError(f"/proc/{pid}/limits has no 'Max open files' line")
+    return count, soft
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _scan_socket_fds(fd_dir_path: str) -> list[tuple[int, int]]:
+    """``[(fd, inode)]`` of the socket fds under one ``/proc/PID/fd`` directory.
+
+    [] when the process vanished or its table cannot be read (another user's process).
+    Only ``readlink`` is done per fd entry, relative to the open directory: nothing is
+    stat'ed or opened through the links, and no path is rebuilt per entry.
+    """
+    try:
+        fd_dir = os.open(fd_dir_path, _DIR_FLAGS)
+    except OSError:
+        return []
+    found: list[tuple[int, int]] = []
+    try:
+        names = os.listdir(fd_dir)
+        readlink = os.readlink
+        for name in names:
+            try:
+                target = readlink(name, dir_fd=fd_dir)
+            except OSError:
+                continue  # fd closed meanwhile
+            # Inlined parse_socket_link: this loop runs once per fd on the machine.
+            if target[:8] == _SOCKET_LINK_PREFIX and target[-1:] == "]":
+                try:
+                    found.append((int(name), int(target[8:-1])))
+                except ValueError:
+                    continue
+    except OSError:
+        return []  # the process exited while its table was listed
+    finally:
+        os.close(fd_dir)
+    return found
+
+
+def _pids(proc_root: Path) -> list[int]:
+    try:
+        with os.scandir(proc_root) as it:
+            return [int(e.name) for e in it if e.name.isdigit()]
+    except OSError as exc:
+        raise EnrichError(f"cannot list {proc_root}: {exc}") from exc
+
+
+class ProcessIndex:
+    """inode -> owners, from ``/proc/*/fd`` symlinks ``socket:[N]``.
+
+    Rebuilt lazily: a lookup that misses triggers :meth:`refresh`, at most once every
+    ``min_interval`` seconds (the first lookup always scans).  Hits are re-checked with
+    one ``readlink`` per owner, so an owner that closed the fd (or exited) since the last
+    scan is not returned; a hit with no owner left counts as a miss.  Inode 0 (a socket
+    that was never accepted) never has owners and never triggers a scan.  Thread-safe.
+
+    Processes that vanish during a scan, and fd tables that cannot be read (other users'
+    processes without privilege), are skipped silently.
+    """
+
+    def __init__(
+        self,
+        proc_root: Path = PROC,
+        min_interval: float = 1.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.proc_root = Path(proc_root)
+        self.min_interval = min_interval
+        self._root = os.fspath(self.proc_root)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Compact form, cheap to build: most sockets have exactly one owner.
+        self._first: dict[int, tuple[int, int]] = {}  # inode -> (pid, fd)
+        self._more: dict[int, list[tuple[int, int]]] = {}  # inode -> further (pid, fd)
+        self._fds: dict[int, list[tuple[int, int]]] = {}  # pid -> [(fd, inode)]
+        self._comm: dict[int, str] = {}
+        self._last_refresh: float | None = None
+        self.refresh_count = 0
+        self.last_refresh_seconds = 0.0
+
+    # -- building -----------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Rescan every process's fd table now (regardless of ``min_interval``)."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        started = time.perf_counter()
+        first: dict[int, tuple[int, int]] = {}
+        more: dict[int, list[tuple[int, int]]] = {}
+        fds_by_pid: dict[int, list[tuple[int, int]]] = {}
+        comms: dict[int, str] = {}
+        claim = first.setdefault
+        root = self._root
+        for pid in _pids(self.proc_root):
+            fds = _scan_socket_fds(f"{root}/{pid}/fd")
+            if not fds:
+                continue
+            comm = _read_comm(f"{root}/{pid}/comm")
+            if comm is None:
+                continue  # exited during the scan
+            comms[pid] = comm
+            fds_by_pid[pid] = fds
+            for fd, inode in fds:
+                pair = (pid, fd)
+                if claim(inode, pair) is not pair:
+                    more.setdefault(inode, []).append(pair)
+        self._first, self._more, self._fds, self._comm = first, more, fds_by_pid, comms
+        self._last_refresh = self._clock()
+        self.refresh_count += 1
+        self.last_refresh_seconds = time.perf_counter() - started
+
+    def _may_refresh(self) -> bool:
+        if self._last_refresh is None:
+            return True
+        return self._clock() - self._last_refresh >= self.min_interval
+
+    def _lookup_locked(self, inode: int) -> list[SocketOwner] | None:
+        """Verified owners from the current map, or None on a miss."""
+        head = self._first.get(inode)
+        if head is None:
+            return None
+        pairs = [head, *self._more.get(inode, ())]
+        live: list[SocketOwner] = []
+        for pid, fd in pairs:
+            try:
+                target = os.readlink(f"{self._root}/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if parse_socket_link(target) == inode:
+                live.append(SocketOwner(pid, fd, self._comm.get(pid, "")))
+        return live or None
+
+    def _forget_pid_locked(self, pid: int) -> None:
+        for fd, inode in self._fds.pop(pid, ()):
+            pair = (pid, fd)
+            rest = [p for p in self._more.get(inode, ()) if p != pair]
+            if self._first.get(inode) == pair:
+                if rest:
+                    self._first[inode] = rest.pop(0)
+                else:
+                    self._first.pop(inode, None)
+            if rest:
+                self._more[inode] = rest
+            else:
+                self._more.pop(inode, None)
+        self._comm.pop(pid, None)
+
+    # -- queries ------------------------------------------------------------------
+
+    def owners(self, inode: int) -> list[SocketOwner]:
+        """Processes and fds holding the socket with this inode ([] for inode 0 / unknown)."""
+        return self.pids_of_inodes((inode,)).get(inode, [])
+
+    def pids_of_inodes(self, inodes: Iterable[int]) -> dict[int, list[SocketOwner]]:
+        """Owners of several inodes with at most one rescan; inodes without owners are absent."""
+        wanted = [i for i in dict.fromkeys(inodes) if i > 0]
+        out: dict[int, list[SocketOwner]] = {}
+        if not wanted:
+            return out
+        with self._lock:
+            missing: list[int] = []
+            for inode in wanted:
+                found = self._lookup_locked(inode)
+                if found is None:
+                    missing.append(inode)
+                else:
+                    out[inode] = found
+            if missing and self._may_refresh():
+                self._refresh_locked()
+                for inode in missing:
+                    found = self._lookup_locked(inode)
+                    if found is not None:
+                        out[inode] = found
+        return out
+
+    def inodes_of(self, pid: int) -> frozenset[int]:
+        """Socket inodes in ``pid``'s fd table, read now from ``/proc/PID/fd``.
+
+        Reading one process is cheap, so this never waits for ``min_interval``; the index
+        entries of that pid are replaced by what was read.
+        """
+        if pid <= 0:
+            return frozenset()
+        fds = _scan_socket_fds(f"{self._root}/{pid}/fd")
+        comm = comm_of(pid, self.proc_root) if fds else None
+        with self._lock:
+            self._forget_pid_locked(pid)
+            if not fds or comm is None:
+                return frozenset()  # no sockets, or exited while being read
+            self._fds[pid] = fds
+            self._comm[pid] = comm
+            for fd, inode in fds:
+                pair = (pid, fd)
+                if self._first.setdefault(inode, pair) is not pair:
+                    self._more.setdefault(inode, []).append(pair)
+        return frozenset(inode for _fd, inode in fds)
+
+    def known_pids(self) -> frozenset[int]:
+        """Pids that held at least one socket when last read."""
+        with self._lock:
+            return frozenset(self._fds)
+
+
+def listening_ports_of(pid: int, index: ProcessIndex) -> set[int]:
+    """Local ports of the LISTEN sockets whose inode is in ``pid``'s fd table."""
+    inodes = index.inodes_of(pid)
+    if not inodes:
+        return set()
+    return {s.lport for s in listeners() if s.inode in inodes}
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket with its accept queue and the processes that hold it."""
+
+    family: int
+    laddr: str
+    lport: int
+    queue: int
+    backlog: int
+    owners: tuple[SocketOwner, ...]
+    inode: int = 0
+
+
+def listeners_with_owners(index: ProcessIndex) -> list[Listener]:
+    """Every TCP listener with its accept-queue length, backlog and owners."""
+    socks = listeners()
+    owners = index.pids_of_inodes(s.inode for s in socks if s.inode)
+    return [
+        Listener(
+            family=s.family,
+            laddr=s.laddr,
+            lport=s.lport,
+            queue=s.rqueue,
+            backlog=s.wqueue,
+            owners=tuple(owners.get(s.inode, ())),
+            inode=s.inode,
+        )
+        for s in socks
+    ]

@@ -1,0 +1,44 @@
+"""Test tiers: kernel-free tests run anywhere; tests marked `kernel` need root and a kernel
+that can trace. They skip where they cannot run, unless CLOSEWAIT_REQUIRE_KERNEL=1 (set by
+`make test`, CI and the VM matrix), which turns every such skip into a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REQUIRE_KERNEL = os.environ.get("CLOSEWAIT_REQUIRE_KERNEL") == "1"
+
+
+def _kernel_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    if not Path("/sys/kernel/btf").exists() and not Path("/proc/kallsyms").exists():
+        return "no kernel tracing interfaces"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    why = _kernel_unavailable()
+    if why is None:
+        return
+    for item in items:
+        if "kernel" in item.keywords:
+            if REQUIRE_KERNEL:
+                item.add_marker(pytest.mark.usefixtures("_kernel_required_but_missing"))
+            else:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture
+def _kernel_required_but_missing() -> None:
+    pytest.fail(f"CLOSEWAIT_REQUIRE_KERNEL=1 but {_kernel_unavailable()}")
+
+
+def kernel_skip(reason: str) -> None:
+    """Skip a kernel test, or fail it when kernel tests are required."""
+    if REQUIRE_KERNEL:
+        pytest.fail(f"CLOSEWAIT_REQUIRE_KERNEL=1 but {reason}")
+    pytest.skip(reason)

@@ -1,0 +1,57 @@
+"""Feature probes on the real machine (root, a kernel with BTF and tracefs)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from closewait_trace import btf, features
+from closewait_trace.features import Backend
+
+pytestmark = pytest.mark.kernel
+
+
+def _kernel_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    assert m, os.uname().release
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_real_btf_inet_csk_accept_signature() -> None:
+    btf.clear_cache()
+    start = time.perf_counter()
+    n = btf.func_arg_count("inet_csk_accept")
+    elapsed = time.perf_counter() - start
+    # 6.10 (commit 92ef0fd55ac8) replaced (sk, flags, err, kern) by (sk, struct proto_accept_arg *).
+    assert n == (2 if _kernel_version() >= (6, 10) else 4)
+    assert btf.func_arg_count("tcp_close") == 2
+    assert btf.func_btf_id("tcp_close") is not None
+    assert btf.func_arg_count("closewait_trace_no_such_function") is None
+    assert elapsed < 1.0, f"parsing the vmlinux BTF took {elapsed:.2f}s"
+
+
+def test_probes_return_bools() -> None:
+    assert isinstance(features.kprobes_available(), bool)
+    assert isinstance(features.fentry_available(), bool)
+    assert isinstance(features.fentry_available("inet_csk_accept"), bool)
+    assert features.btf_available() is True
+    ok, why = features.fentry_probe()
+    assert isinstance(ok, bool) and why
+
+
+def test_probe_features_after_ensure_tracefs() -> None:
+    notices = features.ensure_tracefs()
+    assert all(isinstance(n, str) for n in notices)
+    assert features.tracefs_root() is not None
+    f = features.probe_features()
+    assert f.has("sock:inet_sock_set_state"), f
+    assert f.release == os.uname().release
+    assert f.privileged, f.privileges
+    assert f.inet_csk_accept_args in (2, 4)
+    backend = features.choose_backend(f, None)
+    assert isinstance(backend, Backend)
+    assert features.choose_backend(f, backend.label) is backend
+    assert len(features.backend_reasons(f)) == 4

@@ -1,0 +1,238 @@
+"""The live tracer on the running kernel, with real loopback sockets and real peer processes.
+
+One tracer (all processes, threshold 1 s) serves most tests; each test owns its server's
+port and reads only that port's records. Tests that need their own tracer start one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .harness import Server, Tracer, bpf_prog_ids, kprobe_events
+
+pytestmark = pytest.mark.kernel
+
+THRESHOLD = 1.0
+
+
+@pytest.fixture(scope="module")
+def tracer() -> Iterator[Tracer]:
+    t = Tracer(["--threshold", f"{THRESHOLD}s", "--report-min", "100ms"]).start()
+    yield t
+    rc = t.stop()
+    assert rc == 0, "".join(t.stderr_lines)
+    summary = next(r for r in t.records if r["type"] == "summary")
+    assert summary["events_lost"] == 0, summary["lost"]
+    assert summary["complete"] is True
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def _start(servers: list[Server], **kw: object) -> Server:
+    s = Server(**kw).start()  # type: ignore[arg-type]
+    servers.append(s)
+    return s
+
+
+def _leak(tracer: Tracer, port: int, timeout: float = THRESHOLD + 5) -> dict:
+    rec = tracer.wait_for(
+        lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(f":{port}"),
+        timeout, what=f"leak on port {port}")
+    return rec["connection"]
+
+
+def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: list[Server]) -> None:
+    srv = _start(servers, accept=False)
+    c = srv.connect()
+    c.sendall(b"hello")
+    c.close()
+    conn = _leak(tracer, srv.port)
+    assert conn["accepted"] == "no"
+    assert conn["direction"] == "inbound"
+    assert conn["pid"] == srv.pid
+    assert conn["inode"] == 0
+    assert conn["verdict"]["cause"] == "never-accepted"
+    assert conn["verdict"]["confidence"] == "certain"
+
+
+def test_never_accepted_ipv6(tracer: Tracer, servers: list[Server]) -> None:
+    srv = _start(servers, family=socket.AF_INET6, accept=False)
+    c = srv.connect()
+    c.close()
+    conn = _leak(tracer, srv.port)
+    assert conn["family"] == "ipv6"
+    assert conn["local"] == f"[::1]:{srv.port}"
+    assert conn["accepted"] == "no"
+    assert conn["pid"] == srv.pid
+
+
+def test_accepted_never_closed_is_flagged_with_fd(tracer: Tracer, servers: list[Server]) -> None:
+    srv = _start(servers, accept=True, close_after=None)
+    c = srv.connect()
+    time.sleep(0.3)  # let the server accept before the FIN arrives
+    c.close()
+    conn = _leak(tracer, srv.port)
+    assert conn["accepted"] == "yes"
+    assert conn["accepted_after_fin"] is False
+    assert conn["pid"] == srv.pid
+    assert conn["verdict"]["cause"] == "accepted-not-closed"
+    # /proc can take a rescan to show the fd; the verdict is recomputed when it does.
+    deadline = time.monotonic() + 5
+    while conn["fd"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        recs = tracer.of_port(srv.port)
+        conn = recs[-1]["connection"]
+    assert conn["inode"] and conn["inode"] > 0
+
+
+def test_normal_close_is_not_flagged(tracer: Tracer, servers: list[Server]) -> None:
+    srv = _start(servers, accept=True, close_after=0.0)
+    for _ in range(20):
+        c = srv.connect()
+        c.sendall(b"x")
+        c.close()
+    time.sleep(THRESHOLD + 1.5)
+    assert tracer.of_port(srv.port, "leak") == []
+    assert tracer.of_port(srv.port, "open") == []
+
+
+def test_close_one_second_after_fin_is_timed_within_50ms(
+    tracer: Tracer, servers: list[Server]
+) -> None:
+    srv = _start(servers, accept=True, close_after=1.0)
+    c = srv.connect()
+    time.sleep(0.3)
+    c.close()
+    rec = tracer.wait_for(
+        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}"),
+        10, what="close record")
+    conn = rec["connection"]
+    assert abs(conn["cw_age_s"] - 1.0) <= 0.05, conn
+    assert conn["exit"] == "app-close"
+    assert conn["closer_pid"] == srv.pid
+    # It crossed the 1 s threshold just before it closed: a late close, not a leak now.
+    assert conn["open"] is False
+
+
+def test_flag_is_raised_within_threshold_plus_one_second(
+    tracer: Tracer, servers: list[Server]
+) -> None:
+    srv = _start(servers, accept=False)
+    c = srv.connect()
+    c.close()
+    conn = _leak(tracer, srv.port)
+    # The age at the moment of the flag is measured by the tracer from the kernel's timestamp
+    # of the FIN, so the test process's own scheduling does not count.
+    assert THRESHOLD <= conn["cw_age_s"] <= THRESHOLD + 1.0, conn
+
+
+def test_outbound_close_wait_is_reported(tracer: Tracer, servers: list[Server]) -> None:
+    """The pool case: the server closes first, this process keeps its socket."""
+    srv = _start(servers, accept=True, close_after=-1)
+    c = srv.connect()
+    try:
+        rec = tracer.wait_for(
+            lambda r: r["type"] == "leak" and r["connection"]["remote"].endswith(f":{srv.port}"),
+            THRESHOLD + 5, what="outbound leak")
+        conn = rec["connection"]
+        assert conn["direction"] == "outbound"
+        assert conn["pid"] == os.getpid()
+        assert conn["local"] == f"127.0.0.1:{c.getsockname()[1]}"
+        assert conn["verdict"]["cause"] == "outbound-not-closed"
+    finally:
+        c.close()
+
+
+def test_reset_while_in_close_wait_is_reported_as_reset(
+    tracer: Tracer, servers: list[Server]
+) -> None:
+    srv = _start(servers, accept=True, close_after=None)
+    c = srv.connect()
+    time.sleep(0.3)
+    c.shutdown(socket.SHUT_WR)  # FIN: the server's socket enters CLOSE_WAIT
+    time.sleep(0.5)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()  # RST
+    rec = tracer.wait_for(
+        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}"),
+        10, what="close after reset")
+    assert rec["connection"]["exit"] == "reset"
+    assert 0.4 <= rec["connection"]["cw_age_s"] <= 1.5
+
+
+def test_listener_closed_with_queued_children(tracer: Tracer, servers: list[Server]) -> None:
+    srv = _start(servers, accept=False)
+    clients = [srv.connect() for _ in range(3)]
+    for c in clients:
+        c.close()
+    time.sleep(0.5)
+    srv.stop()  # the process exits: its listener closes, the queued children go with it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(tracer.of_port(srv.port, "close")) < 3:
+        time.sleep(0.2)
+    closes = tracer.of_port(srv.port, "close")
+    assert len(closes) == 3
+    assert {r["connection"]["exit"] for r in closes} == {"listener-closed"}
+    assert {r["connection"]["accepted"] for r in closes} == {"no"}
+
+
+def test_pid_filter_excludes_other_process(servers: list[Server]) -> None:
+    mine = _start(servers, accept=False)
+    other = _start(servers, accept=False)
+    # A socket already in CLOSE_WAIT before the tracer starts: reported with an "at least" age.
+    pre = mine.connect()
+    pre.close()
+    time.sleep(0.3)
+    t = Tracer(["-p", str(mine.pid), "--threshold", "1s", "--report-min", "100ms"]).start()
+    try:
+        for srv in (mine, other):
+            c = srv.connect()
+            c.close()
+        leak = t.wait_for(lambda r: r["type"] == "leak"
+                          and r["connection"]["local"].endswith(f":{mine.port}")
+                          and not r["connection"]["cw_age_at_least"], 6, what="leak of -p pid")
+        assert leak["connection"]["pid"] == mine.pid
+        pre_leak = t.wait_for(lambda r: r["type"] == "leak"
+                              and r["connection"]["cw_age_at_least"], 6, what="preexisting leak")
+        assert pre_leak["connection"]["local"].endswith(f":{mine.port}")
+        assert pre_leak["connection"]["pid"] == mine.pid
+        time.sleep(1.0)
+        assert t.of_port(other.port) == []
+    finally:
+        assert t.stop() == 0
+
+
+def test_sigterm_detaches_every_probe_and_prints_summary() -> None:
+    before = bpf_prog_ids()
+    t = Tracer(["--threshold", "1s"]).start()
+    during = bpf_prog_ids() - before
+    assert during, "the tracer loaded no BPF program?"
+    rc = t.stop(signal.SIGTERM)
+    assert rc == 0, "".join(t.stderr_lines)
+    assert any(r["type"] == "summary" for r in t.records)
+    time.sleep(0.5)
+    assert not (bpf_prog_ids() & during), "BPF programs left behind after SIGTERM"
+    assert f"_bcc_{t.proc.pid if t.proc else 0}" not in kprobe_events()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_other_signals_also_exit_cleanly(sig: int) -> None:
+    before = bpf_prog_ids()
+    t = Tracer([]).start()
+    during = bpf_prog_ids() - before
+    assert t.stop(sig) == 0
+    time.sleep(0.5)
+    assert not (bpf_prog_ids() & during)
