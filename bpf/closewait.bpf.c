@@ -241,8 +241,8 @@ static __always_inline struct cw_sock *create_sock(struct cw_config *cfg, u64 sk
     return socks.lookup(&sk);
 }
 
-static __always_inline void on_listen(u64 sk, u64 now, int oldstate, int newstate,
-                                      struct cw_tuple *t)
+static __always_inline void on_listen(struct cw_config *cfg, u64 sk, u64 now, int oldstate,
+                                      int newstate, struct cw_tuple *t)
 {
     u16 lport = t->lport;
     struct cw_sock s = {};
@@ -259,16 +259,19 @@ static __always_inline void on_listen(u64 sk, u64 now, int oldstate, int newstat
         s.owner_tgid = l.tgid;
         s.flags = CW_F_OWNER_KNOWN;
         __builtin_memcpy(s.owner_comm, l.comm, CW_COMM_LEN);
-        emit(CW_EV_LISTEN, &s, now, oldstate, newstate, CW_EXIT_NONE);
+        if (passes(cfg, &s))
+            emit(CW_EV_LISTEN, &s, now, oldstate, newstate, CW_EXIT_NONE);
         return;
     }
     struct cw_listener *l = listeners.lookup(&lport);
     if (l && l->skaddr == sk) {
         s.owner_tgid = l->tgid;
         __builtin_memcpy(s.owner_comm, l->comm, CW_COMM_LEN);
+        s.flags = CW_F_OWNER_KNOWN;
         listeners.delete(&lport);
     }
-    emit(CW_EV_UNLISTEN, &s, now, oldstate, newstate, CW_EXIT_NONE);
+    if (passes(cfg, &s))
+        emit(CW_EV_UNLISTEN, &s, now, oldstate, newstate, CW_EXIT_NONE);
 }
 
 /* How a socket left CLOSE_WAIT, from the new state and who is running. */
@@ -349,7 +352,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             create_sock(cfg, sk, now, CW_F_PASSIVE, &t);
             return 0;
         }
-        on_listen(sk, now, oldstate, newstate, &t);
+        on_listen(cfg, sk, now, oldstate, newstate, &t);
         return 0;
     }
     if (newstate == CW_TCP_SYN_SENT) {

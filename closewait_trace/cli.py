@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,19 +113,47 @@ def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], Non
     return (lambda cand: None), (lambda: None)
 
 
-def run_trace(options: Any, renderer: Renderer, before_run: Callable[[], None] | None = None) -> int:
-    from .session import Session
+def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None,
+              before_run: Callable[[], None] | None = None) -> int:
+    """Attach, trace until stopped, render the summary; optionally record to a file."""
+    from .record import RecordingWorld
+    from .session import Session, open_live_world
+    from .world import World
 
-    session = Session(options, renderer)
-    session.install_signal_handlers()
+    stop = {"now": False}
+
+    def _early_stop(signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _early_stop)
     on_compile, done = _compile_notice(renderer)
     try:
-        session.start(on_compile=on_compile)
+        live, info = open_live_world(options, renderer.notice, on_compile)
     finally:
         done()
-    if before_run is not None:
-        before_run()
-    session.run()
+    world: World = live
+    out = None
+    if record_to is not None:
+        try:
+            out = open(record_to, "w", encoding="utf-8")
+        except OSError as exc:
+            live.close()
+            raise UsageError(f"cannot write {record_to}: {exc.strerror}") from exc
+        world = RecordingWorld(live, out, options=options.to_dict(), info=info)
+    try:
+        session = Session(options, renderer, world, info)
+        session.install_signal_handlers()
+        if stop["now"]:
+            session.stop_event.set()
+        session.start()
+        if before_run is not None:
+            before_run()
+        session.run()
+    finally:
+        live.close()
+        if out is not None:
+            out.close()
     return 0
 
 
@@ -147,22 +176,89 @@ def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], dura
     With no command, traces every process (or those given with -p) until stopped.
     """
     if ctx.invoked_subcommand is not None:
+        given = [p.opts[-1] for p in ctx.command.params
+                 if p.name and ctx.get_parameter_source(p.name)
+                 is not click.core.ParameterSource.DEFAULT]
+        if given:
+            click.echo(f"closewait-trace: error: put {given[0]} after the command name"
+                       f" ({ctx.invoked_subcommand})", err=True)
+            sys.exit(2)
         return
+    with _errors():
+        options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
+                           max_sockets, max_close_wait)
+        sys.exit(run_trace(options, _renderer(as_json, plain)))
+
+
+def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
+             threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
+             max_sockets: int, max_close_wait: int) -> Any:
     from .session import Options
 
+    for pid in pids:
+        if pid <= 0:
+            raise UsageError(f"bad PID {pid}")
+    if threshold < report_min:
+        raise UsageError("--threshold must not be shorter than --report-min")
+    return Options(
+        pids=frozenset(pids), ports=frozenset(ports), threshold_ns=threshold,
+        report_min_ns=report_min, backend=backend, kernel_headers=kernel_headers,
+        duration_s=duration / 1e9 if duration else None, max_socks=max_sockets,
+        max_cw=max_close_wait,
+    )
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="File to write the recording to.")
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Trace only sockets owned by this process (and its children). Repeatable.")
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+              help="Trace only sockets with this local or remote port. Repeatable.")
+@click.option("--duration", type=DURATION, default=None,
+              help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
+@_tracing_options
+def record(output: Path, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
+           threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
+           as_json: bool, plain: bool, max_sockets: int, max_close_wait: int) -> None:
+    """Trace live as the main command does, and record the trace to a file that
+    `closewait-trace report` reads back on any machine, without root or BPF."""
     with _errors():
-        for pid in pids:
-            if pid <= 0:
-                raise UsageError(f"bad PID {pid}")
-        if threshold < report_min:
-            raise UsageError("--threshold must not be shorter than --report-min")
-        options = Options(
-            pids=frozenset(pids), ports=frozenset(ports), threshold_ns=threshold,
-            report_min_ns=report_min, backend=backend, kernel_headers=kernel_headers,
-            duration_s=duration / 1e9 if duration else None, max_socks=max_sockets,
-            max_cw=max_close_wait,
-        )
-        sys.exit(run_trace(options, _renderer(as_json, plain)))
+        options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
+                           max_sockets, max_close_wait)
+        sys.exit(run_trace(options, _renderer(as_json, plain), record_to=output))
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def report(file: Path, as_json: bool) -> None:
+    """Rebuild the summary, leaks, diagnoses and timelines of a recording (no root needed)."""
+    from .record import RecordFormatError, open_replay
+    from .session import Options, Session
+    from .world import WorldEnded
+
+    with _errors():
+        world = open_replay(file)
+        header = world.header
+        options = Options.from_dict(header["options"])
+        renderer: Renderer = JsonRenderer(sys.stdout) if as_json else PlainRenderer(sys.stdout)
+        if not as_json:
+            renderer.notice(
+                f"report of {file}: recorded {header.get('created')} on {header.get('host')}"
+                f" (kernel {header.get('kernel')})"
+            )
+        try:
+            session = Session(options, renderer, world, dict(header["info"]))
+        except WorldEnded:
+            raise RecordFormatError(world.error or f"{file}: no records") from None
+        session.start()
+        session.run()
+        if world.error is not None:
+            click.echo(f"closewait-trace: error: {world.error}; the report above covers"
+                       " everything before it", err=True)
+            sys.exit(65)
+    sys.exit(0)
 
 
 @main.command()
@@ -237,8 +333,10 @@ def doctor(as_json: bool) -> None:
 @click.option("--kernel-headers", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+@click.option("-o", "--record", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also record the trace to this file (see `report`).")
 def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | None,
-         as_json: bool, plain: bool) -> None:
+         as_json: bool, plain: bool, record: Path | None) -> None:
     """Start a built-in leaky workload in child processes and trace it live.
 
     A listener that never accepts, a server that accepts and never closes, a healthy server,
@@ -261,7 +359,7 @@ def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | Non
                 threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
                 backend=backend, kernel_headers=kernel_headers, duration_s=duration / 1e9,
             )
-            run_trace(options, renderer, before_run=workload.start_clients)
+            run_trace(options, renderer, before_run=workload.start_clients, record_to=record)
         finally:
             workload.stop()
     sys.exit(0)

@@ -57,6 +57,8 @@ class View:
     closed_by_how: dict[str, int] = field(default_factory=dict)
     max_closed_ns: int = 0
     hist: Sequence[int] = ()
+    #: wall clock minus CLOCK_MONOTONIC, ns; None: the current machine's (live)
+    wall_offset_ns: int | None = None
 
     @property
     def events_lost(self) -> int:
@@ -64,7 +66,9 @@ class View:
 
     def wall(self, ts_ns: int) -> dt.datetime:
         """Wall-clock time of a kernel CLOCK_MONOTONIC timestamp."""
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = self.wall_offset_ns
+        if offset is None:
+            offset = time.time_ns() - time.monotonic_ns()
         return dt.datetime.fromtimestamp((ts_ns + offset) / 1e9).astimezone()
 
 
@@ -197,7 +201,8 @@ class JsonRenderer:
 
     def _emit(self, kind: str, view: View | None, **body: Any) -> None:
         record: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind}
-        record["time"] = dt.datetime.now().astimezone().isoformat(timespec="milliseconds")
+        when = view.wall(view.now_ns) if view is not None else dt.datetime.now().astimezone()
+        record["time"] = when.isoformat(timespec="milliseconds")
         record.update(body)
         self.out.write(json.dumps(record, sort_keys=False) + "\n")
         self.out.flush()
@@ -310,8 +315,9 @@ def summary_lines(view: View) -> list[str]:
     lines = [
         "",
         f"Summary after {fmt_duration(view.now_ns - view.started_ns)} ({view.backend} backend):",
-        f"  CLOSE_WAIT entered {s['cw_entered']}, reported {s['cw_reported']}, "
-        f"left quickly {s['cw_short']}, leaks flagged {s['flagged']}, still open {s['open']}",
+        f"  sockets that entered CLOSE_WAIT: {s['cw_entered']} on this host,"
+        f" {s['cw_reported']} matching the filters ({s['cw_short']} left within"
+        f" the report minimum); leaks flagged {s['flagged']}, still open {s['open']}",
     ]
     if view.closed_by_how:
         closed = ", ".join(f"{k} {v}" for k, v in sorted(view.closed_by_how.items()))

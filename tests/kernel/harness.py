@@ -31,13 +31,15 @@ class Tracer:
     """`closewait-trace --json` running in a subprocess, its records collected as they come."""
 
     args: Sequence[str]
+    command: str | None = None  # a subcommand (record, demo); None: the live tracer
     proc: subprocess.Popen[str] | None = None
     records: list[Record] = field(default_factory=list)
     stderr_lines: list[str] = field(default_factory=list)
     _q: queue.Queue[Record] = field(default_factory=queue.Queue)
 
     def start(self) -> Tracer:
-        cmd = [sys.executable, "-m", "closewait_trace", "--json", "--backend", BACKEND,
+        sub = [self.command] if self.command else []
+        cmd = [sys.executable, "-m", "closewait_trace", *sub, "--json", "--backend", BACKEND,
                *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)

@@ -1,0 +1,333 @@
+"""Record and report: a trace written to a file, read back on any machine without root or BPF.
+
+The file is JSON lines (docs/record-format.md). Line 1 is a header naming the format, its
+version, the options and the session's start information. Every following line is one
+answer the live World gave the session, in the order the session asked: {"k": KIND, "v": ...}.
+Replaying those answers through the same Session code rebuilds every record, leak, verdict
+and timeline the live run showed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import socket
+from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, Stat
+from .enrich import DiagSocket, SocketOwner, TcpState
+from .errors import CloseWaitError
+from .world import AcceptCounters, Counters, ListenerInfo, ProcessInfo, World, WorldEnded
+
+FORMAT = "closewait-trace-record"
+FORMAT_VERSION = 1
+
+T = TypeVar("T")
+
+
+class RecordFormatError(CloseWaitError):
+    """A recording that cannot be read (corrupt, truncated, or from a newer version)."""
+
+    exit_code = 65
+
+
+# --- values <-> JSON ------------------------------------------------------------------------
+
+
+def sock_to_json(s: SockInfo) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    d["flags"] = int(s.flags)
+    return d
+
+
+def sock_from_json(d: dict[str, Any]) -> SockInfo:
+    return SockInfo(**{**d, "flags": SockFlag(int(d["flags"]))})
+
+
+def event_to_json(e: Event) -> dict[str, Any]:
+    return {
+        "ts": e.ts, "type": int(e.type), "tgid": e.tgid, "tid": e.tid,
+        "oldstate": e.oldstate, "newstate": e.newstate, "exit_how": int(e.exit_how),
+        "comm": e.comm, "sock": sock_to_json(e.sock),
+    }
+
+
+def event_from_json(d: dict[str, Any]) -> Event:
+    return Event(
+        ts=int(d["ts"]), type=EventType(int(d["type"])), tgid=int(d["tgid"]), tid=int(d["tid"]),
+        oldstate=int(d["oldstate"]), newstate=int(d["newstate"]),
+        exit_how=ExitHow(int(d["exit_how"])), comm=str(d["comm"]),
+        sock=sock_from_json(d["sock"]),
+    )
+
+
+def diag_to_json(d: DiagSocket) -> dict[str, Any]:
+    out = dataclasses.asdict(d)
+    out["state"] = int(d.state)
+    return out
+
+
+def diag_from_json(d: dict[str, Any]) -> DiagSocket:
+    return DiagSocket(**{**d, "state": TcpState(int(d["state"]))})
+
+
+def counters_to_json(c: Counters) -> dict[str, Any]:
+    return {
+        "stats": {s.name: n for s, n in c.stats.items()},
+        "accept": {str(pid): dataclasses.asdict(a) for pid, a in c.accept.items()},
+        "accept_errs": [[pid, err, n] for (pid, err), n in c.accept_errs.items()],
+        "hist": list(c.hist),
+    }
+
+
+def counters_from_json(d: dict[str, Any]) -> Counters:
+    return Counters(
+        stats={Stat[k]: int(v) for k, v in d["stats"].items() if k in Stat.__members__},
+        accept={int(pid): AcceptCounters(**a) for pid, a in d["accept"].items()},
+        accept_errs={(int(p), int(e)): int(n) for p, e, n in d["accept_errs"]},
+        hist=tuple(int(x) for x in d["hist"]),
+    )
+
+
+def listener_to_json(x: ListenerInfo) -> dict[str, Any]:
+    return dataclasses.asdict(x)
+
+
+def listener_from_json(d: dict[str, Any]) -> ListenerInfo:
+    return ListenerInfo(**{**d, "owners": tuple(SocketOwner(**o) for o in d["owners"])})
+
+
+# --- the tee --------------------------------------------------------------------------------
+
+
+class RecordingWorld:
+    """A World that answers from `inner` and writes every answer to `out`."""
+
+    def __init__(self, inner: World, out: IO[str], *, options: dict[str, Any],
+                 info: dict[str, Any]) -> None:
+        self.inner = inner
+        self.out = out
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "kernel": os.uname().release,
+            "options": options,
+            "info": info,
+        }
+        self._write(header)
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+
+    def _put(self, kind: str, value: Any) -> None:
+        self._write({"k": kind, "v": value})
+
+    def now_ns(self) -> int:
+        v = self.inner.now_ns()
+        self._put("now", v)
+        return v
+
+    def checkpoint(self, stop: bool) -> bool:
+        v = self.inner.checkpoint(stop)
+        self._put("stop", v)
+        return v
+
+    def events(self, timeout_ms: int) -> list[Event]:
+        v = self.inner.events(timeout_ms)
+        self._put("events", [event_to_json(e) for e in v])
+        return v
+
+    def close_wait(self) -> list[SockInfo]:
+        v = self.inner.close_wait()
+        self._put("cw", [sock_to_json(s) for s in v])
+        return v
+
+    def counters(self) -> Counters:
+        v = self.inner.counters()
+        self._put("counters", counters_to_json(v))
+        return v
+
+    def diag_close_wait(self) -> list[DiagSocket]:
+        v = self.inner.diag_close_wait()
+        self._put("diag", [diag_to_json(d) for d in v])
+        return v
+
+    def listeners(self) -> list[ListenerInfo]:
+        v = self.inner.listeners()
+        self._put("listeners", [listener_to_json(x) for x in v])
+        return v
+
+    def owners(self, inode: int) -> list[SocketOwner]:
+        v = self.inner.owners(inode)
+        self._put("owners", {"inode": inode, "owners": [dataclasses.asdict(o) for o in v]})
+        return v
+
+    def process(self, pid: int) -> ProcessInfo:
+        v = self.inner.process(pid)
+        self._put("process", dataclasses.asdict(v))
+        return v
+
+    def descendants(self, pids: Collection[int]) -> list[int]:
+        v = self.inner.descendants(pids)
+        self._put("descendants", list(v))
+        return v
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        self.inner.set_pids(pids)
+
+    def seed_listener(self, port: int, pid: int, comm: str) -> None:
+        self.inner.seed_listener(port, pid, comm)
+
+    def finished(self) -> bool:
+        return self.inner.finished()
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            self.out.flush()
+
+
+# --- the replayer ---------------------------------------------------------------------------
+
+
+def read_header(f: IO[str], path: str) -> dict[str, Any]:
+    line = f.readline()
+    if not line:
+        raise RecordFormatError(f"{path}: empty file, not a closewait-trace recording")
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordFormatError(f"{path}:1: not a closewait-trace recording ({exc.msg})") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise RecordFormatError(f"{path}:1: not a closewait-trace recording")
+    version = header.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise RecordFormatError(f"{path}:1: bad format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise RecordFormatError(
+            f"{path}: recorded with format version {version}, newer than this closewait-trace"
+            f" reads (up to {FORMAT_VERSION}): upgrade closewait-trace to report it"
+        )
+    for key in ("options", "info"):
+        if not isinstance(header.get(key), dict):
+            raise RecordFormatError(f"{path}:1: header has no {key!r}")
+    return header
+
+
+class ReplayWorld:
+    """A World that answers from a recording. At the end of the file, or at the first line it
+    cannot read, it raises WorldEnded, which ends the session after its last whole step;
+    `error` then says where and why. A recording that ends cleanly is read to its end by the
+    session's own final step, so reading past it means the file was cut short."""
+
+    def __init__(self, f: IO[str], path: str) -> None:
+        self.f = f
+        self.path = path
+        self.header = read_header(f, path)
+        self.lineno = 1
+        self.error: str | None = None
+        self._done = False
+
+    def _fail(self, message: str) -> WorldEnded:
+        if self.error is None:
+            self.error = f"{self.path}:{self.lineno}: {message}"
+        self._done = True
+        return WorldEnded(self.error)
+
+    def _next(self, kind: str) -> Any:
+        if self._done:
+            raise WorldEnded(self.error or "end of recording")
+        line = self.f.readline()
+        self.lineno += 1
+        if not line:
+            raise self._fail("the recording ends early (truncated?)")
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("truncated line (the recording was cut short)")
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "k" not in rec or "v" not in rec:
+                raise ValueError("not a record")
+            if rec["k"] != kind:
+                raise ValueError(f"expected a {kind!r} record, found {rec['k']!r}")
+            return rec["v"]
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise self._fail(f"unreadable record: {exc}") from exc
+
+    def _value(self, kind: str, convert: Callable[[Any], T]) -> T:
+        raw = self._next(kind)
+        try:
+            return convert(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._fail(f"unreadable {kind!r} record: {exc!r}") from exc
+
+    def now_ns(self) -> int:
+        return self._value("now", int)
+
+    def checkpoint(self, stop: bool) -> bool:
+        return self._value("stop", bool)
+
+    def events(self, timeout_ms: int) -> list[Event]:
+        return self._value("events", lambda r: [event_from_json(e) for e in r])
+
+    def close_wait(self) -> list[SockInfo]:
+        return self._value("cw", lambda r: [sock_from_json(s) for s in r])
+
+    def counters(self) -> Counters:
+        return self._value("counters", counters_from_json)
+
+    def diag_close_wait(self) -> list[DiagSocket]:
+        return self._value("diag", lambda r: [diag_from_json(d) for d in r])
+
+    def listeners(self) -> list[ListenerInfo]:
+        return self._value("listeners", lambda r: [listener_from_json(x) for x in r])
+
+    def owners(self, inode: int) -> list[SocketOwner]:
+        def conv(r: dict[str, Any]) -> list[SocketOwner]:
+            if int(r["inode"]) != inode:
+                raise ValueError(f"owners of inode {r['inode']}, asked for {inode}")
+            return [SocketOwner(**o) for o in r["owners"]]
+
+        return self._value("owners", conv)
+
+    def process(self, pid: int) -> ProcessInfo:
+        def conv(r: dict[str, Any]) -> ProcessInfo:
+            info = ProcessInfo(**r)
+            if info.pid != pid:
+                raise ValueError(f"process {info.pid}, asked for {pid}")
+            return info
+
+        return self._value("process", conv)
+
+    def descendants(self, pids: Collection[int]) -> list[int]:
+        return self._value("descendants", lambda r: [int(p) for p in r])
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        pass
+
+    def seed_listener(self, port: int, pid: int, comm: str) -> None:
+        pass
+
+    def finished(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def open_replay(path: Path) -> ReplayWorld:
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise RecordFormatError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return ReplayWorld(f, str(path))
+    except BaseException:
+        f.close()
+        raise
