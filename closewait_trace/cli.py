@@ -69,6 +69,13 @@ def _tracing_options(fn: F) -> F:
         click.option("--json", "as_json", is_flag=True, help="One JSON object per line "
                      "(docs/json-schema.md)."),
         click.option("--plain", is_flag=True, help="Plain lines even on a terminal."),
+        click.option("--timeline", "timeline", type=click.Choice(["flagged", "all"]),
+                     is_flag=False, flag_value="flagged", default=None,
+                     help="Print the lifecycle timeline of each flagged socket; `--timeline all`:"
+                     " of every socket matching the filters (the kernel then sends their"
+                     " transitions)."),
+        click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Also write the timelines shown to this .html or .svg file."),
         click.option("--max-sockets", type=click.IntRange(1024, 1 << 22), default=131072,
                      show_default=True, help="Size of the kernel's per-socket map."),
         click.option("--max-close-wait", type=click.IntRange(256, 1 << 22), default=32768,
@@ -79,12 +86,18 @@ def _tracing_options(fn: F) -> F:
     return fn
 
 
-def _renderer(as_json: bool, plain: bool) -> Renderer:
+def _renderer(as_json: bool, plain: bool, timelines: str | None = None,
+              export: Path | None = None) -> Renderer:
+    from .timeline import Exporter
+
+    exporter = Exporter(export) if export is not None else None
+    if export is not None and timelines is None:
+        timelines = "flagged"
     if as_json:
-        return JsonRenderer(sys.stdout)
+        return JsonRenderer(sys.stdout, timelines, exporter)
     if plain or not sys.stdout.isatty():
-        return PlainRenderer(sys.stdout)
-    return LiveRenderer(Console())
+        return PlainRenderer(sys.stdout, timelines, exporter)
+    return LiveRenderer(Console(), timelines, exporter)
 
 
 @contextmanager
@@ -169,7 +182,8 @@ def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None
 @click.pass_context
 def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
          threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
-         as_json: bool, plain: bool, max_sockets: int, max_close_wait: int) -> None:
+         as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
+         max_sockets: int, max_close_wait: int) -> None:
     """Trace TCP sockets in CLOSE_WAIT live: who owns them, whether they were accepted,
     whether they were closed, and why they leak.
 
@@ -186,14 +200,19 @@ def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], dura
         return
     with _errors():
         options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
-                           max_sockets, max_close_wait)
-        sys.exit(run_trace(options, _renderer(as_json, plain)))
+                           max_sockets, max_close_wait, timeline, timeline_export)
+        sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
+                                              timeline_export)))
 
 
 def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
              threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
-             max_sockets: int, max_close_wait: int) -> Any:
+             max_sockets: int, max_close_wait: int, timeline: str | None = None,
+             timeline_export: Path | None = None) -> Any:
     from .session import Options
+
+    if timeline_export is not None and timeline is None:
+        timeline = "flagged"
 
     for pid in pids:
         if pid <= 0:
@@ -204,7 +223,7 @@ def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None
         pids=frozenset(pids), ports=frozenset(ports), threshold_ns=threshold,
         report_min_ns=report_min, backend=backend, kernel_headers=kernel_headers,
         duration_s=duration / 1e9 if duration else None, max_socks=max_sockets,
-        max_cw=max_close_wait,
+        max_cw=max_close_wait, timelines=timeline, timeline_all=timeline == "all",
     )
 
 
@@ -220,19 +239,26 @@ def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None
 @_tracing_options
 def record(output: Path, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
            threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
-           as_json: bool, plain: bool, max_sockets: int, max_close_wait: int) -> None:
+           as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
+           max_sockets: int, max_close_wait: int) -> None:
     """Trace live as the main command does, and record the trace to a file that
     `closewait-trace report` reads back on any machine, without root or BPF."""
     with _errors():
         options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
-                           max_sockets, max_close_wait)
-        sys.exit(run_trace(options, _renderer(as_json, plain), record_to=output))
+                           max_sockets, max_close_wait, timeline, timeline_export)
+        sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
+                                              timeline_export), record_to=output))
 
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def report(file: Path, as_json: bool) -> None:
+@click.option("--timeline", type=click.Choice(["flagged", "all"]), is_flag=False,
+              flag_value="flagged", default=None,
+              help="Timelines to show (default: those the recording was made with).")
+@click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the timelines shown to this .html or .svg file.")
+def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Path | None) -> None:
     """Rebuild the summary, leaks, diagnoses and timelines of a recording (no root needed)."""
     from .record import RecordFormatError, open_replay
     from .session import Options, Session
@@ -242,7 +268,7 @@ def report(file: Path, as_json: bool) -> None:
         world = open_replay(file)
         header = world.header
         options = Options.from_dict(header["options"])
-        renderer: Renderer = JsonRenderer(sys.stdout) if as_json else PlainRenderer(sys.stdout)
+        renderer = _renderer(as_json, True, timeline or options.timelines, timeline_export)
         if not as_json:
             renderer.notice(
                 f"report of {file}: recorded {header.get('created')} on {header.get('host')}"
@@ -335,8 +361,13 @@ def doctor(as_json: bool) -> None:
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
 @click.option("-o", "--record", type=click.Path(path_type=Path, dir_okay=False),
               help="Also record the trace to this file (see `report`).")
+@click.option("--timeline", type=click.Choice(["none", "flagged", "all"]), default="flagged",
+              show_default=True, help="Which lifecycle timelines to print.")
+@click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the timelines shown to this .html or .svg file.")
 def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | None,
-         as_json: bool, plain: bool, record: Path | None) -> None:
+         as_json: bool, plain: bool, record: Path | None, timeline: str,
+         timeline_export: Path | None) -> None:
     """Start a built-in leaky workload in child processes and trace it live.
 
     A listener that never accepts, a server that accepts and never closes, a healthy server,
@@ -345,8 +376,9 @@ def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | Non
     from .demo import Workload
     from .session import Options
 
-    renderer = _renderer(as_json, plain)
+    timelines = None if timeline == "none" else timeline
     with _errors():
+        renderer = _renderer(as_json, plain, timelines, timeline_export)
         workload = Workload()
         workload.start_servers()
         try:
@@ -358,6 +390,7 @@ def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | Non
                 ports=frozenset(workload.ports.values()),
                 threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
                 backend=backend, kernel_headers=kernel_headers, duration_s=duration / 1e9,
+                timelines=timelines, timeline_all=timelines == "all",
             )
             run_trace(options, renderer, before_run=workload.start_clients, record_to=record)
         finally:

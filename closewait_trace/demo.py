@@ -33,11 +33,14 @@ class DemoError(CloseWaitError):
 
 
 def _listen(backlog: int) -> socket.socket:
+    """Bind, say the port, and listen once the parent says "go" on stdin (after the tracer
+    attached, so that it sees listen() and every accept())."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((LOOPBACK, 0))
-    srv.listen(backlog)
     print(f"PORT {srv.getsockname()[1]}", flush=True)
+    sys.stdin.readline()
+    srv.listen(backlog)
     return srv
 
 
@@ -133,6 +136,7 @@ def role_clients(ports: Sequence[int], leaky: Sequence[int], leaks: int, period:
             try:
                 with socket.create_connection((LOOPBACK, port), timeout=2) as c:
                     c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    time.sleep(0.1)
                 sent[port] += 1
             except OSError:
                 pass
@@ -154,6 +158,7 @@ class Workload:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "closewait_trace.demo", *args],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
@@ -177,6 +182,12 @@ class Workload:
         self._port_of("idle-closer", self._spawn("idle-closer", "idle-closer", "1.0"))
 
     def start_clients(self) -> None:
+        for name in ("never-accept", "no-close", "healthy", "idle-closer"):
+            stdin = self.procs[name].stdin
+            assert stdin is not None
+            stdin.write("go\n")
+            stdin.flush()
+        time.sleep(0.2)
         ports = [self.ports[n] for n in ("never-accept", "no-close", "healthy")]
         leaky = [self.ports["never-accept"], self.ports["no-close"]]
         self._spawn(
@@ -206,8 +217,9 @@ class Workload:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
 
 
 def main(argv: Sequence[str]) -> int:

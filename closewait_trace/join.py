@@ -16,7 +16,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .decode import Event, EventType, ExitHow, SockFlag, SockInfo
+from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
 
 
 class Direction(enum.Enum):
@@ -39,6 +39,7 @@ class ChangeKind(enum.Enum):
     LOST = "lost"         # left CLOSE_WAIT but its exit event was lost
     LISTEN = "listen"
     UNLISTEN = "unlisten"
+    TIMELINE = "timeline"  # a socket under a timeline watch closed: its whole life
 
 
 @dataclass
@@ -70,8 +71,8 @@ class Connection:
     uid: int | None = None
     enriched: bool = False
     enrich_tries: int = 0
-    #: Full transitions, for sockets under a timeline watch: (ts, oldstate, newstate, pid).
-    steps: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: Every transition, accept and close of a socket under a timeline watch.
+    steps: list[Step] = field(default_factory=list)
 
     @property
     def preexisting(self) -> bool:
@@ -94,6 +95,18 @@ class Connection:
     def service_port(self) -> int:
         """The port that names the service: local for inbound, remote for outbound."""
         return self.rport if self.direction is Direction.OUTBOUND else self.lport
+
+
+@dataclass(frozen=True)
+class Step:
+    """One moment of a socket's life seen by the kernel (timeline watch only)."""
+
+    ts: int
+    kind: str  # "state", "accept" or "close"
+    oldstate: int
+    newstate: int
+    pid: int
+    comm: str
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,8 @@ class Tracker:
         self._missing: dict[tuple[int, int], int] = {}
         self._recently_closed: dict[tuple[int, int], int] = {}
         self._preexisting_seq = 0
+        #: Steps of sockets under a timeline watch, by socket address, until they close.
+        self.steps_by_sk: dict[int, list[Step]] = {}
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -236,7 +251,43 @@ class Tracker:
             if old is None:
                 return []
             return [Change(ChangeKind.UNLISTEN, listener=old)]
-        return []
+        return self._on_step(ev, now_ns)
+
+    MAX_WATCHED = 65536
+
+    def _on_step(self, ev: Event, now_ns: int) -> list[Change]:
+        """A transition, accept or close of a socket under a timeline watch."""
+        kind = {EventType.STATE: "state", EventType.ACCEPT: "accept",
+                EventType.APP_CLOSE: "close"}.get(ev.type)
+        if kind is None:
+            return []
+        sk = ev.sock.skaddr
+        steps = self.steps_by_sk.get(sk)
+        if steps is None:
+            if len(self.steps_by_sk) >= self.MAX_WATCHED:
+                return []
+            steps = self.steps_by_sk[sk] = []
+        steps.append(Step(ev.ts, kind, ev.oldstate, ev.newstate, ev.tgid, ev.comm))
+        if not (kind == "state" and ev.newstate == int(TcpState.CLOSE)):
+            return []
+        del self.steps_by_sk[sk]
+        conn = self._conn_of_sk(sk)
+        if conn is None:
+            conn = self._new_connection(ev.sock, now_ns)
+            conn.cw_enter_ns = ev.sock.ts_cw_enter or None
+            if conn.cw_enter_ns is None:
+                conn.first_seen_ns = ev.sock.ts_first
+        conn.steps = steps
+        return [Change(ChangeKind.TIMELINE, conn)]
+
+    def _conn_of_sk(self, sk: int) -> Connection | None:
+        for conn in reversed(self.closed[-64:]):
+            if conn.key[0] == sk:
+                return conn
+        for conn in self.open.values():
+            if conn.key[0] == sk:
+                return conn
+        return None
 
     def add_listener(self, lst: Listener) -> None:
         """A listener found by the start-up scan."""

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from .decode import LOSS_STATS, ExitHow, Stat
 from .diagnose import Verdict
+from . import timeline as tl
 from .join import Change, ChangeKind, Connection, Direction, Listener
 
 SCHEMA_VERSION = 1
@@ -190,14 +191,25 @@ def summary_dict(view: View) -> dict[str, Any]:
     }
 
 
+def timeline_wanted(ch: Change, mode: str | None) -> bool:
+    """Whether this change shows a timeline: every watched socket's end with --timeline all,
+    and every flag with --timeline (flagged or all)."""
+    if ch.conn is None or mode is None:
+        return False
+    return ch.kind is ChangeKind.TIMELINE or ch.kind is ChangeKind.FLAGGED
+
+
 # --- JSON lines -----------------------------------------------------------------------------
 
 
 class JsonRenderer:
     """One JSON object per line: see docs/json-schema.md."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], timelines: str | None = None,
+                 exporter: tl.Exporter | None = None) -> None:
         self.out = out
+        self.timelines = timelines
+        self.exporter = exporter
 
     def _emit(self, kind: str, view: View | None, **body: Any) -> None:
         record: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind}
@@ -215,8 +227,14 @@ class JsonRenderer:
 
     def changes(self, changes: Sequence[Change], view: View) -> None:
         for ch in changes:
-            if ch.conn is not None:
+            if ch.conn is not None and ch.kind is not ChangeKind.TIMELINE:
                 self._emit(ch.kind.value, view, connection=conn_dict(ch.conn, view))
+            if timeline_wanted(ch, self.timelines):
+                assert ch.conn is not None
+                self._emit("timeline", view, connection=conn_dict(ch.conn, view),
+                           timeline=tl.as_dict(ch.conn, view.now_ns))
+                if self.exporter is not None:
+                    self.exporter.add(ch.conn, view.now_ns)
             elif ch.listener is not None:
                 lst = ch.listener
                 self._emit(
@@ -230,7 +248,9 @@ class JsonRenderer:
         self._emit("pid_exit", view, pid=pid)
 
     def finish(self, view: View) -> None:
-        self._emit("summary", view, **summary_dict(view))
+        exported = self.exporter.write() if self.exporter is not None else None
+        self._emit("summary", view, **summary_dict(view),
+                   timeline_export=str(exported) if exported else None)
 
 
 # --- plain lines ----------------------------------------------------------------------------
@@ -269,8 +289,11 @@ class PlainRenderer:
         ChangeKind.LOST: "LOST",
     }
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], timelines: str | None = None,
+                 exporter: tl.Exporter | None = None) -> None:
         self.out = out
+        self.timelines = timelines
+        self.exporter = exporter
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -291,6 +314,11 @@ class PlainRenderer:
             kind = self.KINDS.get(ch.kind)
             if kind is not None and ch.conn is not None:
                 self._line(conn_line(kind, ch.conn, view))
+            if timeline_wanted(ch, self.timelines):
+                assert ch.conn is not None
+                self._line(tl.as_text(ch.conn, view.now_ns).rstrip("\n"))
+                if self.exporter is not None:
+                    self.exporter.add(ch.conn, view.now_ns)
             elif ch.listener is not None:
                 word = "LISTEN" if ch.kind is ChangeKind.LISTEN else "UNLSTN"
                 lst = ch.listener
@@ -308,6 +336,9 @@ class PlainRenderer:
     def finish(self, view: View) -> None:
         for line in summary_lines(view):
             self._line(line)
+        exported = self.exporter.write() if self.exporter is not None else None
+        if exported is not None:
+            self._line(f"  timelines: {exported}")
 
 
 def summary_lines(view: View) -> list[str]:
@@ -352,8 +383,11 @@ class LiveRenderer:
     MAX_ROWS = 15
     RECENT = 8
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, timelines: str | None = None,
+                 exporter: tl.Exporter | None = None) -> None:
         self.console = console
+        self.timelines = timelines
+        self.exporter = exporter
         self.live: Live | None = None
         self.recent: list[Text] = []
         self.info: dict[str, Any] = {}
@@ -369,6 +403,11 @@ class LiveRenderer:
 
     def changes(self, changes: Sequence[Change], view: View) -> None:
         for ch in changes:
+            if timeline_wanted(ch, self.timelines):
+                assert ch.conn is not None
+                self.console.print(tl.table(ch.conn, view.now_ns))
+                if self.exporter is not None:
+                    self.exporter.add(ch.conn, view.now_ns)
             if ch.conn is None or ch.kind not in (ChangeKind.FLAGGED, ChangeKind.CLOSED,
                                                   ChangeKind.LOST):
                 continue
@@ -392,6 +431,9 @@ class LiveRenderer:
             self.live = None
         for line in summary_lines(view):
             self.console.print(line, highlight=False)
+        exported = self.exporter.write() if self.exporter is not None else None
+        if exported is not None:
+            self.console.print(f"  timelines: [link=file://{exported.resolve()}]{exported}[/link]")
 
     def _render(self, view: View) -> Group:
         lost = view.events_lost

@@ -41,7 +41,8 @@ class Options:
     kernel_headers: Path | None = None
     duration_s: float | None = None
     poll_interval_s: float = 0.2
-    timeline_all: bool = False
+    timeline_all: bool = False  # the kernel sends every transition of matching sockets
+    timelines: str | None = None  # None, "flagged" or "all": which timelines are shown
     max_socks: int = 131072
     max_cw: int = 32768
     keep_closed: int = 10000
@@ -55,6 +56,7 @@ class Options:
             "backend": self.backend,
             "poll_interval_s": self.poll_interval_s,
             "timeline_all": self.timeline_all,
+            "timelines": self.timelines,
             "max_socks": self.max_socks,
             "max_cw": self.max_cw,
             "keep_closed": self.keep_closed,
@@ -70,6 +72,7 @@ class Options:
             backend=d.get("backend"),
             poll_interval_s=float(d.get("poll_interval_s", 0.2)),
             timeline_all=bool(d.get("timeline_all", False)),
+            timelines=d.get("timelines"),
             max_socks=int(d.get("max_socks", 131072)),
             max_cw=int(d.get("max_cw", 32768)),
             keep_closed=int(d.get("keep_closed", 10000)),
