@@ -78,11 +78,16 @@ BPF_HASH(pending, struct cw_peer, u64, CW_MAX_SOCKS);
 BPF_HASH(accept_args, u64, u64, 10240);
 #endif
 
-static __always_inline void stat_inc(int idx)
+static __always_inline void stat_add(int idx, u64 n)
 {
     u64 *v = stats.lookup(&idx);
     if (v)
-        (*v)++;
+        *v += n;
+}
+
+static __always_inline void stat_inc(int idx)
+{
+    stat_add(idx, 1);
 }
 
 static __always_inline struct cw_config *get_config(void)
@@ -302,6 +307,8 @@ static __always_inline void on_cw_exit(struct cw_config *cfg, u64 sk, struct cw_
     u64 *h = cw_hist.lookup(&bucket);
     if (h)
         (*h)++;
+    stat_add(CW_STAT_CW_NS_SUM, dur);
+    stat_inc(CW_STAT_CW_LEFT);
 
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 how = exit_how(s, newstate, tgid);

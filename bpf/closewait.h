@@ -68,6 +68,8 @@
 #define CW_STAT_ACCEPTS 7       /* accepts matched to a tracked socket */
 #define CW_STAT_ACCEPT_UNMATCHED 8 /* successful accepts the tracer could not tie to a socket */
 #define CW_STAT_PENDING_FULL 9  /* tracepoint backend: the accept-matching map was full */
+#define CW_STAT_CW_NS_SUM 10    /* total ns spent in CLOSE_WAIT by sockets that left it */
+#define CW_STAT_CW_LEFT 11      /* sockets that left CLOSE_WAIT (the histogram's count) */
 #define CW_STAT_MAX 16
 
 /* Number of log2 buckets of the CLOSE_WAIT duration histogram (microseconds). */

@@ -76,6 +76,9 @@ def _tracing_options(fn: F) -> F:
                      " transitions)."),
         click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
                      help="Also write the timelines shown to this .html or .svg file."),
+        click.option("--metrics", metavar="[ADDR:]PORT",
+                     help="Serve Prometheus metrics on this port (bound to 127.0.0.1 unless an"
+                     " address is given)."),
         click.option("--max-sockets", type=click.IntRange(1024, 1 << 22), default=131072,
                      show_default=True, help="Size of the kernel's per-socket map."),
         click.option("--max-close-wait", type=click.IntRange(256, 1 << 22), default=32768,
@@ -127,7 +130,7 @@ def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], Non
 
 
 def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None,
-              before_run: Callable[[], None] | None = None) -> int:
+              before_run: Callable[[], None] | None = None, metrics: str | None = None) -> int:
     """Attach, trace until stopped, render the summary; optionally record to a file."""
     from .record import RecordingWorld
     from .session import Session, open_live_world
@@ -146,6 +149,19 @@ def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None
     finally:
         done()
     world: World = live
+    if metrics is not None:
+        from . import enrich
+        from .metrics import MetricsExporter, TeeRenderer, parse_listen
+
+        try:
+            host, port = parse_listen(metrics)
+            exporter = MetricsExporter(host, port, listeners=enrich.listeners)
+            exporter.start()
+        except BaseException:
+            live.close()
+            raise
+        renderer.notice(f"Prometheus metrics on http://{host}:{port}/metrics")
+        renderer = TeeRenderer(renderer, exporter)
     out = None
     if record_to is not None:
         try:
@@ -183,7 +199,7 @@ def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None
 def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
          threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
          as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
-         max_sockets: int, max_close_wait: int) -> None:
+         metrics: str | None, max_sockets: int, max_close_wait: int) -> None:
     """Trace TCP sockets in CLOSE_WAIT live: who owns them, whether they were accepted,
     whether they were closed, and why they leak.
 
@@ -202,7 +218,7 @@ def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], dura
         options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
                            max_sockets, max_close_wait, timeline, timeline_export)
         sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
-                                              timeline_export)))
+                                              timeline_export), metrics=metrics))
 
 
 def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
@@ -240,14 +256,15 @@ def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None
 def record(output: Path, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
            threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
            as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
-           max_sockets: int, max_close_wait: int) -> None:
+           metrics: str | None, max_sockets: int, max_close_wait: int) -> None:
     """Trace live as the main command does, and record the trace to a file that
     `closewait-trace report` reads back on any machine, without root or BPF."""
     with _errors():
         options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
                            max_sockets, max_close_wait, timeline, timeline_export)
         sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
-                                              timeline_export), record_to=output))
+                                              timeline_export), record_to=output,
+                           metrics=metrics))
 
 
 @main.command()

@@ -74,6 +74,8 @@ class Stat(enum.IntEnum):
     ACCEPTS = 7
     ACCEPT_UNMATCHED = 8
     PENDING_FULL = 9
+    CW_NS_SUM = 10
+    CW_LEFT = 11
 
 
 #: Stats whose non-zero value means something was missed.

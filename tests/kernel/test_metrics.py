@@ -1,0 +1,84 @@
+"""Scrape a real running tracer during a real leak and check the numbers."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from .harness import Server, Tracer
+
+pytestmark = pytest.mark.kernel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def _value(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        m = re.match(r"([a-z_]+)(\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(4))
+    return None
+
+
+def test_metrics_during_a_real_leak() -> None:
+    srv = Server(accept=False, backlog=8).start()
+    mport = _free_port()
+    t = Tracer(["--threshold", "1s", "--report-min", "100ms", "--port", str(srv.port),
+                "--metrics", str(mport)]).start()
+    try:
+        clients = [srv.connect() for _ in range(3)]
+        for c in clients:
+            c.close()
+        t.wait_for(lambda r: r["type"] == "leak", 8, what="leak")
+        deadline = time.monotonic() + 5
+        text = ""
+        while time.monotonic() < deadline:
+            text = _scrape(mport)
+            if _value(text, "closewait_leaking_sockets") == 3:
+                break
+            time.sleep(0.3)
+        assert _value(text, "closewait_sockets", pid=str(srv.pid), port=str(srv.port),
+                      direction="inbound", accepted="no") == 3, text
+        assert _value(text, "closewait_leaking_sockets") == 3
+        assert _value(text, "closewait_leaks_flagged_total") == 3
+        assert _value(text, "closewait_listener_accept_queue", port=str(srv.port)) == 3
+        assert _value(text, "closewait_listener_backlog", port=str(srv.port)) == 8
+        assert _value(text, "closewait_events_lost_total", reason="ringbuf") == 0
+        # No per-socket labels anywhere.
+        assert "rport" not in text and "skaddr" not in text
+    finally:
+        assert t.stop() == 0
+        srv.stop()
+
+
+def test_metrics_bind_to_loopback_by_default() -> None:
+    mport = _free_port()
+    t = Tracer(["--metrics", str(mport)]).start()
+    try:
+        notice = t.wait_for(lambda r: r["type"] == "notice" and "metrics" in r["message"], 5)
+        assert f"http://127.0.0.1:{mport}/metrics" in notice["message"]
+        _scrape(mport)
+        with open("/proc/net/tcp") as f:
+            listening = [line.split() for line in f.readlines()[1:]]
+        mine = [row for row in listening if row[1].endswith(f":{mport:04X}") and row[3] == "0A"]
+        assert mine and all(row[1].startswith("0100007F:") for row in mine)
+    finally:
+        assert t.stop() == 0
