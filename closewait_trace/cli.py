@@ -34,7 +34,7 @@ def parse_duration(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*", text)
     if not m:
         raise UsageError(f"bad duration {text!r}: use e.g. 500ms, 10s, 2m")
-    value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    value = int(float(m.group(1)) * _UNITS[m.group(2) or "s"])
     if value <= 0:
         raise UsageError(f"bad duration {text!r}: must be greater than zero")
     return int(value)
@@ -372,8 +372,10 @@ def doctor(as_json: bool) -> None:
 @click.option("--threshold", type=DURATION, default="3s", show_default=True,
               help="Leak threshold for the demo.")
 @click.option("--backend", type=click.Choice(["auto", "kprobe", "fentry", "tracepoint"]),
-              default="auto", show_default=True)
-@click.option("--kernel-headers", type=click.Path(path_type=Path))
+              default="auto", show_default=True,
+              help="How accept() and close() are seen; auto picks the best available.")
+@click.option("--kernel-headers", type=click.Path(path_type=Path),
+              help="Kernel header tree to compile against (default: found automatically).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
 @click.option("-o", "--record", type=click.Path(path_type=Path, dir_okay=False),

@@ -11,6 +11,7 @@ import enum
 import errno as errno_mod
 from dataclasses import dataclass, field
 
+from .decode import ExitHow
 from .join import Accepted, Connection, Direction
 
 
@@ -104,7 +105,8 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     if facts.process is not None and not facts.process.alive:
         evidence.append(f"owner pid {facts.process.pid} has exited")
 
-    if not conn.is_open and conn.flagged_ns is not None:
+    closed_by_app = conn.exit_how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT)
+    if not conn.is_open and conn.flagged_ns is not None and closed_by_app:
         dur = conn.age_ns(now_ns)
         if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
             evidence.append(

@@ -71,6 +71,7 @@ class Connection:
     uid: int | None = None
     enriched: bool = False
     enrich_tries: int = 0
+    lost: bool = False  # left CLOSE_WAIT, but its exit event was lost
     #: Every transition, accept and close of a socket under a timeline watch.
     steps: list[Step] = field(default_factory=list)
 
@@ -80,7 +81,7 @@ class Connection:
 
     @property
     def is_open(self) -> bool:
-        return self.cw_exit_ns is None and self.exit_how is None
+        return not self.lost and self.cw_exit_ns is None and self.exit_how is None
 
     @property
     def since_ns(self) -> int:
@@ -226,7 +227,8 @@ class Tracker:
             # Gone from the map and no exit event: it was lost (the kernel counted it).
             self._missing.pop(key, None)
             del self.open[key]
-            conn.cw_exit_ns = None
+            conn.lost = True
+            self._recently_closed[key] = now_ns  # a late exit event must not count it twice
             self.lost_exits += 1
             self.closed.append(conn)
             changes.append(Change(ChangeKind.LOST, conn))

@@ -83,14 +83,14 @@ class Renderer(Protocol):
 
 
 def fmt_duration(ns: int) -> str:
-    s = ns / 1e9
-    if s < 1:
-        return f"{s * 1000:.0f}ms"
-    if s < 60:
-        return f"{s:.1f}s"
+    if ns < 999_500_000:
+        return f"{ns / 1e6:.0f}ms"
+    if ns < 59_950_000_000:
+        return f"{ns / 1e9:.1f}s"
+    s = max(60, ns // 1_000_000_000)
     if s < 3600:
-        return f"{int(s // 60)}m{int(s % 60):02d}s"
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def endpoint(addr: str, port: int) -> str:

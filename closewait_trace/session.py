@@ -271,7 +271,7 @@ class Session:
         for ch in changes:
             if ch.conn is None:
                 continue
-            if ch.kind is ChangeKind.CLOSED:
+            if ch.kind in (ChangeKind.CLOSED, ChangeKind.LOST):
                 self._account_closed(ch.conn)
             if ch.kind in (ChangeKind.FLAGGED, ChangeKind.CLOSED, ChangeKind.OPENED,
                            ChangeKind.UPDATED):
@@ -378,7 +378,7 @@ class Session:
 
     def _account_closed(self, conn: Connection) -> None:
         self.closed_total += 1
-        word = EXIT_WORDS[conn.exit_how] if conn.exit_how is not None else "lost"
+        word = "lost" if conn.lost or conn.exit_how is None else EXIT_WORDS[conn.exit_how]
         self.closed_by_how[word] += 1
         if conn.cw_exit_ns is not None and not conn.preexisting:
             self.max_closed_ns = max(self.max_closed_ns, conn.age_ns(conn.cw_exit_ns))
