@@ -16,8 +16,9 @@ from .join import Accepted, Connection, Direction
 
 
 class Cause(enum.Enum):
-    NEVER_ACCEPTED = "never-accepted"
-    ACCEPT_FAILING = "accept-failing"
+    NEVER_ACCEPTED = "never-accepted"      # the process does not call accept (stalled)
+    ACCEPT_FAILING = "accept-failing"      # accept() fails: EMFILE, ENFILE, ENOBUFS, ENOMEM
+    ET_ACCEPT_LOOP = "et-accept-loop"      # edge-triggered epoll loop that stops before EAGAIN
     NOT_CLOSED = "accepted-not-closed"
     OUTBOUND_NOT_CLOSED = "outbound-not-closed"
     CLOSED_LATE = "closed-late"
