@@ -50,6 +50,7 @@ class ProcessFacts:
     alive: bool
     open_fds: int | None = None
     fd_limit: int | None = None
+    threads: dict[str, int] = field(default_factory=dict)  # syscall -> threads blocked in it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,18 @@ class ListenerFacts:
     port: int
     queue: int
     backlog: int
+    fd: int | None = None  # the owner's fd for the listener
+    edge_triggered: bool | None = None  # that fd is in an epoll set with EPOLLET
+
+
+@dataclass(frozen=True)
+class DurationStats:
+    """CLOSE_WAIT durations of the stays that ended on one service port."""
+
+    count: int
+    p50_ns: int
+    p90_ns: int
+    max_ns: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Facts:
     accept: AcceptStats | None = None
     process: ProcessFacts | None = None
     listener: ListenerFacts | None = None
+    durations: DurationStats | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,19 @@ def errno_name(n: int) -> str:
     return errno_mod.errorcode.get(n, f"errno {n}")
 
 
+EPOLL_WAITS = ("epoll_wait", "epoll_pwait", "epoll_pwait2")
+ACCEPTS = ("accept", "accept4")
+
+
+def threads_text(threads: dict[str, int]) -> str:
+    return ", ".join(f"{n} in {name}" for name, n in sorted(threads.items(), key=lambda x: -x[1]))
+
+
+def _durations_text(d: DurationStats, port: int) -> str:
+    return (f"CLOSE_WAIT durations on :{port}: {d.count} stays, p50 {_secs(d.p50_ns)},"
+            f" p90 {_secs(d.p90_ns)}, max {_secs(d.max_ns)}")
+
+
 def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     """The cause of one connection's stay in CLOSE_WAIT."""
     evidence: list[str] = []
@@ -121,10 +148,20 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
                 " the accept queue drains slower than clients give up",
                 tuple(evidence),
             )
+        if conn.established_ns is not None and conn.cw_enter_ns is not None:
+            evidence.append(f"the peer closed {_secs(conn.cw_enter_ns - conn.established_ns)}"
+                            " after the connection was established (its timeout?)")
+        if conn.accepted_ns is not None and conn.cw_enter_ns is not None \
+                and conn.accepted_ns <= conn.cw_enter_ns:
+            evidence.append(f"accepted {_secs(conn.cw_enter_ns - conn.accepted_ns)} before the"
+                            " peer's FIN; the handler took the rest")
+        if facts.durations is not None:
+            evidence.append(_durations_text(facts.durations, conn.service_port))
         return Verdict(
             Cause.CLOSED_LATE,
             Confidence.CERTAIN,
-            f"closed by the application after {_secs(dur)} in CLOSE_WAIT",
+            f"closed by the application after {_secs(dur)} in CLOSE_WAIT:"
+            " a slow handler, or a peer timeout shorter than the service time",
             tuple(evidence),
         )
 
@@ -143,39 +180,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         )
 
     if conn.accepted is Accepted.NO:
-        acc = facts.accept
-        lst = facts.listener
-        if lst is not None:
-            evidence.append(f"listener :{lst.port} accept queue {lst.queue}/{lst.backlog}")
-            if lst.queue >= lst.backlog > 0:
-                evidence.append("accept queue full")
-        proc = facts.process
-        if proc is not None and proc.open_fds is not None and proc.fd_limit is not None:
-            evidence.append(f"open files {proc.open_fds}/{proc.fd_limit}")
-        if acc is not None and any(e in acc.errors for e in RESOURCE_ERRNOS):
-            worst = max(
-                (e for e in acc.errors if e in RESOURCE_ERRNOS), key=lambda e: acc.errors[e]
-            )
-            evidence.append(f"accept() failed {acc.errors[worst]}x with {errno_name(worst)}")
-            summary = f"never accepted: {who}'s accept() fails with {errno_name(worst)}"
-            if worst == errno_mod.EMFILE:
-                summary += " (open-files limit reached)"
-            return Verdict(Cause.ACCEPT_FAILING, Confidence.CERTAIN, summary, tuple(evidence))
-        if acc is not None and acc.ok:
-            evidence.append(
-                f"last successful accept {_secs(now_ns - acc.last_ok_ns)} ago ({acc.ok} in all)"
-            )
-        elif acc is None or acc.ok == 0:
-            evidence.append("no successful accept() seen since the tracer started")
-        confidence = Confidence.CERTAIN if conn.inode == 0 else Confidence.LIKELY
-        if conn.inode == 0:
-            evidence.append("socket has no inode: no file descriptor ever referred to it")
-        return Verdict(
-            Cause.NEVER_ACCEPTED,
-            confidence,
-            f"never accepted: {who} does not drain its accept queue",
-            tuple(evidence),
-        )
+        return _never_accepted(conn, facts, now_ns, who, evidence)
 
     if conn.accepted is Accepted.YES:
         if conn.accepted_ns is not None:
@@ -191,6 +196,23 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
             )
         if conn.fd is not None:
             evidence.append(f"still open as fd {conn.fd}")
+        if conn.eof_read:
+            evidence.append("the application already read the EOF (recv returned 0;"
+                            " Recv-Q 0) and still did not close")
+            return Verdict(
+                Cause.NOT_CLOSED,
+                Confidence.CERTAIN,
+                f"accepted by {who}, read the EOF and never closed: a missing close() in the"
+                " application",
+                tuple(evidence),
+            )
+        if conn.eof_read is False:
+            unread = conn.unread_bytes or 0
+            evidence.append(f"the EOF is not read yet ({unread} data bytes unread):"
+                            " the handler is slow, blocked, or never reads")
+        proc = facts.process
+        if proc is not None and proc.threads:
+            evidence.append(f"threads of pid {proc.pid}: {threads_text(proc.threads)}")
         return Verdict(
             Cause.NOT_CLOSED,
             Confidence.CERTAIN,
@@ -205,3 +227,103 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         f"in CLOSE_WAIT, owned by {who}; how it got there is unknown",
         tuple(evidence),
     )
+
+
+def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
+                    evidence: list[str]) -> Verdict:
+    """A socket in the accept queue: which of the accept-side failures keeps it there."""
+    acc = facts.accept
+    lst = facts.listener
+    proc = facts.process
+    queued = lst is not None and lst.queue > 0
+    if lst is not None:
+        evidence.append(f"listener :{lst.port} accept queue {lst.queue}/{lst.backlog}"
+                        + (" (full: capacity is backlog+1)" if lst.queue > lst.backlog > 0
+                           else ""))
+    at_limit = False
+    if proc is not None and proc.open_fds is not None and proc.fd_limit is not None:
+        at_limit = proc.open_fds >= proc.fd_limit - 1
+        evidence.append(f"open files {proc.open_fds}/{proc.fd_limit}"
+                        + (" (limit reached)" if at_limit else ""))
+    if conn.inode == 0:
+        evidence.append("socket has no inode: no file descriptor ever referred to it")
+
+    # 1. accept() fails for lack of a resource (seed: open files limit reached).
+    failing = [e for e in RESOURCE_ERRNOS if acc is not None and e in acc.errors]
+    if failing and acc is not None:
+        worst = max(failing, key=lambda e: acc.errors[e])
+        evidence.append(f"accept() failed {acc.errors[worst]}x with {errno_name(worst)}")
+        summary = f"never accepted: {who}'s accept() fails with {errno_name(worst)}"
+        if worst == errno_mod.EMFILE:
+            summary += " (open-files limit reached)"
+        return Verdict(Cause.ACCEPT_FAILING, Confidence.CERTAIN, summary, tuple(evidence))
+    if at_limit:
+        return Verdict(Cause.ACCEPT_FAILING, Confidence.LIKELY,
+                       f"never accepted: {who} has no file descriptor left for accept()"
+                       " (open-files limit reached; no failed accept() seen yet)",
+                       tuple(evidence))
+
+    if acc is not None and acc.ok:
+        evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(now_ns - acc.last_ok_ns)}"
+                        " ago")
+    else:
+        evidence.append("no successful accept() seen since the tracer started")
+    threads = proc.threads if proc is not None else {}
+    if threads:
+        evidence.append(f"threads of pid {proc.pid if proc else '?'}: {threads_text(threads)}")
+    waiting = sum(threads.get(w, 0) for w in EPOLL_WAITS)
+    accepting = sum(threads.get(a, 0) for a in ACCEPTS)
+
+    # 2. Edge-triggered epoll loop that stopped before EAGAIN (seed 003): the process waits
+    #    for events while connections sit in the queue; no new edge will come for them.
+    if queued and waiting and not accepting:
+        if lst is not None and lst.edge_triggered:
+            evidence.append(f"listener fd {lst.fd} is registered with EPOLLET")
+            confidence = Confidence.CERTAIN if acc is not None and acc.ok else Confidence.LIKELY
+            return Verdict(
+                Cause.ET_ACCEPT_LOOP, confidence,
+                f"never accepted: {who} waits in epoll_wait while its edge-triggered listener"
+                " has queued connections; its accept loop stops before accept() returns EAGAIN",
+                tuple(evidence))
+        return Verdict(
+            Cause.NEVER_ACCEPTED, Confidence.LIKELY,
+            f"never accepted: {who} waits in epoll_wait with connections queued"
+            " (listener not seen in an edge-triggered set: check the accept loop)",
+            tuple(evidence))
+
+    # 3. It accepts, but slower than connections come and go (seed 001: backlog too large).
+    if acc is not None and acc.ok and now_ns - acc.last_ok_ns < 60 * 1_000_000_000:
+        return Verdict(
+            Cause.DRAINED_LATE, Confidence.LIKELY,
+            f"not accepted yet: {who} accepts, but slower than peers give up; the queue"
+            " holds connections whose peer has already closed",
+            tuple(evidence))
+
+    # 4. It does not call accept() at all (stalled, deadlocked, or never meant to).
+    confidence = Confidence.CERTAIN if conn.inode == 0 else Confidence.LIKELY
+    return Verdict(
+        Cause.NEVER_ACCEPTED, confidence,
+        f"never accepted: {who} does not drain its accept queue"
+        + (" (no thread is in accept())" if threads and not accepting else ""),
+        tuple(evidence))
+
+
+def group_verdicts(conns: list[Connection], verdicts: dict[tuple[int, int], Verdict]
+                   ) -> list[dict[str, object]]:
+    """One line per (process, service port, cause): how many sockets, and why."""
+    groups: dict[tuple[object, int, str], list[Connection]] = {}
+    for c in conns:
+        v = verdicts.get(c.key)
+        cause = v.cause.value if v else Cause.UNKNOWN.value
+        groups.setdefault((c.owner_pid, c.service_port, cause), []).append(c)
+    out: list[dict[str, object]] = []
+    for (pid, port, cause), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        first = members[0]
+        v = verdicts.get(first.key)
+        out.append({
+            "pid": pid, "comm": first.owner_comm, "port": port, "cause": cause,
+            "count": len(members), "direction": first.direction.value,
+            "summary": v.summary if v else "", "confidence": v.confidence.value if v else None,
+            "evidence": list(v.evidence) if v else [],
+        })
+    return out

@@ -667,3 +667,87 @@ def listeners_with_owners(index: ProcessIndex) -> list[Listener]:
         )
         for s in socks
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# What a process is doing: the syscall each thread is blocked in, and its epoll sets.
+# --------------------------------------------------------------------------------------------
+
+#: x86_64 syscall numbers worth naming in a diagnosis (others are shown as numbers).
+_X86_64_SYSCALLS = {
+    0: "read", 7: "poll", 23: "select", 35: "nanosleep", 43: "accept", 45: "recvfrom",
+    47: "recvmsg", 202: "futex", 230: "clock_nanosleep", 232: "epoll_wait", 270: "pselect6",
+    271: "ppoll", 281: "epoll_pwait", 288: "accept4", 441: "epoll_pwait2",
+}
+_ARM64_SYSCALLS = {
+    22: "epoll_pwait", 63: "read", 73: "ppoll", 98: "futex", 101: "nanosleep",
+    115: "clock_nanosleep", 202: "accept", 207: "recvfrom", 212: "recvmsg", 242: "accept4",
+    441: "epoll_pwait2",
+}
+
+#: Syscalls in which a thread waits for events rather than works.
+EPOLL_WAITS = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"})
+EPOLLET = 1 << 31
+
+
+def syscall_name(nr: int, machine: str | None = None) -> str:
+    table = _ARM64_SYSCALLS if (machine or os.uname().machine) == "aarch64" else _X86_64_SYSCALLS
+    return table.get(nr, f"syscall {nr}")
+
+
+def thread_syscalls(pid: int, proc_root: Path = PROC) -> dict[str, int]:
+    """How many of pid's threads are blocked in each syscall now ("running" for threads on a
+    CPU or in user space), from /proc/PID/task/*/syscall (needs root for other users)."""
+    out: dict[str, int] = {}
+    try:
+        tids = os.listdir(proc_root / str(pid) / "task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            text = (proc_root / str(pid) / "task" / tid / "syscall").read_text().split()
+        except OSError:
+            continue
+        if not text:
+            continue
+        if text[0] == "running" or text[0] == "-1":
+            name = "running"
+        else:
+            try:
+                name = syscall_name(int(text[0]))
+            except ValueError:
+                continue
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def parse_epoll_fdinfo(text: str) -> dict[int, int]:
+    """{target fd: event mask} from an epoll fd's /proc/PID/fdinfo text ("tfd: N events: X")."""
+    out: dict[int, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] == "tfd:" and parts[2] == "events:":
+            try:
+                out[int(parts[1])] = int(parts[3], 16)
+            except ValueError:
+                continue
+    return out
+
+
+def edge_triggered_fds(pid: int, proc_root: Path = PROC) -> set[int]:
+    """File descriptors of pid registered with EPOLLET in any of its epoll sets."""
+    fd_dir = proc_root / str(pid) / "fd"
+    out: set[int] = set()
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return out
+    for name in names:
+        try:
+            if os.readlink(fd_dir / name) != "anon_inode:[eventpoll]":
+                continue
+            text = (proc_root / str(pid) / "fdinfo" / name).read_text()
+        except OSError:
+            continue
+        out.update(fd for fd, ev in parse_epoll_fdinfo(text).items() if ev & EPOLLET)
+    return out

@@ -72,6 +72,9 @@ class Connection:
     enriched: bool = False
     enrich_tries: int = 0
     lost: bool = False  # left CLOSE_WAIT, but its exit event was lost
+    #: sock_diag's view when last enriched: the app read the EOF (Recv-Q 0), and unread bytes
+    eof_read: bool | None = None
+    unread_bytes: int | None = None
     #: Every transition, accept and close of a socket under a timeline watch.
     steps: list[Step] = field(default_factory=list)
 

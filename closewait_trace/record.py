@@ -298,7 +298,8 @@ class ReplayWorld:
 
     def process(self, pid: int) -> ProcessInfo:
         def conv(r: dict[str, Any]) -> ProcessInfo:
-            info = ProcessInfo(**r)
+            info = ProcessInfo(**{**r, "et_fds": tuple(r.get("et_fds", ())),
+                                  "threads": dict(r.get("threads", {}))})
             if info.pid != pid:
                 raise ValueError(f"process {info.pid}, asked for {pid}")
             return info

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .decode import LOSS_STATS, ExitHow, Stat
-from .diagnose import Verdict
+from .diagnose import Verdict, group_verdicts
 from . import timeline as tl
 from .join import Change, ChangeKind, Connection, Direction, Listener
 
@@ -183,6 +183,7 @@ def summary_dict(view: View) -> dict[str, Any]:
         "max_closed_cw_s": round(view.max_closed_ns / 1e9, 6),
         "open_by_process": dict(by_pid.most_common()),
         "open_by_port": {str(k): v for k, v in by_port.most_common()},
+        "groups": group_verdicts(list(view.open), view.verdicts),
         "still_open": [conn_dict(c, view) for c in sorted(view.open, key=lambda c: c.since_ns)],
         "accept_errors": [
             {"pid": pid, "errno": err, "count": n}
@@ -355,6 +356,14 @@ def summary_lines(view: View) -> list[str]:
         lines.append(
             f"  left CLOSE_WAIT: {closed}; longest {fmt_duration(view.max_closed_ns)}"
         )
+    groups = s["groups"]
+    if groups:
+        lines.append("  still in CLOSE_WAIT, by process, service port and cause:")
+    for g in groups[:10]:
+        lines.append(f"    {g['count']:>5} x pid {g['pid']}/{g['comm']} :{g['port']}"
+                     f"  {g['cause']} ({g['confidence']}): {g['summary']}")
+        for ev in g["evidence"]:
+            lines.append(f"            - {ev}")
     for conn in sorted(view.open, key=lambda c: c.since_ns)[:20]:
         verdict = view.verdicts.get(conn.key)
         lines.append(

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,9 @@ from types import FrameType
 from typing import Any
 
 from .attach import ProbeSettings, Probes
-from .diagnose import AcceptStats, Facts, ListenerFacts, ProcessFacts, Verdict, diagnose
+from .diagnose import (
+    AcceptStats, DurationStats, Facts, ListenerFacts, ProcessFacts, Verdict, diagnose,
+)
 from .enrich import DiagSocket, find_by_tuple
 from .errors import PrivilegeError, UsageError
 from .features import choose_backend, ensure_tracefs, is_privileged, probe_features
@@ -157,6 +159,7 @@ class Session:
         self.verdicts: dict[tuple[int, int], Verdict] = {}
         self.counters = Counters()
         self.closed_by_how: Counter[str] = Counter()
+        self.durations: dict[int, deque[int]] = {}
         self.max_closed_ns = 0
         self.closed_total = 0
         self.watch = _PidWatch(set(options.pids))
@@ -267,7 +270,10 @@ class Session:
         if new:
             self._enrich(new)
         changes = self._apply_pid_filter(changes)
-        changes += self.tracker.tick(now)
+        flagged = self.tracker.tick(now)
+        if flagged:
+            self._refresh_read_state([ch.conn for ch in flagged if ch.conn is not None])
+        changes += flagged
         for ch in changes:
             if ch.conn is None:
                 continue
@@ -301,6 +307,18 @@ class Session:
             d = find_by_tuple(diag, conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
             self._enrich_one(conn, d)
 
+    def _refresh_read_state(self, conns: list[Connection]) -> None:
+        """At the flag, what the application has read by now (EOF or not)."""
+        accepted = [c for c in conns if c.inode]
+        if not accepted:
+            return
+        diag = self.world.diag_close_wait()
+        for conn in accepted:
+            d = find_by_tuple(diag, conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
+            if d is not None and d.inode:
+                conn.eof_read = d.rqueue == 0
+                conn.unread_bytes = max(0, d.rqueue - 1)
+
     def _enrich_one(self, conn: Connection, d: DiagSocket | None) -> None:
         conn.enriched = True
         conn.enrich_tries += 1
@@ -318,7 +336,10 @@ class Session:
                 if lst is not None:
                     conn.owner_pid, conn.owner_comm = lst.pid, lst.comm
             return
-        # It has an inode: a file descriptor refers (or referred) to it.
+        # It has an inode: a file descriptor refers (or referred) to it. In CLOSE_WAIT the
+        # peer's FIN counts as one unread byte until the application reads the EOF.
+        conn.eof_read = d.rqueue == 0
+        conn.unread_bytes = max(0, d.rqueue - 1)
         if conn.direction is not Direction.OUTBOUND and conn.accepted is not Accepted.YES:
             if conn.lport in self.tracker.listeners or conn.direction is Direction.INBOUND:
                 conn.accepted = Accepted.YES
@@ -356,11 +377,21 @@ class Session:
                 )
             info = self._process(pid)
             proc = ProcessFacts(pid=pid, alive=info.alive, open_fds=info.open_fds,
-                                fd_limit=info.fd_limit)
+                                fd_limit=info.fd_limit, threads=dict(info.threads))
         lst_facts = None
         if conn.direction is not Direction.OUTBOUND and conn.accepted is Accepted.NO:
-            lst_facts = self._listener_facts(conn.lport)
-        return Facts(accept=acc, process=proc, listener=lst_facts)
+            lst_facts = self._listener_facts(conn.lport, pid)
+        durations = None
+        if not conn.is_open:
+            durations = self._duration_stats(conn.service_port)
+        return Facts(accept=acc, process=proc, listener=lst_facts, durations=durations)
+
+    def _duration_stats(self, port: int) -> DurationStats | None:
+        d = sorted(self.durations.get(port, ()))
+        if not d:
+            return None
+        return DurationStats(count=len(d), p50_ns=d[len(d) // 2],
+                             p90_ns=d[min(len(d) - 1, int(len(d) * 0.9))], max_ns=d[-1])
 
     def _process(self, pid: int) -> ProcessInfo:
         info = self._tick_procs.get(pid)
@@ -368,12 +399,19 @@ class Session:
             info = self._tick_procs[pid] = self.world.process(pid)
         return info
 
-    def _listener_facts(self, port: int) -> ListenerFacts | None:
+    def _listener_facts(self, port: int, owner: int | None) -> ListenerFacts | None:
         if self._tick_listeners is None:
             self._tick_listeners = self.world.listeners()
         for lst in self._tick_listeners:
-            if lst.lport == port:
-                return ListenerFacts(port=port, queue=lst.queue, backlog=lst.backlog)
+            if lst.lport != port:
+                continue
+            fds = [o for o in lst.owners if o.pid == owner] or list(lst.owners)
+            fd = fds[0].fd if fds else None
+            et = None
+            if fds:
+                et = fd in self._process(fds[0].pid).et_fds
+            return ListenerFacts(port=port, queue=lst.queue, backlog=lst.backlog, fd=fd,
+                                 edge_triggered=et)
         return None
 
     def _account_closed(self, conn: Connection) -> None:
@@ -381,7 +419,9 @@ class Session:
         word = "lost" if conn.lost or conn.exit_how is None else EXIT_WORDS[conn.exit_how]
         self.closed_by_how[word] += 1
         if conn.cw_exit_ns is not None and not conn.preexisting:
-            self.max_closed_ns = max(self.max_closed_ns, conn.age_ns(conn.cw_exit_ns))
+            dur = conn.age_ns(conn.cw_exit_ns)
+            self.max_closed_ns = max(self.max_closed_ns, dur)
+            self.durations.setdefault(conn.service_port, deque(maxlen=2048)).append(dur)
 
     def _watch_pids(self, now: int) -> None:
         if not self.watch.pids:

@@ -44,6 +44,10 @@ class ProcessInfo:
     alive: bool
     open_fds: int | None = None
     fd_limit: int | None = None
+    #: syscall name -> threads blocked in it now ("running": on a CPU or in user space)
+    threads: dict[str, int] = field(default_factory=dict)
+    #: fds registered with EPOLLET in one of its epoll sets
+    et_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,13 @@ class LiveWorld:
     def process(self, pid: int) -> ProcessInfo:
         if not enrich.pid_alive(pid):
             return ProcessInfo(pid, False)
+        threads = enrich.thread_syscalls(pid)
+        et = tuple(sorted(enrich.edge_triggered_fds(pid)))
         try:
             fds, limit = enrich.open_files(pid)
         except Exception:
-            return ProcessInfo(pid, True)
-        return ProcessInfo(pid, True, fds, limit if limit >= 0 else None)
+            return ProcessInfo(pid, True, threads=threads, et_fds=et)
+        return ProcessInfo(pid, True, fds, limit if limit >= 0 else None, threads, et)
 
     def descendants(self, pids: Collection[int]) -> list[int]:
         try:

@@ -8,6 +8,7 @@ import pytest
 
 from closewait_trace.decode import ExitHow
 from closewait_trace.diagnose import (
+    DurationStats,
     AcceptStats,
     Cause,
     Confidence,
@@ -44,31 +45,75 @@ def acc_stats(ok: int = 0, errors: dict[int, int] | None = None, last_ok_ns: int
 
 def test_never_accepted_inode_zero_is_certain() -> None:
     conn = never_accepted(inode=0)
-    facts = Facts(listener=ListenerFacts(port=8080, queue=128, backlog=128))
+    facts = Facts(listener=ListenerFacts(port=8080, queue=129, backlog=128))
     v = diagnose(conn, facts, NOW)
     assert (v.cause, v.confidence) == (Cause.NEVER_ACCEPTED, Confidence.CERTAIN)
     assert v.summary == "never accepted: pid 42 (lazy) does not drain its accept queue"
     assert v.evidence == (
-        "listener :8080 accept queue 128/128",
-        "accept queue full",
-        "no successful accept() seen since the tracer started",
+        "listener :8080 accept queue 129/128 (full: capacity is backlog+1)",
         "socket has no inode: no file descriptor ever referred to it",
+        "no successful accept() seen since the tracer started",
     )
 
 
-def test_never_accepted_without_inode_fact_is_likely() -> None:
+def test_queue_at_backlog_is_not_yet_full() -> None:
+    facts = Facts(listener=ListenerFacts(port=8080, queue=128, backlog=128))
+    v = diagnose(never_accepted(inode=0), facts, NOW)
+    assert "listener :8080 accept queue 128/128" in v.evidence
+
+
+def test_queued_while_the_process_accepts_is_drained_late() -> None:
     conn = never_accepted()  # enrichment found nothing: inode None
     facts = Facts(
         accept=acc_stats(ok=7, last_ok_ns=NOW - 3 * S),
         listener=ListenerFacts(port=8080, queue=3, backlog=128),
+        process=ProcessFacts(pid=42, alive=True, threads={"nanosleep": 1}),
     )
     v = diagnose(conn, facts, NOW)
-    assert (v.cause, v.confidence) == (Cause.NEVER_ACCEPTED, Confidence.LIKELY)
-    assert "accept queue full" not in v.evidence
+    assert (v.cause, v.confidence) == (Cause.DRAINED_LATE, Confidence.LIKELY)
     assert v.evidence == (
         "listener :8080 accept queue 3/128",
-        "last successful accept 3.0s ago (7 in all)",
+        "accept() succeeded 7x, the last 3.0s ago",
+        "threads of pid 42: 1 in nanosleep",
     )
+
+
+def test_edge_triggered_listener_with_idle_process_is_et_accept_loop() -> None:
+    facts = Facts(
+        accept=acc_stats(ok=2, last_ok_ns=NOW - 5 * S),
+        listener=ListenerFacts(port=8080, queue=7, backlog=511, fd=6, edge_triggered=True),
+        process=ProcessFacts(pid=42, alive=True, threads={"epoll_wait": 1}),
+    )
+    v = diagnose(never_accepted(inode=0), facts, NOW)
+    assert (v.cause, v.confidence) == (Cause.ET_ACCEPT_LOOP, Confidence.CERTAIN)
+    assert "listener fd 6 is registered with EPOLLET" in v.evidence
+    assert "threads of pid 42: 1 in epoll_wait" in v.evidence
+
+
+def test_idle_in_epoll_without_edge_trigger_is_not_called_et() -> None:
+    facts = Facts(
+        accept=acc_stats(ok=2, last_ok_ns=NOW - 5 * S),
+        listener=ListenerFacts(port=8080, queue=7, backlog=511, fd=6, edge_triggered=False),
+        process=ProcessFacts(pid=42, alive=True, threads={"epoll_wait": 1}),
+    )
+    v = diagnose(never_accepted(inode=0), facts, NOW)
+    assert (v.cause, v.confidence) == (Cause.NEVER_ACCEPTED, Confidence.LIKELY)
+
+
+def test_thread_blocked_in_accept_rules_out_et() -> None:
+    facts = Facts(
+        listener=ListenerFacts(port=8080, queue=7, backlog=511, fd=6, edge_triggered=True),
+        process=ProcessFacts(pid=42, alive=True, threads={"epoll_wait": 1, "accept4": 1}),
+    )
+    v = diagnose(never_accepted(inode=0), facts, NOW)
+    assert v.cause is not Cause.ET_ACCEPT_LOOP
+
+
+def test_fd_limit_reached_without_failed_accept_is_likely_accept_failing() -> None:
+    facts = Facts(process=ProcessFacts(pid=42, alive=True, open_fds=1023, fd_limit=1024))
+    v = diagnose(never_accepted(inode=0), facts, NOW)
+    assert (v.cause, v.confidence) == (Cause.ACCEPT_FAILING, Confidence.LIKELY)
+    assert "open files 1023/1024 (limit reached)" in v.evidence
 
 
 def test_never_accepted_with_an_inode_is_likely_not_certain() -> None:
@@ -103,7 +148,7 @@ def test_accept_failing_with_emfile() -> None:
     facts = Facts(
         accept=acc_stats(ok=100, errors={errno.EMFILE: 12, errno.EINVAL: 50}),
         process=ProcessFacts(pid=42, alive=True, open_fds=1024, fd_limit=1024),
-        listener=ListenerFacts(port=8080, queue=128, backlog=128),
+        listener=ListenerFacts(port=8080, queue=129, backlog=128),
     )
     v = diagnose(never_accepted(inode=0), facts, NOW)
     assert (v.cause, v.confidence) == (Cause.ACCEPT_FAILING, Confidence.CERTAIN)
@@ -111,9 +156,9 @@ def test_accept_failing_with_emfile() -> None:
         "never accepted: pid 42 (lazy)'s accept() fails with EMFILE (open-files limit reached)"
     )
     assert v.evidence == (
-        "listener :8080 accept queue 128/128",
-        "accept queue full",
-        "open files 1024/1024",
+        "listener :8080 accept queue 129/128 (full: capacity is backlog+1)",
+        "open files 1024/1024 (limit reached)",
+        "socket has no inode: no file descriptor ever referred to it",
         "accept() failed 12x with EMFILE",
     )
 
@@ -171,8 +216,40 @@ def test_closed_after_flag_is_closed_late() -> None:
                       exit_how=ExitHow.APP_CLOSE, owner_pid=42, owner_comm="app")
     v = diagnose(conn, Facts(process=ProcessFacts(pid=42, alive=True)), NOW)
     assert (v.cause, v.confidence) == (Cause.CLOSED_LATE, Confidence.CERTAIN)
-    assert v.summary == "closed by the application after 12.0s in CLOSE_WAIT"
-    assert v.evidence == ()
+    assert v.summary == ("closed by the application after 12.0s in CLOSE_WAIT: a slow handler,"
+                         " or a peer timeout shorter than the service time")
+    assert v.evidence == ("accepted 1.0s before the peer's FIN; the handler took the rest",)
+
+
+def test_closed_late_reports_peer_timing_and_port_durations() -> None:
+    conn = connection(key=KEY, accepted=Accepted.YES, accepted_ns=ENTER - S,
+                      established_ns=ENTER - 3 * S, flagged_ns=ENTER + 10 * S,
+                      cw_exit_ns=ENTER + 12 * S, exit_how=ExitHow.APP_CLOSE, lport=8080)
+    facts = Facts(durations=DurationStats(count=5, p50_ns=2 * S, p90_ns=11 * S, max_ns=12 * S))
+    v = diagnose(conn, facts, NOW)
+    assert "the peer closed 3.0s after the connection was established (its timeout?)" in v.evidence
+    assert ("CLOSE_WAIT durations on :8080: 5 stays, p50 2.0s, p90 11.0s, max 12.0s"
+            in v.evidence)
+
+
+def test_accepted_and_eof_read_is_a_certain_missing_close() -> None:
+    conn = connection(key=KEY, accepted=Accepted.YES, accepted_ns=ENTER - S, eof_read=True,
+                      owner_pid=42, owner_comm="app", fd=7)
+    v = diagnose(conn, Facts(), NOW)
+    assert (v.cause, v.confidence) == (Cause.NOT_CLOSED, Confidence.CERTAIN)
+    assert "read the EOF and never closed" in v.summary
+    assert any("already read the EOF" in e for e in v.evidence)
+
+
+def test_accepted_with_eof_unread_says_so() -> None:
+    conn = connection(key=KEY, accepted=Accepted.YES, accepted_ns=ENTER - S, eof_read=False,
+                      unread_bytes=45)
+    v = diagnose(conn, Facts(process=ProcessFacts(pid=42, alive=True,
+                                                  threads={"nanosleep": 1})), NOW)
+    assert v.cause is Cause.NOT_CLOSED
+    assert "the EOF is not read yet (45 data bytes unread): the handler is slow, blocked, or" \
+        " never reads" in v.evidence
+    assert "threads of pid 42: 1 in nanosleep" in v.evidence
 
 
 def test_closed_after_flag_and_accepted_after_fin_is_drained_late() -> None:
@@ -262,3 +339,15 @@ def test_verdict_as_dict() -> None:
     assert v.as_dict() == {
         "cause": "accept-failing", "confidence": "certain", "summary": "s", "evidence": ["a", "b"],
     }
+
+
+def test_group_verdicts_counts_by_process_port_and_cause() -> None:
+    from closewait_trace.diagnose import Verdict, group_verdicts
+
+    a = connection(key=(1, 1), lport=80, owner_pid=42, owner_comm="web")
+    b = connection(key=(2, 1), lport=80, owner_pid=42, owner_comm="web")
+    c = connection(key=(3, 1), lport=81, owner_pid=42, owner_comm="web")
+    v = Verdict(Cause.NOT_CLOSED, Confidence.CERTAIN, "s", ("e",))
+    groups = group_verdicts([a, b, c], {a.key: v, b.key: v})
+    assert [(g["port"], g["cause"], g["count"]) for g in groups] == [
+        (80, "accepted-not-closed", 2), (81, "unknown", 1)]

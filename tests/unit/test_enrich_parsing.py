@@ -423,3 +423,37 @@ def test_netlink_failure_becomes_enrich_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(pyroute2, "DiagSocket", Unavailable)
     with pytest.raises(EnrichError, match="sock_diag"):
         diag_sockets({TcpState.CLOSE_WAIT})
+
+
+# --- thread states and epoll sets (fake /proc trees) ----------------------------------------
+
+def test_parse_epoll_fdinfo_reads_targets_and_masks() -> None:
+    from closewait_trace.enrich import EPOLLET, parse_epoll_fdinfo
+
+    text = ("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n"
+            "tfd:        6 events: 80000019 data:                6  pos:0 ino:1234 sdev:8\n"
+            "tfd:        7 events:       19 data:                7  pos:0 ino:1235 sdev:8\n")
+    got = parse_epoll_fdinfo(text)
+    assert got == {6: 0x80000019, 7: 0x19}
+    assert got[6] & EPOLLET and not got[7] & EPOLLET
+
+
+def test_edge_triggered_fds_and_thread_syscalls_on_a_fake_proc(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from closewait_trace.enrich import edge_triggered_fds, syscall_name, thread_syscalls
+
+    pid = tmp_path / "77"
+    (pid / "fd").mkdir(parents=True)
+    (pid / "fdinfo").mkdir()
+    os.symlink("anon_inode:[eventpoll]", pid / "fd" / "4")
+    os.symlink("socket:[1234]", pid / "fd" / "6")
+    (pid / "fdinfo" / "4").write_text("tfd:        6 events: 80000001 data: 6\n")
+    for tid, text in (("77", "232 0x4 0x7ffc 0x40 0x0 0x0 0x0 0x7ffc 0x7f00"),
+                      ("78", "running"), ("79", "288 0x6 0x0 0x0 0x80800 0x0 0x0 0x7ffc 0x7f")):
+        (pid / "task" / tid).mkdir(parents=True)
+        (pid / "task" / tid / "syscall").write_text(text + "\n")
+    assert edge_triggered_fds(77, proc_root=tmp_path) == {6}
+    assert thread_syscalls(77, proc_root=tmp_path) == {
+        syscall_name(232): 1, "running": 1, syscall_name(288): 1}
+    assert thread_syscalls(78, proc_root=tmp_path) == {}

@@ -42,7 +42,7 @@ RECORD_KEYS = {"schema", "type", "time"}
 SUMMARY_KEYS = {
     "duration_s", "backend", "threshold_s", "cw_entered", "cw_reported", "cw_short", "open",
     "flagged", "closed", "events_lost", "lost", "accepts_seen", "accepts_unmatched", "complete",
-    "closed_by", "max_closed_cw_s", "open_by_process", "open_by_port", "still_open",
+    "closed_by", "max_closed_cw_s", "open_by_process", "open_by_port", "still_open", "groups",
     "accept_errors",
     "timeline_export",  # JSON summary only: path of the exported timelines, or null
 }
