@@ -268,6 +268,31 @@ def record(output: Path, pids: tuple[int, ...], ports: tuple[int, ...], duration
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Only sockets owned by this process. Repeatable.")
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+              help="Only sockets with this local or remote port. Repeatable.")
+@click.option("-v", "--verbose", is_flag=True, help="List every socket too.")
+def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
+             verbose: bool) -> None:
+    """Show the sockets in CLOSE_WAIT now, grouped by process and listener, with the causes
+    a single look can tell (no BPF needed: sock_diag and /proc only)."""
+    import json
+
+    from .snapshot import render_lines, take
+
+    with _errors():
+        snap = take(ports=frozenset(ports), pids=frozenset(pids))
+        if as_json:
+            click.echo(json.dumps(snap.as_dict()))
+        else:
+            for line in render_lines(snap, verbose):
+                click.echo(line)
+    sys.exit(0)
+
+
+@main.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--timeline", type=click.Choice(["flagged", "all"]), is_flag=False,

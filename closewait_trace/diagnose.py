@@ -189,7 +189,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
                 evidence.append(
                     f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
                 )
-        else:
+        elif conn.history:
             evidence.append(
                 "accept() not seen (it may have been blocked in accept() before tracing"
                 " started); the socket has an inode, so it was accepted"
@@ -220,7 +220,8 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
             tuple(evidence),
         )
 
-    evidence.append("the tracer did not see this socket's creation or accept")
+    if conn.history:
+        evidence.append("the tracer did not see this socket's creation or accept")
     return Verdict(
         Cause.UNKNOWN,
         Confidence.POSSIBLE,
@@ -266,7 +267,7 @@ def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
     if acc is not None and acc.ok:
         evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(now_ns - acc.last_ok_ns)}"
                         " ago")
-    else:
+    elif conn.history:
         evidence.append("no successful accept() seen since the tracer started")
     threads = proc.threads if proc is not None else {}
     if threads:

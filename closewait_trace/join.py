@@ -75,6 +75,8 @@ class Connection:
     #: sock_diag's view when last enriched: the app read the EOF (Recv-Q 0), and unread bytes
     eof_read: bool | None = None
     unread_bytes: int | None = None
+    #: False for a one-shot snapshot: no tracer history, so no "not seen since start" facts
+    history: bool = True
     #: Every transition, accept and close of a socket under a timeline watch.
     steps: list[Step] = field(default_factory=list)
 

@@ -64,6 +64,19 @@ class WorldEnded(Exception):
     """A replayed world ran out (end of a recording, or a line it cannot read) mid-step."""
 
 
+def process_info(pid: int) -> ProcessInfo:
+    """A process's open files, limit, thread states and edge-triggered fds, from /proc."""
+    if not enrich.pid_alive(pid):
+        return ProcessInfo(pid, False)
+    threads = enrich.thread_syscalls(pid)
+    et = tuple(sorted(enrich.edge_triggered_fds(pid)))
+    try:
+        fds, limit = enrich.open_files(pid)
+    except Exception:
+        return ProcessInfo(pid, True, threads=threads, et_fds=et)
+    return ProcessInfo(pid, True, fds, limit if limit >= 0 else None, threads, et)
+
+
 class World(Protocol):
     def now_ns(self) -> int: ...
     def checkpoint(self, stop: bool) -> bool:
@@ -144,15 +157,7 @@ class LiveWorld:
         return self.index.owners(inode)
 
     def process(self, pid: int) -> ProcessInfo:
-        if not enrich.pid_alive(pid):
-            return ProcessInfo(pid, False)
-        threads = enrich.thread_syscalls(pid)
-        et = tuple(sorted(enrich.edge_triggered_fds(pid)))
-        try:
-            fds, limit = enrich.open_files(pid)
-        except Exception:
-            return ProcessInfo(pid, True, threads=threads, et_fds=et)
-        return ProcessInfo(pid, True, fds, limit if limit >= 0 else None, threads, et)
+        return process_info(pid)
 
     def descendants(self, pids: Collection[int]) -> list[int]:
         try:
