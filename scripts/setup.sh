@@ -41,7 +41,7 @@ case "${ID:-}" in
     fi ;;
   *) echo "setup: ${PRETTY_NAME:-this system} is not Debian or Ubuntu; install BCC (python3 bindings), bpftool and kernel headers yourself" >&2 ;;
 esac
-[ "$vm" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static)
+[ "$vm" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static vagrant)
 [ "$bench" = 1 ] && pkgs+=(nginx-light wrk)
 
 missing=()
