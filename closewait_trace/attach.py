@@ -136,6 +136,9 @@ class Probes:
     notices: list[str] = field(default_factory=list)
     _closed: bool = False
     _batch_ok: bool = True
+    #: raw cw map value -> decoded record, from the previous poll: a socket sitting in
+    #: CLOSE_WAIT is decoded once, not at every poll
+    _decoded: dict[bytes, SockInfo] = field(default_factory=dict)
 
     # --- loading ------------------------------------------------------------------------
 
@@ -267,7 +270,18 @@ class Probes:
                 items = list(table.items())
         else:
             items = list(table.items())
-        return [decode.sock_from_c(CSock.from_buffer_copy(bytes(v))) for _, v in items]
+        cache = self._decoded
+        fresh: dict[bytes, SockInfo] = {}
+        out = []
+        for _, v in items:
+            raw = bytes(v)
+            info = cache.get(raw)
+            if info is None:
+                info = decode.sock_from_c(CSock.from_buffer_copy(raw))
+            fresh[raw] = info
+            out.append(info)
+        self._decoded = fresh
+        return out
 
     def read_stats(self) -> dict[Stat, int]:
         table = self.bpf["stats"]

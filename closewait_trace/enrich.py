@@ -296,6 +296,23 @@ def find_by_tuple(
     return fallback
 
 
+class TupleIndex:
+    """find_by_tuple over many sockets at once: buckets by port pair, so that matching n
+    connections against n sockets costs n lookups, not n * n comparisons."""
+
+    def __init__(self, sockets: Iterable[DiagSocket]) -> None:
+        self._by_ports: dict[tuple[int, int], list[DiagSocket]] = {}
+        for sock in sockets:
+            self._by_ports.setdefault((sock.lport, sock.rport), []).append(sock)
+
+    def find(self, family: int, laddr: str, lport: int, raddr: str, rport: int
+             ) -> DiagSocket | None:
+        bucket = self._by_ports.get((lport, rport))
+        if not bucket:
+            return None
+        return find_by_tuple(bucket, family, laddr, lport, raddr, rport)
+
+
 # --------------------------------------------------------------------------- /proc
 
 

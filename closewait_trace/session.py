@@ -24,7 +24,7 @@ from .attach import ProbeSettings, Probes
 from .diagnose import (
     AcceptStats, DurationStats, Facts, ListenerFacts, ProcessFacts, Verdict, diagnose,
 )
-from .enrich import DiagSocket, find_by_tuple
+from .enrich import DiagSocket, TupleIndex
 from .errors import PrivilegeError, UsageError
 from .features import choose_backend, ensure_tracefs, is_privileged, probe_features
 from .headers import HeaderCandidate, candidate_header_dirs, user_header_dir
@@ -302,19 +302,19 @@ class Session:
         needs = [c for c in conns if c.enrich_tries < 5]
         if not needs:
             return
-        diag = self.world.diag_close_wait()
+        diag = TupleIndex(self.world.diag_close_wait())
         for conn in needs:
-            d = find_by_tuple(diag, conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
-            self._enrich_one(conn, d)
+            self._enrich_one(conn, diag.find(conn.family, conn.laddr, conn.lport, conn.raddr,
+                                             conn.rport))
 
     def _refresh_read_state(self, conns: list[Connection]) -> None:
         """At the flag, what the application has read by now (EOF or not)."""
         accepted = [c for c in conns if c.inode]
         if not accepted:
             return
-        diag = self.world.diag_close_wait()
+        diag = TupleIndex(self.world.diag_close_wait())
         for conn in accepted:
-            d = find_by_tuple(diag, conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
+            d = diag.find(conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
             if d is not None and d.inode:
                 conn.eof_read = d.rqueue == 0
                 conn.unread_bytes = max(0, d.rqueue - 1)

@@ -70,7 +70,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_replay_stops_at_corrupt_line_and_names_it() -> None:
     lines = [_header(), '{"k":"now","v":100}', '{"k":"stop","v":false}',
-             '{"k":"events","v":[]}', '{"k":"now","v":BROKEN}']
+             '{"k":"events","v":[]}', '{"k":"now","v":BROKEN}']  # noqa: E501
     w = ReplayWorld(io.StringIO("\n".join(lines) + "\n"), "t.cwt")
     assert w.now_ns() == 100
     assert w.checkpoint(False) is False
@@ -84,7 +84,7 @@ def test_replay_stops_at_corrupt_line_and_names_it() -> None:
 
 
 def test_replay_detects_out_of_sync_record() -> None:
-    w = ReplayWorld(io.StringIO(_header() + '\n{"k":"cw","v":[]}\n'), "t.cwt")
+    w = ReplayWorld(io.StringIO(_header() + '\n{"k":"cw","v":{"add":[],"del":[]}}\n'), "t.cwt")
     with pytest.raises(WorldEnded):
         w.now_ns()
     assert w.error is not None and "expected a 'now' record, found 'cw'" in w.error
@@ -148,3 +148,33 @@ def test_recording_replays_the_same_answers() -> None:
 
 def test_record_errors_are_closewait_errors() -> None:
     assert issubclass(RecordFormatError, CloseWaitError)
+
+
+class _ChangingWorld(_FakeWorld):
+    """Answers a scripted sequence of CLOSE_WAIT maps."""
+
+    def __init__(self, polls: list[list[SockInfo]]) -> None:
+        self.polls = polls
+
+    def close_wait(self) -> list[SockInfo]:
+        return self.polls.pop(0)
+
+
+def test_close_wait_polls_are_recorded_as_changes_and_replayed_whole() -> None:
+    a = _sock(skaddr=1, ts_cw_enter=10)
+    b = _sock(skaddr=2, ts_cw_enter=20)
+    b2 = _sock(skaddr=2, ts_cw_enter=20, ts_accept=25,
+               flags=SockFlag.PASSIVE | SockFlag.OWNER_KNOWN | SockFlag.ACCEPTED)
+    c = _sock(skaddr=1, ts_cw_enter=30)  # address reused by a new stay
+    polls = [[b, a], [a, b], [b2, a], [c], []]
+    out = io.StringIO()
+    rec = RecordingWorld(_ChangingWorld([list(p) for p in polls]), out,  # type: ignore[arg-type]
+                         options={}, info={})
+    live = [rec.close_wait() for _ in polls]
+    lines = out.getvalue().splitlines()[1:]
+    deltas = [json.loads(line)["v"] for line in lines]
+    assert [len(d["add"]) for d in deltas] == [2, 0, 1, 1, 0]  # unchanged polls add nothing
+    assert deltas[3]["del"] == [[1, 10], [2, 20]]
+    rep = ReplayWorld(io.StringIO(out.getvalue()), "x")
+    assert [rep.close_wait() for _ in polls] == live
+    assert live[0] == [a, b]  # key order on both sides
