@@ -64,21 +64,13 @@ def test_metrics_during_a_real_leak() -> None:
         assert _value(text, "closewait_events_lost_total", reason="ringbuf") == 0
         # No per-socket labels anywhere.
         assert "rport" not in text and "skaddr" not in text
+        # Bound to loopback by default, and said so.
+        notice = t.wait_for(lambda r: r["type"] == "notice" and "metrics" in r["message"], 5)
+        assert f"http://127.0.0.1:{mport}/metrics" in notice["message"]
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        mine = [r for r in rows if r[1].endswith(f":{mport:04X}") and r[3] == "0A"]
+        assert mine and all(r[1].startswith("0100007F:") for r in mine)
     finally:
         assert t.stop() == 0
         srv.stop()
-
-
-def test_metrics_bind_to_loopback_by_default() -> None:
-    mport = _free_port()
-    t = Tracer(["--metrics", str(mport)]).start()
-    try:
-        notice = t.wait_for(lambda r: r["type"] == "notice" and "metrics" in r["message"], 5)
-        assert f"http://127.0.0.1:{mport}/metrics" in notice["message"]
-        _scrape(mport)
-        with open("/proc/net/tcp") as f:
-            listening = [line.split() for line in f.readlines()[1:]]
-        mine = [row for row in listening if row[1].endswith(f":{mport:04X}") and row[3] == "0A"]
-        assert mine and all(row[1].startswith("0100007F:") for row in mine)
-    finally:
-        assert t.stop() == 0
