@@ -333,12 +333,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != CW_IPPROTO_TCP)
         return 0;
-    struct cw_config *cfg = get_config();
-    if (!cfg)
-        return 0;
-    u64 sk = (u64)args->skaddr;
     int oldstate = args->oldstate;
     int newstate = args->newstate;
+    /* Most transitions of a connection's teardown (FIN_WAIT1/2, CLOSING, TIME_WAIT, LAST_ACK
+     * after an active close) tell nothing about CLOSE_WAIT: leave before any map lookup. */
+    int wanted = newstate == CW_TCP_ESTABLISHED || newstate == CW_TCP_SYN_SENT ||
+                 newstate == CW_TCP_SYN_RECV || newstate == CW_TCP_CLOSE_WAIT ||
+                 newstate == CW_TCP_CLOSE || newstate == CW_TCP_LISTEN ||
+                 oldstate == CW_TCP_CLOSE_WAIT || oldstate == CW_TCP_LISTEN;
+    struct cw_config *cfg = get_config();
+    if (!cfg || !(wanted || cfg->timeline_all))
+        return 0;
+    u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     struct cw_sock *s;
     struct cw_tuple t = {};
