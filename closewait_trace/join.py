@@ -42,9 +42,10 @@ class ChangeKind(enum.Enum):
     TIMELINE = "timeline"  # a socket under a timeline watch closed: its whole life
 
 
-@dataclass
+@dataclass(eq=False)
 class Connection:
-    """One socket's stay in CLOSE_WAIT, and what is known of its life around it."""
+    """One socket's stay in CLOSE_WAIT, and what is known of its life around it.
+    Mutable, and equal only to itself."""
 
     key: tuple[int, int]
     family: int

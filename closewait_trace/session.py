@@ -261,14 +261,15 @@ class Session:
         new = [c.conn for c in changes if c.kind is ChangeKind.OPENED and c.conn]
         if slow_due or new:
             self.counters = self.world.counters()
+        retried: list[Connection] = []
         if slow_due:
             # Owners found by /proc need a rescan the index allows only every second.
-            new += [c for c in self.tracker.open.values()
-                    if c.enrich_tries < 5 and not c.preexisting
-                    and (c.inode is None or (c.inode != 0 and c.fd is None))
-                    and c not in new]
-        if new:
-            self._enrich(new)
+            fresh = {id(c) for c in new}
+            retried = [c for c in self.tracker.open.values()
+                       if c.enrich_tries < 5 and not c.preexisting and id(c) not in fresh
+                       and (c.inode is None or (c.inode != 0 and c.fd is None))]
+        if new or retried:
+            self._enrich(new + retried)
         changes = self._apply_pid_filter(changes)
         flagged = self.tracker.tick(now)
         if flagged:
@@ -282,7 +283,7 @@ class Session:
             if ch.kind in (ChangeKind.FLAGGED, ChangeKind.CLOSED, ChangeKind.OPENED,
                            ChangeKind.UPDATED):
                 self.verdicts[ch.conn.key] = diagnose(ch.conn, self._facts(ch.conn), now)
-        for conn in new:
+        for conn in retried:
             if conn.is_open and conn.key in self.tracker.open:
                 self.verdicts[conn.key] = diagnose(conn, self._facts(conn), now)
         if slow_due:
