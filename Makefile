@@ -3,7 +3,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup setup-dev setup-vm demo test test-unit test-kernel test-vm lint typecheck bench clean
+# The kernel x backend matrix: Debian's 6.1 and 6.12 kernels under QEMU, every backend forced.
+VM_KERNELS ?= 6.1,6.12
+VM_BACKENDS ?= kprobe,fentry,tracepoint
+VM_LOGS ?= logs/vm
+VM_CMD = CLOSEWAIT_BACKEND={backend} CLOSEWAIT_REQUIRE_KERNEL=1 CLOSEWAIT_START_TIMEOUT=600 \
+  .venv/bin/python -m pytest tests/kernel -q -p no:cacheprovider -m 'not host_only' --junitxml={junit}
+
+.PHONY: setup setup-dev setup-vm demo test test-host test-unit test-kernel test-vm typecheck clean
 
 setup:
 	scripts/setup.sh
@@ -18,8 +25,12 @@ demo: setup
 	$(SUDO) $(VENV)/bin/closewait-trace demo
 
 # Everything CI runs: kernel-free tests, kernel tests on this machine's kernel (failing, not
-# skipping, when they cannot run), type checks.
-test: setup-dev
+# skipping, when they cannot run), type checks, then the VM matrix.
+test: setup-vm
+	$(MAKE) --no-print-directory test-host
+	$(MAKE) --no-print-directory test-vm
+
+test-host: setup-dev
 	$(SUDO) env CLOSEWAIT_REQUIRE_KERNEL=1 $(PY) -m pytest -q tests
 	$(PY) -m mypy
 
@@ -29,8 +40,14 @@ test-unit: setup-dev
 test-kernel: setup-dev
 	$(SUDO) env CLOSEWAIT_REQUIRE_KERNEL=1 $(PY) -m pytest -q tests/kernel
 
+# Build the merged header cache on the host first: the guests share it read-only.
+test-vm: setup-vm
+	$(SUDO) $(VENV)/bin/closewait-trace doctor >/dev/null || true
+	$(SUDO) $(PY) -m tests.vm.runner --kernels $(VM_KERNELS) --backends $(VM_BACKENDS) \
+	  --jobs 2 --cpus 1 --timeout 1800 --logs $(VM_LOGS) -- "$(VM_CMD)"
+
 typecheck: setup-dev
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache logs

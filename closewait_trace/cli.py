@@ -391,11 +391,23 @@ def doctor(as_json: bool) -> None:
     sys.exit(1 if fatal else 0)
 
 
+def _scenario_names() -> list[str]:
+    from .scenarios import SCENARIOS
+
+    return list(SCENARIOS)
+
+
 @main.command()
-@click.option("--duration", type=DURATION, default="20s", show_default=True,
-              help="How long to run the demo.")
-@click.option("--threshold", type=DURATION, default="3s", show_default=True,
-              help="Leak threshold for the demo.")
+@click.option("--scenario", type=click.Choice(_scenario_names()), default=None,
+              help="Which workload to run: one real-world case each (see --list-scenarios);"
+              " default: the mixed demo.")
+@click.option("--list-scenarios", is_flag=True, help="List the scenarios and exit.")
+@click.option("--duration", type=DURATION, default=None,
+              help="How long to run the demo.  [default: the scenario's; 20s for the mixed"
+              " demo]")
+@click.option("--threshold", type=DURATION, default=None,
+              help="Leak threshold for the demo.  [default: the scenario's; 3s for the mixed"
+              " demo]")
 @click.option("--backend", type=click.Choice(["auto", "kprobe", "fentry", "tracepoint"]),
               default="auto", show_default=True,
               help="How accept() and close() are seen; auto picks the best available.")
@@ -409,27 +421,45 @@ def doctor(as_json: bool) -> None:
               show_default=True, help="Which lifecycle timelines to print.")
 @click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the timelines shown to this .html or .svg file.")
-def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | None,
-         as_json: bool, plain: bool, record: Path | None, timeline: str,
-         timeline_export: Path | None) -> None:
+def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
+         threshold: int | None, backend: str, kernel_headers: Path | None, as_json: bool,
+         plain: bool, record: Path | None, timeline: str, timeline_export: Path | None) -> None:
     """Start a built-in leaky workload in child processes and trace it live.
 
     A listener that never accepts, a server that accepts and never closes, a healthy server,
-    and a client pool whose server closes idle connections.
+    and a client pool whose server closes idle connections. With --scenario, one real-world
+    case instead (a process at its open-files limit, a forgotten close(), an edge-triggered
+    epoll accept loop, a slow handler, a large backlog, a client pool).
     """
     from .demo import Workload
+    from .scenarios import DEFAULT, SCENARIOS, ScenarioRun, describe, listing
     from .session import Options
 
+    if list_scenarios:
+        for line in listing():
+            click.echo(line)
+        sys.exit(0)
+    chosen = SCENARIOS[scenario or DEFAULT]
+    if duration is None:
+        duration = int(chosen.duration_s * 1e9)
+    if threshold is None:
+        threshold = int(chosen.threshold_s * 1e9)
     timelines = None if timeline == "none" else timeline
-    with _errors():
+    with _errors(), _children_stop_on_signals():
         renderer = _renderer(as_json, plain, timelines, timeline_export)
-        workload = Workload()
-        workload.start_servers()
+        if scenario is not None:
+            renderer.notice(chosen.notice)
+        workload: Workload | ScenarioRun = (
+            ScenarioRun(chosen) if chosen.roles else Workload())
         try:
-            renderer.notice(
-                "demo: " + ", ".join(f"{n} pid {p} port {workload.ports.get(n, '-')}"
-                                      for n, p in workload.pids().items())
-            )
+            workload.start_servers()
+            if isinstance(workload, Workload):
+                renderer.notice(
+                    "demo: " + ", ".join(f"{n} pid {p} port {workload.ports.get(n, '-')}"
+                                          for n, p in workload.pids().items())
+                )
+            else:
+                renderer.notice(describe(workload.pids(), workload.ports))
             options = Options(
                 ports=frozenset(workload.ports.values()),
                 threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
@@ -440,3 +470,21 @@ def demo(duration: int, threshold: int, backend: str, kernel_headers: Path | Non
         finally:
             workload.stop()
     sys.exit(0)
+
+
+@contextmanager
+def _children_stop_on_signals() -> Iterator[None]:
+    """Until the tracer takes over the signals (it then stops cleanly on them), SIGINT,
+    SIGTERM and SIGHUP raise SystemExit, so that the demo's children are stopped on the way
+    out."""
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    saved = {sig: signal.signal(sig, _raise)
+             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

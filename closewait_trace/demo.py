@@ -1,13 +1,14 @@
 """A built-in workload for `closewait-trace demo`: real servers and clients in child processes.
 
-Scenarios, each a small real server with its client on loopback:
+The mixed demo (`demo`, `demo --scenario mixed`), each part a small real server with its
+client on loopback:
 - never-accept: a listener whose process never calls accept(); clients connect and close.
 - no-close: a server that accepts and never closes; clients connect and close.
 - healthy: a server that accepts, reads to EOF and closes; clients connect and close.
 - pool: a client that keeps idle connections to a server that closes idle ones (outbound).
 
-The scenarios of `demo --scenario NAME` (closewait_trace/scenarios.py) run the roles below
-marked "scenario", one small server and its clients per real-world case.
+The scenarios of `demo --scenario NAME` (closewait_trace/scenarios.py) run the roles under
+"scenario roles" below, one small server and its clients per real-world case.
 
 Run a role by hand with `python -m closewait_trace.demo ROLE [ARGS]`. Servers print
 "PORT n"; those built on `_listen` then wait for a line on stdin before they listen, and print

@@ -134,7 +134,9 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         evidence.append(f"owner pid {facts.process.pid} has exited")
 
     closed_by_app = conn.exit_how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT)
-    if not conn.is_open and conn.flagged_ns is not None and closed_by_app:
+    if not conn.is_open and closed_by_app:
+        # Certain once it crossed the threshold; below it, a slow close rather than a leak.
+        sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
         dur = conn.age_ns(now_ns)
         if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
             evidence.append(
@@ -143,7 +145,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
             )
             return Verdict(
                 Cause.DRAINED_LATE,
-                Confidence.CERTAIN,
+                sure,
                 f"accepted late and closed after {_secs(dur)} in CLOSE_WAIT:"
                 " the accept queue drains slower than clients give up",
                 tuple(evidence),
@@ -159,7 +161,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
             evidence.append(_durations_text(facts.durations, conn.service_port))
         return Verdict(
             Cause.CLOSED_LATE,
-            Confidence.CERTAIN,
+            sure,
             f"closed by the application after {_secs(dur)} in CLOSE_WAIT:"
             " a slow handler, or a peer timeout shorter than the service time",
             tuple(evidence),
@@ -197,8 +199,8 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         if conn.fd is not None:
             evidence.append(f"still open as fd {conn.fd}")
         if conn.eof_read:
-            evidence.append("the application already read the EOF (recv returned 0;"
-                            " Recv-Q 0) and still did not close")
+            evidence.append("the application has read everything the peer sent, its FIN"
+                            " included (Recv-Q 0), and still did not close")
             return Verdict(
                 Cause.NOT_CLOSED,
                 Confidence.CERTAIN,

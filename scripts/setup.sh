@@ -41,7 +41,11 @@ case "${ID:-}" in
     fi ;;
   *) echo "setup: ${PRETTY_NAME:-this system} is not Debian or Ubuntu; install BCC (python3 bindings), bpftool and kernel headers yourself" >&2 ;;
 esac
-[ "$vm" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static vagrant)
+# The VM matrix: QEMU (TCG), Debian's 6.1 and 6.12 kernels, a static busybox for virtme-ng's
+# initramfs (Debian builds 9p and virtio as modules), pytest for the guests' selftest, and
+# Vagrant to validate vagrant/Vagrantfile. Debian's 6.12 headers too: BCC 0.26 cannot compile
+# against them, so the 6.12 guests go through the tracer's header fallback as a user would.
+[ "$vm" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 linux-headers-6.12-amd64 busybox-static python3-pytest vagrant)
 [ "$bench" = 1 ] && pkgs+=(nginx-light wrk)
 
 missing=()
@@ -68,7 +72,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   extras=""
   [ "$dev" = 1 ] && extras="[test]"
   .venv/bin/python -m pip install -q -e ".$extras"
-  [ "$vm" = 1 ] && .venv/bin/python -m pip install -q "virtme-ng>=1.30"
+  [ "$vm" = 1 ] && .venv/bin/python -m pip install -q "virtme-ng==1.42"
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv/bin/closewait-trace)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import pytest
 
@@ -22,15 +21,12 @@ def _kernel_version() -> tuple[int, int]:
 
 def test_real_btf_inet_csk_accept_signature() -> None:
     btf.clear_cache()
-    start = time.perf_counter()
     n = btf.func_arg_count("inet_csk_accept")
-    elapsed = time.perf_counter() - start
     # 6.10 (commit 92ef0fd55ac8) replaced (sk, flags, err, kern) by (sk, struct proto_accept_arg *).
     assert n == (2 if _kernel_version() >= (6, 10) else 4)
     assert btf.func_arg_count("tcp_close") == 2
     assert btf.func_btf_id("tcp_close") is not None
     assert btf.func_arg_count("closewait_trace_no_such_function") is None
-    assert elapsed < 1.0, f"parsing the vmlinux BTF took {elapsed:.2f}s"
 
 
 def test_probes_return_bools() -> None:

@@ -238,7 +238,7 @@ def test_accepted_and_eof_read_is_a_certain_missing_close() -> None:
     v = diagnose(conn, Facts(), NOW)
     assert (v.cause, v.confidence) == (Cause.NOT_CLOSED, Confidence.CERTAIN)
     assert "read the EOF and never closed" in v.summary
-    assert any("already read the EOF" in e for e in v.evidence)
+    assert any("its FIN included (Recv-Q 0)" in e for e in v.evidence)
 
 
 def test_accepted_with_eof_unread_says_so() -> None:
@@ -265,10 +265,12 @@ def test_closed_after_flag_and_accepted_after_fin_is_drained_late() -> None:
     assert v.evidence == ("waited 8.0s in the accept queue after the peer had closed",)
 
 
-def test_closed_before_flag_is_not_closed_late() -> None:
+def test_closed_before_flag_is_a_likely_late_close_never_a_missing_close() -> None:
     conn = connection(key=KEY, accepted=Accepted.YES, accepted_ns=ENTER - S,
                       cw_exit_ns=ENTER + 2 * S, exit_how=ExitHow.APP_CLOSE)
-    assert diagnose(conn, Facts(), NOW).cause is Cause.NOT_CLOSED
+    v = diagnose(conn, Facts(), NOW)
+    assert (v.cause, v.confidence) == (Cause.CLOSED_LATE, Confidence.LIKELY)
+    assert "never closed" not in v.summary
 
 
 def test_flagged_then_reset_is_not_closed_by_the_application() -> None:

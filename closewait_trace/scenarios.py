@@ -1,0 +1,301 @@
+"""The scenarios of `closewait-trace demo --scenario NAME`: one real-world case each.
+
+Each scenario is a small real server and its clients, in child processes on 127.0.0.1
+(ephemeral ports), built from the cases in the seed posts: a process at its open-files limit,
+a handler that forgets close(), an edge-triggered epoll accept loop that stops early, a slow
+handler, a slow server behind a large backlog, and a client pool whose server closes idle
+connections. The roles themselves are in closewait_trace/demo.py; here is what to run, in
+which order, and what the tracer should find.
+
+Order of a run: the servers start and bind (they say their port), the clients start and wait
+(gated), the tracer attaches, then the servers listen, and the clients start one after the
+other (a client marked `ready` must say READY before the next one starts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .demo import Children, DemoError
+
+
+@dataclass(frozen=True)
+class Role:
+    """One child process: `python -m closewait_trace.demo ARGV...`.
+
+    In argv, "{NAME}" is replaced by the port of the server role labelled NAME. A server
+    binds and prints "PORT n", then listens when told to and prints "LISTENING"; a client
+    starts when told to and, if `ready`, prints "READY" once set up.
+    """
+
+    label: str
+    argv: tuple[str, ...]
+    server: bool = False
+    ready: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    seed: str  # the seed case(s) it reproduces
+    title: str  # one line, for --list-scenarios
+    description: str  # shown when the scenario starts
+    roles: tuple[Role, ...]
+    threshold_s: float  # recommended leak threshold
+    duration_s: float  # recommended duration
+    expected: tuple[str, ...]  # the cause(s) the tracer should name (diagnose.Cause values)
+    #: the parameters the roles were given, for whoever checks the outcome (tests)
+    params: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def notice(self) -> str:
+        return (f"scenario {self.name} ({self.seed}): {self.description}"
+                f" Expected cause: {' / '.join(self.expected)}.")
+
+
+# --- parameters (the tests read them through Scenario.params) -------------------------------
+
+FD_LIMIT_NOFILE = 32
+FD_LIMIT_BACKLOG = 8
+FD_LIMIT_CONNECTS = 20
+
+FORGOTTEN_CONNECTIONS = 5
+
+ET_LIMIT = 1
+ET_BURST = 9
+ET_PAYLOAD = 45
+ET_FIRST_POLL_DELAY = 1.0
+ET_CLIENT_WAIT = 2.0
+
+SLOW_DELAY = 2.5
+SLOW_PATIENCE = 0.2
+
+BACKLOG_SIZE = 64
+BACKLOG_SERVICE = 0.5
+BACKLOG_BURST = 10
+BACKLOG_PATIENCE = 1.0
+BACKLOG_PERIOD = 5.0
+
+POOL_IDLE = 1.0
+POOL_SIZE = 5
+
+
+def _burst(count: int, size: int, patience: float, period: float, rounds: int,
+           connect_timeout: float = 2.0, port: str = "{server}") -> tuple[str, ...]:
+    return ("burst", port, str(count), str(size), str(patience), str(period), str(rounds),
+            str(connect_timeout))
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario(
+        name="mixed",
+        seed="all",
+        title="the mixed demo: never-accept, no-close, healthy and pool servers at once",
+        description=(
+            "four servers at once: one never calls accept(), one accepts and never closes,"
+            " a healthy one, and one that closes idle connections of a client pool."
+        ),
+        roles=(),  # run by demo.Workload
+        threshold_s=3.0,
+        duration_s=20.0,
+        expected=("never-accepted", "accepted-not-closed", "outbound-not-closed"),
+    ),
+    Scenario(
+        name="fd-limit",
+        seed="seed 000",
+        title="CLOSE_WAIT count equals the accept queue size: the open-files limit is reached",
+        description=(
+            f"the server runs with RLIMIT_NOFILE {FD_LIMIT_NOFILE} and has filled its fd"
+            f" table up to it, then listens with backlog {FD_LIMIT_BACKLOG} and retries"
+            f" accept() on EMFILE every 0.1s; a client connects {FD_LIMIT_CONNECTS} times,"
+            " sends a few bytes and closes. The accept queue fills"
+            f" ({FD_LIMIT_BACKLOG + 1} = backlog+1), the other connects time out, and every"
+            " queued connection sits in CLOSE_WAIT without a file descriptor."
+        ),
+        roles=(
+            Role("server", ("fd-limit-server", str(FD_LIMIT_NOFILE), str(FD_LIMIT_BACKLOG)),
+                 server=True),
+            Role("clients", _burst(FD_LIMIT_CONNECTS, 45, 0.5, 0, 1, connect_timeout=0.2)),
+        ),
+        threshold_s=1.0,
+        duration_s=8.0,
+        expected=("accept-failing",),
+        params=MappingProxyType({"nofile": FD_LIMIT_NOFILE, "backlog": FD_LIMIT_BACKLOG,
+                                 "connects": FD_LIMIT_CONNECTS}),
+    ),
+    Scenario(
+        name="forgotten-close",
+        seed="seeds 004, 000",
+        title="a handler reads to EOF and returns without close()",
+        description=(
+            "thread-per-connection server whose handler reads until recv() returns EOF and"
+            " returns without close(), the socket still referenced; a client makes"
+            f" {FORGOTTEN_CONNECTIONS} requests (connect, send, close). Each stays in"
+            " CLOSE_WAIT for good, with an fd, its EOF already read."
+        ),
+        roles=(
+            Role("server", ("forgetful-server",), server=True),
+            Role("clients", _burst(1, 32, 0.2, 0.5, FORGOTTEN_CONNECTIONS)),
+        ),
+        threshold_s=1.0,
+        duration_s=6.0,
+        expected=("accepted-not-closed",),
+        params=MappingProxyType({"connections": FORGOTTEN_CONNECTIONS}),
+    ),
+    Scenario(
+        name="et-accept",
+        seed="seed 003",
+        title="edge-triggered epoll accept loop that returns before EAGAIN",
+        description=(
+            "non-blocking listener registered EPOLLIN|EPOLLET, limit"
+            f" {ET_LIMIT} connection; over the limit the accept loop closes the new"
+            " connection and breaks out without draining the queue to EAGAIN. The server"
+            f" polls first {ET_FIRST_POLL_DELAY:g}s after listen(), so a burst coalesces into"
+            f" one edge. A long-lived client holds the allowed connection; a burst of"
+            f" {ET_BURST} clients connects, sends {ET_PAYLOAD} bytes, waits"
+            f" {ET_CLIENT_WAIT:g}s and closes: {ET_BURST - ET_LIMIT} connections are never"
+            " accepted while the server idles in epoll_wait."
+        ),
+        roles=(
+            Role("server", ("et-server", str(ET_LIMIT), str(ET_FIRST_POLL_DELAY)), server=True),
+            Role("holder", ("hold", "{server}"), ready=True),
+            Role("burst", _burst(ET_BURST, ET_PAYLOAD, ET_CLIENT_WAIT, 0, 1)),
+        ),
+        threshold_s=1.0,
+        duration_s=8.0,
+        expected=("et-accept-loop",),
+        params=MappingProxyType({"limit": ET_LIMIT, "burst": ET_BURST,
+                                 "payload": ET_PAYLOAD}),
+    ),
+    Scenario(
+        name="slow-handler",
+        seed="seed 001 (C3)",
+        title="the handler is slower than the client: closed late",
+        description=(
+            f"thread-per-connection server whose handler sleeps {SLOW_DELAY:g}s before it"
+            " reads and closes; every second a client connects, sends a request and gives up"
+            f" after {SLOW_PATIENCE:g}s. Each connection is flagged, then closed by the"
+            f" application about {SLOW_DELAY - SLOW_PATIENCE:g}s after the client's FIN."
+        ),
+        roles=(
+            Role("server", ("slow-server", str(SLOW_DELAY)), server=True),
+            Role("clients", _burst(1, 32, SLOW_PATIENCE, 1.0, 0)),
+        ),
+        threshold_s=1.0,
+        duration_s=10.0,
+        expected=("closed-late",),
+        params=MappingProxyType({"delay": SLOW_DELAY, "patience": SLOW_PATIENCE}),
+    ),
+    Scenario(
+        name="large-backlog",
+        seed="seed 001 (C4)",
+        title="a slow sequential server behind a large backlog: accepted after the peer left",
+        description=(
+            f"one connection at a time, {BACKLOG_SERVICE:g}s each, behind listen"
+            f"({BACKLOG_SIZE}); every {BACKLOG_PERIOD:g}s a burst of {BACKLOG_BURST} clients"
+            f" connects, sends a request and gives up after {BACKLOG_PATIENCE:g}s. Most"
+            " connections wait in the accept queue after their client closed, and are"
+            " accepted and closed late (the ones not yet accepted may be flagged meanwhile)."
+        ),
+        roles=(
+            Role("server", ("sequential-server", str(BACKLOG_SIZE), str(BACKLOG_SERVICE)),
+                 server=True),
+            Role("clients", _burst(BACKLOG_BURST, 32, BACKLOG_PATIENCE, BACKLOG_PERIOD, 0)),
+        ),
+        threshold_s=1.0,
+        duration_s=12.0,
+        expected=("drained-late",),
+        params=MappingProxyType({"backlog": BACKLOG_SIZE, "service": BACKLOG_SERVICE,
+                                 "burst": BACKLOG_BURST, "patience": BACKLOG_PATIENCE}),
+    ),
+    Scenario(
+        name="client-pool",
+        seed="seed 002 (C5)",
+        title="a client pool keeps connections the server closed (CLOSE_WAIT on the client)",
+        description=(
+            f"a client keeps a pool of {POOL_SIZE} idle connections and never reads them;"
+            f" the server closes connections idle for {POOL_IDLE:g}s (a keep-alive timeout)."
+            " The pool's sockets sit in CLOSE_WAIT on the client side."
+        ),
+        roles=(
+            Role("server", ("idle-closer", str(POOL_IDLE)), server=True),
+            Role("pool", ("pool-client", "{server}", str(POOL_SIZE)), ready=True),
+        ),
+        threshold_s=1.0,
+        duration_s=6.0,
+        expected=("outbound-not-closed",),
+        params=MappingProxyType({"idle": POOL_IDLE, "pool": POOL_SIZE}),
+    ),
+)}
+
+DEFAULT = "mixed"
+
+
+def listing() -> list[str]:
+    """One line per scenario, for `demo --list-scenarios`."""
+    width = max(len(n) for n in SCENARIOS)
+    return [f"{s.name:<{width}}  {s.title} [{s.seed}; expect {', '.join(s.expected)}]"
+            for s in SCENARIOS.values()]
+
+
+class ScenarioRun:
+    """A scenario's child processes; the same interface as demo.Workload: start_servers()
+    (they bind), then start_clients() once the tracer is attached (they listen, the clients
+    go), stop() in any case."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        if not scenario.roles:
+            raise ValueError(f"scenario {scenario.name} has no roles")
+        self.scenario = scenario
+        self.children = Children()
+        self.ports: dict[str, int] = {}
+
+    def start_servers(self) -> None:
+        """Start every role: the servers bind and say their port; the clients wait."""
+        try:
+            for role in self.scenario.roles:
+                if role.server:
+                    self.children.spawn(role.label, role.argv)
+                    line = self.children.expect(role.label, "PORT ")
+                    self.ports[role.label] = int(line.split()[1])
+            for role in self.scenario.roles:
+                if not role.server:
+                    argv = [a.format(**self.ports) for a in role.argv]
+                    self.children.spawn(role.label, argv, gated=True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_clients(self) -> None:
+        """The tracer is attached: the servers listen, then the clients start in order."""
+        servers = [r for r in self.scenario.roles if r.server]
+        for role in servers:
+            self.children.say(role.label)
+        for role in servers:
+            self.children.expect(role.label, "LISTENING")
+        for role in self.scenario.roles:
+            if role.server:
+                continue
+            self.children.say(role.label)
+            if role.ready:
+                self.children.expect(role.label, "READY")
+
+    def pids(self) -> dict[str, int]:
+        return self.children.pids()
+
+    def stop(self) -> None:
+        self.children.stop()
+
+
+def describe(pids: Mapping[str, int], ports: Mapping[str, int]) -> str:
+    """The notice naming the demo's processes: "demo: server pid 1 port 2, clients pid 3"."""
+    return "demo: " + ", ".join(
+        f"{name} pid {pid}" + (f" port {ports[name]}" if name in ports else "")
+        for name, pid in pids.items()
+    )
+
+
+__all__ = ["DEFAULT", "Role", "SCENARIOS", "Scenario", "ScenarioRun", "DemoError", "describe",
+           "listing"]

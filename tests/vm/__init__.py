@@ -1,0 +1,1 @@
+"""VM matrix runner (virtme-ng) for real kernels; see runner.py."""

@@ -1,0 +1,631 @@
+"""Run a command inside real Debian kernels under QEMU (virtme-ng), for a kernel x backend matrix.
+
+Each *cell* (kernel series x backend) boots one guest with ``vng --run /boot/vmlinuz-RELEASE``
+on the host's own root filesystem (read-only 9p with tmpfs overlays, so the repository, the
+venvs, BCC and /usr/src are all visible), runs the command in the repository directory, and
+collects its exit status and pytest junit XML through a per-cell host directory that the
+guest can write (``vng --rwdir``).  The repository itself is an overlay in the guest
+(``vng --overlay-rwdir``): writable there, nothing written reaches the host.
+
+Setup (once, idempotent): ``scripts/setup.sh --vm``.
+
+Usage::
+
+    python3 -m tests.vm.runner --list
+    python3 -m tests.vm.runner [--kernels 6.1,6.12] [--backends kprobe,fentry,tracepoint]
+        [--timeout SEC] [--logs DIR] [--jobs N] [--env K=V ...] [--dry-run] -- CMD...
+
+CMD (everything after ``--``, joined with spaces, run by bash in the guest; quote it as one
+argument when it has shell operators) may contain these placeholders, replaced per cell:
+
+    {backend}   the cell's backend, e.g. kprobe
+    {kernel}    the cell's kernel series, e.g. 6.12
+    {release}   the booted kernel release, e.g. 6.12.117+deb12-amd64
+    {results}   the cell's results directory (writable by the guest, kept on the host)
+    {junit}     {results}/junit.xml -- the runner reads the counts from there; when CMD
+                mentions {junit}, a missing junit file fails the cell
+    {repo}      the repository directory
+    {kheaders}  a merged Debian 6.1 header tree usable as BCC_KERNEL_SOURCE ("" if none)
+
+The guest also gets these environment variables: CLOSEWAIT_VM=1, CLOSEWAIT_VM_KERNEL,
+CLOSEWAIT_VM_RELEASE, CLOSEWAIT_VM_BACKEND, CLOSEWAIT_VM_RESULTS, CLOSEWAIT_VM_JUNIT,
+CLOSEWAIT_VM_KHEADERS, and any ``--env K=V`` (placeholders allowed in V).  The guest's PATH
+is virtme's default (/usr/local/bin, /usr/bin, /bin, ...), not the host's.
+
+Example (the project's kernel tests, one cell per kernel and backend)::
+
+    python3 -m tests.vm.runner --kernels 6.1,6.12 --backends kprobe,fentry,tracepoint -- \\
+      'CLOSEWAIT_BACKEND={backend} CLOSEWAIT_REQUIRE_KERNEL=1 .venv/bin/python -m pytest \\
+       tests/kernel -q -p no:cacheprovider --junitxml={junit}'
+
+Selftest of the runner itself (proves boot, BCC tracepoint + kretprobe in the guest)::
+
+    python3 -m tests.vm.runner --kernels 6.1,6.12 --backends none -- \\
+      '/usr/bin/python3 -m pytest -c tests/vm/selftest/pytest.ini tests/vm/selftest -v --junitxml={junit}'
+
+Parallel guests (measured on 2 host cores, TCG): ``--jobs 2 --cpus 1`` ran two selftest
+cells in ~95 s against ~160-185 s one at a time; ``--jobs 2 --cpus 2`` (4 vCPU threads on 2
+cores) was slower than sequential (~210-225 s).  A guest with 1 vCPU is not slower than with 2.
+
+A cell fails when its guest does not boot, hangs past ``--timeout`` (it is killed), returns
+no exit status, exits non-zero, or its junit XML reports failures or errors.  Logs per cell
+(``--logs DIR``/KERNEL-BACKEND/): console.log (kernel console + vng), output.log (the
+command's stdout+stderr), run.sh/cmd.sh (what the guest ran), vng-cmd.txt, exit-status,
+junit.xml; DIR/summary.json holds the table.  Exit status: 0 if every cell passed, 1 if any
+failed, 2 for usage/setup errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import kheaders as _kheaders
+
+REPO = Path(__file__).resolve().parents[2]
+BOOT_DIR = Path("/boot")
+DEFAULT_TIMEOUT = 20 * 60
+DEFAULT_LOGS_ROOT = Path("/tmp/closewait-vm/logs")
+DEFAULT_KERNELS = "6.1,6.12"
+DEFAULT_BACKENDS = "kprobe,fentry,tracepoint"
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@:-]+$")  # vng --rwdir splits on '=' and ','
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@dataclass(frozen=True)
+class Kernel:
+    series: str  # "6.1"
+    release: str  # "6.1.0-56-amd64"
+    image: Path  # /boot/vmlinuz-6.1.0-56-amd64
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", text))
+
+
+def installed_kernels(boot_dir: Path = BOOT_DIR) -> list[Kernel]:
+    """All /boot/vmlinuz-* images, oldest first."""
+    found = []
+    for image in boot_dir.glob("vmlinuz-*"):
+        release = image.name[len("vmlinuz-") :]
+        m = re.match(r"^(\d+)\.(\d+)[.-]", release + "-")
+        if not m or not image.is_file() or release.endswith((".old", ".bak")):
+            continue
+        found.append(Kernel(f"{m.group(1)}.{m.group(2)}", release, image))
+    return sorted(found, key=lambda k: _version_key(k.release))
+
+
+def newest_per_series(kernels: list[Kernel]) -> dict[str, Kernel]:
+    out: dict[str, Kernel] = {}
+    for k in kernels:  # sorted ascending, so the last one of a series wins
+        out[k.series] = k
+    return out
+
+
+def resolve_kernel(spec: str, boot_dir: Path = BOOT_DIR) -> Kernel | None:
+    """A series ("6.1": newest installed 6.1.x), an exact release, or a vmlinuz path."""
+    kernels = installed_kernels(boot_dir)
+    if "/" in spec:
+        p = Path(spec)
+        for k in kernels:
+            if k.image == p:
+                return k
+        if p.is_file():
+            release = p.name.replace("vmlinuz-", "", 1)
+            m = re.match(r"^(\d+\.\d+)", release)
+            return Kernel(m.group(1) if m else release, release, p)
+        return None
+    for k in kernels:
+        if k.release == spec:
+            return k
+    return newest_per_series(kernels).get(spec)
+
+
+# ---------------------------------------------------------------- junit
+
+
+@dataclass
+class Counts:
+    tests: int = 0
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    errors: int = 0
+
+
+def parse_junit(path: Path) -> Counts:
+    """Sum the counts of every <testsuite> in a pytest junit XML file (raises on bad XML)."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    c = Counts()
+    for s in suites:
+        c.tests += int(s.get("tests", 0))
+        c.failed += int(s.get("failures", 0))
+        c.errors += int(s.get("errors", 0))
+        c.skipped += int(s.get("skipped", 0))
+    c.passed = c.tests - c.failed - c.errors - c.skipped
+    return c
+
+
+# ---------------------------------------------------------------- tools
+
+
+def find_vng(explicit: str | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit) if os.access(explicit, os.X_OK) else None
+    candidates = [os.environ.get("VNG"), str(REPO / ".venv" / "bin" / "vng"),
+                  str(REPO / ".venv-vm" / "bin" / "vng")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    w = shutil.which("vng")
+    return Path(w) if w else None
+
+
+def vng_version(vng: Path) -> str:
+    try:
+        out = subprocess.run([str(vng), "--version"], capture_output=True, text=True, timeout=60)
+        return (out.stdout or out.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    """Replace {name} placeholders; leaves every other brace (e.g. ${VAR}) alone."""
+    for k, v in values.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
+# ---------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    kernel_spec: str
+    backend: str
+    kernel: Kernel | None
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel_spec}-{self.backend}"
+
+
+@dataclass
+class CellResult:
+    kernel: str
+    release: str
+    backend: str
+    result: str = "FAIL"
+    reasons: list[str] = field(default_factory=list)
+    passed: int | None = None
+    failed: int | None = None
+    skipped: int | None = None
+    errors: int | None = None
+    boot_s: float | None = None  # guest uptime when the command started
+    cmd_s: float | None = None  # guest time spent in the command
+    wall_s: float = 0.0
+    vng_rc: int | None = None
+    exit_status: int | None = None
+    dir: str = ""
+    console_log: str = ""
+    output_log: str = ""
+
+
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+_print_lock = threading.Lock()
+
+
+def _say(msg: str) -> None:
+    with _print_lock:
+        print(msg, flush=True)
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return kids
+
+
+def _leaves(pid: int) -> list[int]:
+    """Descendants of pid that have no children themselves (here: the QEMU process)."""
+    kids = _children(pid)
+    out: list[int] = []
+    for k in kids:
+        out += _leaves(k) or [k]
+    return out
+
+
+def _kill_group(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """End vng and its QEMU (vng -> sh -> virtme-run -> qemu, one process group we started).
+
+    The leaf (QEMU) goes first, so that virtme-run reaps it and the chain exits by itself
+    (killing the group at once leaves a zombie QEMU to PID 1); then the whole group, in
+    case anything is left."""
+    for leaf in _leaves(p.pid):
+        try:
+            os.kill(leaf, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _read_float(path: Path) -> float | None:
+    try:
+        return float(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+GUEST_SCRIPT = """#!/bin/bash
+# Generated by tests/vm/runner.py: runs inside the guest, writes results to R.
+R={results}
+cat /proc/uptime > "$R/guest-start-uptime"
+{exports}
+cd {repo} || {{ echo 126 > "$R/exit-status"; exit 126; }}
+bash "$R/cmd.sh" </dev/null 2>&1
+rc=$?
+cat /proc/uptime > "$R/guest-end-uptime"
+echo "$rc" > "$R/exit-status"
+sync
+exit "$rc"
+"""
+
+
+@dataclass
+class Options:
+    timeout: float
+    cpus: str
+    memory: str
+    kvm: bool
+    repo_overlay: bool
+    require_junit: bool
+    env: list[str]
+    vng_extra: list[str]
+    kheaders: str
+    dry_run: bool
+
+
+def prepare_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> tuple[list[str], dict[str, str]]:
+    """Write run.sh/cmd.sh into the cell directory; return vng's argv and environment."""
+    assert cell.kernel is not None
+    d = cell.dir
+    shutil.rmtree(d, ignore_errors=True)  # a fresh cell directory: no stale exit status or junit
+    d.mkdir(parents=True)
+    values = {
+        "backend": cell.backend,
+        "kernel": cell.kernel.series,
+        "release": cell.kernel.release,
+        "results": str(d),
+        "junit": str(d / "junit.xml"),
+        "repo": str(REPO),
+        "kheaders": opts.kheaders,
+    }
+    env = {
+        "CLOSEWAIT_VM": "1",
+        "CLOSEWAIT_VM_KERNEL": cell.kernel.series,
+        "CLOSEWAIT_VM_RELEASE": cell.kernel.release,
+        "CLOSEWAIT_VM_BACKEND": cell.backend,
+        "CLOSEWAIT_VM_RESULTS": str(d),
+        "CLOSEWAIT_VM_JUNIT": str(d / "junit.xml"),
+        "CLOSEWAIT_VM_KHEADERS": opts.kheaders,
+    }
+    for kv in opts.env:
+        k, _, v = kv.partition("=")
+        env[k] = substitute(v, values)
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+    (d / "cmd.sh").write_text(substitute(cmd, values) + "\n")
+    (d / "run.sh").write_text(
+        GUEST_SCRIPT.format(results=shlex.quote(str(d)), exports=exports, repo=shlex.quote(str(REPO)))
+    )
+    argv = [
+        str(vng), "--run", str(cell.kernel.image),
+        "--force-9p", "--user", "root",
+        "--cpus", opts.cpus, "--memory", opts.memory,
+        "--verbose",  # kernel console on stderr -> console.log
+        "--rwdir", str(d),
+    ]
+    if not opts.kvm:
+        argv.append("--disable-kvm")
+    if opts.repo_overlay:
+        argv += ["--overlay-rwdir", str(REPO)]
+    argv += opts.vng_extra
+    argv += ["--exec", f"bash {d}/run.sh"]
+    host_env = dict(os.environ)
+    host_env["PATH"] = f"{vng.parent}{os.pathsep}{host_env.get('PATH', '')}"  # vng runs virtme-run
+    (d / "host-tmp").mkdir(exist_ok=True)
+    host_env["TMPDIR"] = str(d / "host-tmp")  # vng's initramfs / return-code temp files
+    (d / "vng-cmd.txt").write_text(shlex.join(argv) + "\n")
+    return argv, host_env
+
+
+def run_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> CellResult:
+    k = cell.kernel
+    res = CellResult(kernel=cell.kernel_spec, release=k.release if k else "-", backend=cell.backend,
+                     dir=str(cell.dir), console_log=str(cell.dir / "console.log"),
+                     output_log=str(cell.dir / "output.log"))
+    if k is None:
+        res.reasons.append(f"kernel {cell.kernel_spec!r} is not installed in /boot (scripts/setup.sh --vm)")
+        return res
+    argv, env = prepare_cell(cell, cmd, opts, vng)
+    if opts.dry_run:
+        _say(f"[{cell.name}] would run: {shlex.join(argv)}")
+        res.result = "DRY-RUN"
+        return res
+    _say(f"[{cell.name}] booting {k.release} (output: {res.output_log})")
+    t0 = time.monotonic()
+    timed_out = False
+    with open(res.output_log, "wb") as out, open(res.console_log, "wb") as con:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=con, env=env,
+                             cwd=str(REPO), start_new_session=True)
+        with _running_lock:
+            _running.add(p)
+        try:
+            res.vng_rc = p.wait(timeout=opts.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(p)
+        finally:
+            with _running_lock:
+                _running.discard(p)
+    res.wall_s = time.monotonic() - t0
+    shutil.rmtree(cell.dir / "host-tmp", ignore_errors=True)
+
+    started = _read_float(cell.dir / "guest-start-uptime")
+    ended = _read_float(cell.dir / "guest-end-uptime")
+    res.boot_s = started
+    if started is not None and ended is not None:
+        res.cmd_s = ended - started
+    status_text = ""
+    try:
+        status_text = (cell.dir / "exit-status").read_text().strip()
+    except OSError:
+        pass
+    if status_text.isdigit():
+        res.exit_status = int(status_text)
+
+    if timed_out:
+        res.reasons.append(f"timeout: killed after {opts.timeout:.0f}s"
+                           + ("" if started is not None else " (command never started: boot hang)"))
+    elif res.exit_status is None:
+        if started is None:
+            res.reasons.append(f"guest did not boot / never started the command (vng rc {res.vng_rc})")
+        else:
+            res.reasons.append(f"no exit status from guest (vng rc {res.vng_rc}; crash or panic?)")
+    else:
+        if res.exit_status != 0:
+            res.reasons.append(f"command exited {res.exit_status}")
+        if res.vng_rc != res.exit_status:
+            res.reasons.append(f"vng rc {res.vng_rc} != guest exit status {res.exit_status}")
+
+    junit = cell.dir / "junit.xml"
+    if junit.exists():
+        try:
+            c = parse_junit(junit)
+            res.passed, res.failed, res.skipped, res.errors = c.passed, c.failed, c.skipped, c.errors
+            if c.failed or c.errors:
+                res.reasons.append(f"junit: {c.failed} failed, {c.errors} errors")
+        except (ET.ParseError, ValueError, OSError) as e:
+            res.reasons.append(f"unreadable junit XML: {e}")
+    elif opts.require_junit or "{junit}" in cmd:
+        res.reasons.append("no junit XML written")
+
+    res.result = "FAIL" if res.reasons else "PASS"
+    _say(f"[{cell.name}] {res.result} in {res.wall_s:.0f}s"
+         + (f": {'; '.join(res.reasons)}" if res.reasons else ""))
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}s"
+    return str(v)
+
+
+def format_table(results: list[CellResult]) -> str:
+    head = ["kernel", "release", "backend", "passed", "failed", "skipped", "errors", "boot", "wall", "result"]
+    rows = [[r.kernel, r.release, r.backend, _fmt(r.passed), _fmt(r.failed), _fmt(r.skipped),
+             _fmt(r.errors), _fmt(r.boot_s), _fmt(r.wall_s), r.result] for r in results]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "    (missing)"
+    return "\n".join("    | " + x for x in lines[-n:]) or "    (empty)"
+
+
+def report(results: list[CellResult], logs: Path) -> None:
+    print()
+    print(format_table(results))
+    failed = [r for r in results if r.result == "FAIL"]
+    for r in failed:
+        print(f"\nFAILED {r.kernel} x {r.backend}: {'; '.join(r.reasons)}")
+        print(f"  console log: {r.console_log}")
+        print(f"  output log:  {r.output_log}")
+        print("  last lines of output:")
+        print(_tail(r.output_log))
+    n_pass = sum(r.result == "PASS" for r in results)
+    print(f"\nvm matrix: {n_pass} passed, {len(failed)} failed (cells); logs in {logs}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m tests.vm.runner", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="show installed kernels and tools, then exit")
+    p.add_argument("--kernels", default=DEFAULT_KERNELS,
+                   help="comma list of kernel series (6.1), releases or vmlinuz paths [%(default)s]")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS, help="comma list [%(default)s]")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="per-cell limit in seconds, boot included [%(default)s]")
+    p.add_argument("--logs", type=Path, help=f"log/results directory [{DEFAULT_LOGS_ROOT}/TIMESTAMP]")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="guests run at once [%(default)s]")
+    p.add_argument("--cpus", default="2", help="guest vCPUs [%(default)s]")
+    p.add_argument("--memory", default="2G", help="guest memory [%(default)s]")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="extra guest environment variable (placeholders allowed in V); repeatable")
+    p.add_argument("--require-junit", action="store_true",
+                   help="fail a cell without junit XML even if CMD does not mention {junit}")
+    p.add_argument("--no-repo-overlay", dest="repo_overlay", action="store_false",
+                   help="leave the repository read-only in the guest")
+    p.add_argument("--kvm", action="store_true", help="allow KVM (default: --disable-kvm, TCG)")
+    p.add_argument("--no-kheaders", dest="kheaders", action="store_false",
+                   help="do not build the merged 6.1 header tree for {kheaders}")
+    p.add_argument("--vng", help="path of vng [.venv/bin/vng, .venv-vm/bin/vng, PATH]")
+    p.add_argument("--vng-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for vng (repeatable), e.g. --vng-arg=--append=nokaslr")
+    p.add_argument("--dry-run", action="store_true", help="write the guest scripts, print vng commands")
+    return p
+
+
+def do_list(vng: Path | None) -> int:
+    kernels = installed_kernels()
+    newest = newest_per_series(kernels)
+    print("installed kernels (/boot/vmlinuz-*):")
+    for k in kernels:
+        mark = "  <- used for " + k.series if newest.get(k.series) == k else ""
+        print(f"  {k.series:6} {k.release:28} {k.image}{mark}")
+    if not kernels:
+        print("  none (run scripts/setup.sh --vm)")
+    print(f"vng: {vng or 'NOT FOUND (run scripts/setup.sh --vm)'}" + (f" ({vng_version(vng)})" if vng else ""))
+    print(f"qemu-system-x86_64: {shutil.which('qemu-system-x86_64') or 'NOT FOUND'}")
+    pair = _kheaders.find_header_pair("6.1")
+    print(f"6.1 headers for BCC: {' + '.join(map(str, pair)) if pair else 'none'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, cmd_words = _split_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(own)
+    vng = find_vng(args.vng)
+    if args.list:
+        return do_list(vng)
+    if not cmd_words:
+        parser.error("no command: put it after --")
+    cmd = " ".join(cmd_words)
+    if vng is None:
+        print("runner: vng not found; run scripts/setup.sh --vm", file=sys.stderr)
+        return 2
+    if (not args.dry_run and shutil.which("qemu-system-x86_64") is None
+            and os.environ.get("CLOSEWAIT_VM_SKIP_QEMU_CHECK") != "1"):  # unit tests, fake vng
+        print("runner: qemu-system-x86_64 not found; run scripts/setup.sh --vm", file=sys.stderr)
+        return 2
+    for kv in args.env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", kv):
+            parser.error(f"--env wants K=V, got {kv!r}")
+
+    logs = (args.logs or DEFAULT_LOGS_ROOT / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    logs.mkdir(parents=True, exist_ok=True)
+    if not _SAFE_PATH.match(str(logs)):
+        parser.error(f"--logs path {logs} has characters vng --rwdir cannot take")
+
+    kheaders = ""
+    if args.kheaders:
+        t = time.monotonic()
+        tree = _kheaders.merged_tree("6.1")
+        kheaders = str(tree) if tree else ""
+        if tree:
+            print(f"runner: 6.1 header tree {tree} ({time.monotonic() - t:.1f}s)")
+
+    opts = Options(timeout=args.timeout, cpus=args.cpus, memory=args.memory, kvm=args.kvm,
+                   repo_overlay=args.repo_overlay, require_junit=args.require_junit, env=args.env,
+                   vng_extra=args.vng_arg, kheaders=kheaders, dry_run=args.dry_run)
+    cells = []
+    for ks in [s.strip() for s in args.kernels.split(",") if s.strip()]:
+        k = resolve_kernel(ks)
+        for b in [s.strip() for s in args.backends.split(",") if s.strip()]:
+            label = ks if "/" not in ks else (k.release if k else Path(ks).name)
+            cells.append(Cell(label, b, k, logs / re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{label}-{b}")))
+    if not cells:
+        parser.error("no cells: empty --kernels or --backends")
+    print(f"runner: {len(cells)} cell(s), vng {vng} ({vng_version(vng)}), jobs {args.jobs}, "
+          f"timeout {args.timeout:.0f}s, logs {logs}")
+
+    try:
+        vcpus = args.jobs * int(args.cpus)
+    except ValueError:
+        vcpus = 0
+    if args.jobs > 1 and vcpus > (os.cpu_count() or 1):
+        print(f"runner: warning: {args.jobs} guests x {args.cpus} vCPUs > {os.cpu_count()} host CPUs; "
+              "TCG guests then run slower than one at a time (use --cpus 1 with --jobs 2)",
+              file=sys.stderr)
+    t0 = time.monotonic()
+    try:
+        if args.jobs <= 1:
+            results = [run_cell(c, cmd, opts, vng) for c in cells]
+        else:
+            with ThreadPoolExecutor(max_workers=args.jobs) as ex:
+                results = list(ex.map(lambda c: run_cell(c, cmd, opts, vng), cells))
+    except KeyboardInterrupt:
+        with _running_lock:
+            for p in list(_running):
+                _kill_group(p, grace=3)
+        print("runner: interrupted; guests killed", file=sys.stderr)
+        return 130
+    total = time.monotonic() - t0
+    if args.dry_run:
+        return 0
+    (logs / "summary.json").write_text(json.dumps(
+        {"command": cmd, "vng": str(vng), "vng_version": vng_version(vng), "jobs": args.jobs,
+         "total_s": total, "cells": [asdict(r) for r in results]}, indent=2) + "\n")
+    report(results, logs)
+    print(f"total wall time {total:.0f}s")
+    return 0 if all(r.result == "PASS" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

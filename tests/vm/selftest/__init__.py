@@ -1,0 +1,1 @@
+"""Stand-in guest tests proving the VM runner works; see ../README.md."""

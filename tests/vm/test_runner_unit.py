@@ -1,0 +1,160 @@
+"""Host-side tests of tests/vm/runner.py with a fake `vng` (no QEMU, no kernel, a few seconds).
+
+The fake vng runs the guest script (run.sh) directly on the host, or simulates a hang, a
+kernel panic (vng rc 255, no exit status) or a guest that never boots, so the runner's
+verdicts are checked without booting anything.  The real thing: see tests/vm/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from . import runner
+
+FAKE_VNG = """\
+#!{python}
+import os, subprocess, sys, time
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("virtme-ng 0.0-fake"); sys.exit(0)
+script = args[args.index("--exec") + 1]
+mode = os.environ.get("FAKE_VNG_MODE", "run")
+print("[    0.000000] fake console: booting", file=sys.stderr, flush=True)
+if mode == "noboot":
+    sys.exit(1)
+if mode == "panic":
+    print("Kernel panic - not syncing: fake", file=sys.stderr); sys.exit(255)
+if mode == "hang":
+    # like vng -> virtme-run -> qemu: a child that never ends, its pid for the test
+    child = subprocess.Popen(["sleep", "1000"])
+    open(os.environ["FAKE_VNG_PIDFILE"], "w").write(str(child.pid))
+    sys.exit(child.wait() and 255)
+sys.exit(subprocess.call(script, shell=True))
+"""
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="{e}"
+ failures="{f}" skipped="{s}" tests="{t}" time="0.1"/></testsuites>"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    vng = tmp_path / "vng"
+    vng.write_text(FAKE_VNG.format(python=sys.executable))
+    vng.chmod(0o755)
+    image = tmp_path / "boot" / "vmlinuz-6.1.0-99-amd64"
+    image.parent.mkdir()
+    image.write_bytes(b"not a kernel")
+    monkeypatch.setenv("CLOSEWAIT_VM_SKIP_QEMU_CHECK", "1")
+    return {"vng": vng, "image": image, "logs": tmp_path / "logs"}
+
+
+def _run(fake: dict[str, Path], cmd: str, *extra: str) -> int:
+    return runner.main(["--vng", str(fake["vng"]), "--kernels", str(fake["image"]), "--backends",
+                        "kprobe", "--logs", str(fake["logs"]), "--no-kheaders", *extra, "--", cmd])
+
+
+def _cell(fake: dict[str, Path]) -> Path:
+    return fake["logs"] / "6.1.0-99-amd64-kprobe"
+
+
+def test_passing_cell_counts_junit(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    xml = JUNIT.format(t=5, f=0, e=0, s=2).replace('"', '\\"')
+    rc = _run(fake, f'test "$CLOSEWAIT_VM_BACKEND" = {{backend}} && echo "{xml}" > {{junit}}')
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("6.1.0-99-amd64"))
+    cols = line.split()
+    assert cols[2:7] == ["kprobe", "3", "0", "2", "0"] and cols[-1] == "PASS", line
+    assert (_cell(fake) / "exit-status").read_text().strip() == "0"
+    assert "1 passed, 0 failed" in out
+
+
+def test_failing_command_fails_the_cell(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(fake, "echo boom; exit 3") == 1
+    out = capsys.readouterr().out
+    assert "command exited 3" in out and "| boom" in out
+    assert str(_cell(fake) / "console.log") in out
+
+
+def test_junit_failures_fail_even_with_exit_0(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    xml = JUNIT.format(t=2, f=1, e=0, s=0).replace('"', '\\"')
+    assert _run(fake, f'echo "{xml}" > {{junit}}') == 1
+    assert "junit: 1 failed" in capsys.readouterr().out
+
+
+def test_missing_junit_fails_when_cmd_names_it(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(fake, "true # would write {junit}") == 1
+    assert "no junit XML" in capsys.readouterr().out
+
+
+def test_panic_without_exit_status_fails(fake: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FAKE_VNG_MODE", "panic")
+    assert _run(fake, "true") == 1
+    assert "did not boot" in capsys.readouterr().out
+
+
+def test_hang_is_killed_at_timeout(fake: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FAKE_VNG_MODE", "hang")
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_VNG_PIDFILE", str(pidfile))
+    t = time.monotonic()
+    assert _run(fake, "true", "--timeout", "2") == 1
+    assert time.monotonic() - t < 20
+    assert "timeout: killed after 2s" in capsys.readouterr().out
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
+
+
+def test_missing_kernel_is_a_failed_cell(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    rc = runner.main(["--vng", str(fake["vng"]), "--kernels", "2.6", "--backends", "x",
+                      "--logs", str(fake["logs"]), "--no-kheaders", "--", "true"])
+    assert rc == 1
+    assert "not installed" in capsys.readouterr().out
+
+
+def test_kernel_discovery_newest_per_series(tmp_path: Path) -> None:
+    for name in ["vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-56-amd64", "vmlinuz-6.12.117+deb12-amd64",
+                 "vmlinuz-6.12.9+deb12-amd64", "config-6.1.0-56-amd64"]:
+        (tmp_path / name).write_text("")
+    newest = runner.newest_per_series(runner.installed_kernels(tmp_path))
+    assert newest["6.1"].release == "6.1.0-56-amd64"
+    assert newest["6.12"].release == "6.12.117+deb12-amd64"
+    assert runner.resolve_kernel("6.12", tmp_path).image == tmp_path / "vmlinuz-6.12.117+deb12-amd64"
+    assert runner.resolve_kernel("6.1.0-9-amd64", tmp_path).release == "6.1.0-9-amd64"
+    assert runner.resolve_kernel("5.10", tmp_path) is None
+
+
+def test_parse_junit_and_substitute(tmp_path: Path) -> None:
+    p = tmp_path / "j.xml"
+    p.write_text(JUNIT.format(t=10, f=2, e=1, s=3))
+    c = runner.parse_junit(p)
+    assert (c.passed, c.failed, c.errors, c.skipped) == (4, 2, 1, 3)
+    assert runner.substitute("X={backend} ${HOME} {other}", {"backend": "fentry"}) == "X=fentry ${HOME} {other}"
+
+
+def test_guest_script_is_written(fake: dict[str, Path]) -> None:
+    assert _run(fake, "echo {backend} {kernel}", "--dry-run", "--env", "FOO={backend}-x") == 0
+    d = _cell(fake)
+    assert (d / "cmd.sh").read_text().strip() == "echo kprobe 6.1"
+    run_sh = (d / "run.sh").read_text()
+    assert "export FOO=kprobe-x" in run_sh and "export CLOSEWAIT_VM_RELEASE=6.1.0-99-amd64" in run_sh
+    vng_cmd = (d / "vng-cmd.txt").read_text()
+    for flag in ["--disable-kvm", "--force-9p", "--user root", f"--rwdir {d}", "--overlay-rwdir"]:
+        assert flag in vng_cmd, flag
+
+
+def test_module_docstring_documents_cli() -> None:
+    doc = textwrap.dedent(runner.__doc__ or "")
+    for word in ["--kernels", "--backends", "--timeout", "--logs", "--list", "{backend}", "{junit}"]:
+        assert word in doc
+    assert os.path.exists(Path(runner.__file__).with_name("README.md"))
