@@ -220,13 +220,13 @@ class Probes:
         cfg.timeline_all = 1 if self.settings.timeline_all else 0
         self.set_pids(self.settings.pids)
         self.set_ports(self.settings.ports)
-        table = self.bpf["config"]
+        table = self.bpf[b"config"]
         table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 
     # --- filters and seeds --------------------------------------------------------------
 
     def set_pids(self, pids: Iterable[int]) -> None:
-        table = self.bpf["pid_filter"]
+        table = self.bpf[b"pid_filter"]
         wanted = set(pids)
         for key in list(table.keys()):
             if key.value not in wanted:
@@ -235,13 +235,13 @@ class Probes:
             table[ct.c_uint32(pid)] = ct.c_uint8(1)
 
     def set_ports(self, ports: Iterable[int]) -> None:
-        table = self.bpf["port_filter"]
+        table = self.bpf[b"port_filter"]
         for port in ports:
             table[ct.c_uint16(port)] = ct.c_uint8(1)
 
     def seed_listener(self, port: int, pid: int, comm: str) -> None:
         """A listener that existed before the tracer: its children get this owner."""
-        table = self.bpf["listeners"]
+        table = self.bpf[b"listeners"]
         lst = CListener()
         lst.tgid = pid
         lst.comm = comm.encode()[: decode.COMM_LEN - 1]
@@ -253,14 +253,14 @@ class Probes:
         def _raw(_ctx: Any, data: Any, size: int) -> None:
             callback(decode.decode_event(ct.string_at(data, size)))
 
-        self.bpf["events"].open_ring_buffer(_raw)
+        self.bpf[b"events"].open_ring_buffer(_raw)
 
     def poll_events(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
 
     def read_cw(self) -> list[SockInfo]:
         """Every entry of the cw map: sockets now in CLOSE_WAIT that passed the filters."""
-        table = self.bpf["cw"]
+        table = self.bpf[b"cw"]
         items: Iterable[tuple[Any, Any]]
         if self._batch_ok:
             try:
@@ -284,21 +284,21 @@ class Probes:
         return out
 
     def read_stats(self) -> dict[Stat, int]:
-        table = self.bpf["stats"]
+        table = self.bpf[b"stats"]
         return {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
 
     def read_hist(self) -> list[int]:
-        table = self.bpf["cw_hist"]
+        table = self.bpf[b"cw_hist"]
         return [int(table.sum(ct.c_int(i)).value) for i in range(decode.HIST_BUCKETS)]
 
     def read_accept_stats(self) -> dict[int, decode.CAcceptStat]:
-        table = self.bpf["accept_stats"]
+        table = self.bpf[b"accept_stats"]
         return {
             int(k.value): decode.CAcceptStat.from_buffer_copy(bytes(v)) for k, v in table.items()
         }
 
     def read_accept_errs(self) -> dict[tuple[int, int], int]:
-        table = self.bpf["accept_errs"]
+        table = self.bpf[b"accept_errs"]
         out = {}
         for k, v in table.items():
             key = decode.CAcceptErr.from_buffer_copy(bytes(k))

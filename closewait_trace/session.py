@@ -101,9 +101,17 @@ def open_live_world(
         headers = [user_header_dir(options.kernel_headers)]
     else:
         headers = candidate_header_dirs()
+    accept_nargs = features.inet_csk_accept_args
+    forced = os.environ.get("CLOSEWAIT_ACCEPT_NARGS")
+    if forced:
+        # A testing aid: declare another inet_csk_accept signature than the kernel's BTF
+        # says, to show that the VM matrix catches a wrong fexit program.
+        accept_nargs = int(forced)
+        notice(f"CLOSEWAIT_ACCEPT_NARGS={forced}: inet_csk_accept declared with {forced}"
+               f" arguments (BTF says {features.inet_csk_accept_args})")
     settings = ProbeSettings(
         backend=backend,
-        accept_nargs=features.inet_csk_accept_args,
+        accept_nargs=accept_nargs,
         report_min_ns=options.report_min_ns,
         pids=frozenset(options.pids),
         ports=frozenset(options.ports),

@@ -236,3 +236,16 @@ def test_other_signals_also_exit_cleanly(sig: int) -> None:
     assert any(r["type"] == "summary" for r in t.records)
     time.sleep(0.5)
     assert not (bpf_prog_ids() & during)
+
+
+def test_header_choice_is_reported(tracer: Tracer) -> None:
+    """The tracer says which kernel headers it compiled against; with the running kernel's
+    own headers installed, those are the ones."""
+    notices = [r["message"] for r in tracer.records if r["type"] == "notice"]
+    header_notes = [m for m in notices if "kernel headers" in m]
+    assert header_notes, notices
+    ready = next(r for r in tracer.records if r["type"] == "ready")
+    assert ready["headers"]
+    own = f"/lib/modules/{os.uname().release}/build"
+    if os.path.exists(own):
+        assert any("running kernel" in m for m in header_notes), header_notes
