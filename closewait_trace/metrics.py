@@ -12,6 +12,7 @@ import errno as errno_mod
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -44,30 +45,55 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, n
 
 
+@dataclass(frozen=True)
+class _Values:
+    """Plain values taken from one View at once: a scrape never mixes two moments."""
+
+    groups: tuple[tuple[tuple[str, str, str, str, str], int], ...]
+    leaking: int
+    flagged: int
+    stats: dict[Stat, int]
+    lost_exits: int
+    hist: tuple[int, ...]
+    accept_errors: dict[tuple[int, int], int]
+    listeners: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def of(cls, view: View, listeners: Sequence[tuple[int, int, int]]) -> _Values:
+        groups: Counter[tuple[str, str, str, str, str]] = Counter(
+            (str(c.owner_pid) if c.owner_pid is not None else "unknown", c.owner_comm or "",
+             str(c.service_port), c.direction.value, c.accepted.value)
+            for c in view.open)
+        return cls(
+            groups=tuple(groups.most_common()),
+            leaking=sum(1 for c in view.open if c.flagged_ns is not None),
+            flagged=view.flagged_total,
+            stats=dict(view.stats),
+            lost_exits=view.lost_exits,
+            hist=tuple(view.hist),
+            accept_errors=dict(view.accept_errors),
+            listeners=tuple(listeners),
+        )
+
+
 class _Collector(Collector):
     def __init__(self, exporter: MetricsExporter) -> None:
         self.exporter = exporter
 
     def collect(self) -> Iterator[Metric]:
         with self.exporter.lock:
-            view = self.exporter.view
-            flagged = self.exporter.flagged
-            listeners = list(self.exporter.listeners)
-        if view is None:
+            values = self.exporter.values
+        if values is None:
             return
-        yield from _series(view, flagged, listeners)
+        yield from _series(values)
 
 
-def _series(view: View, flagged: int, listeners: Sequence[tuple[int, int, int]]) -> Iterator[Metric]:
+def _series(v: _Values) -> Iterator[Metric]:
     now = GaugeMetricFamily(
         "closewait_sockets", "Sockets now in CLOSE_WAIT, by owner process and service port.",
         labels=["pid", "comm", "port", "direction", "accepted"])
-    groups: Counter[tuple[str, str, str, str, str]] = Counter(
-        (str(c.owner_pid) if c.owner_pid is not None else "unknown", c.owner_comm or "",
-         str(c.service_port), c.direction.value, c.accepted.value)
-        for c in view.open)
     other = 0
-    for i, (labels, n) in enumerate(groups.most_common()):
+    for i, (labels, n) in enumerate(v.groups):
         if i < MAX_SERIES:
             now.add_metric(list(labels), n)
         else:
@@ -78,20 +104,20 @@ def _series(view: View, flagged: int, listeners: Sequence[tuple[int, int, int]])
 
     leaking = GaugeMetricFamily("closewait_leaking_sockets",
                                 "Sockets now in CLOSE_WAIT for longer than the leak threshold.")
-    leaking.add_metric([], sum(1 for c in view.open if c.flagged_ns is not None))
+    leaking.add_metric([], v.leaking)
     yield leaking
 
     total = CounterMetricFamily("closewait_leaks_flagged",
                                 "Sockets flagged as leaking since the tracer started.")
-    total.add_metric([], flagged)
+    total.add_metric([], v.flagged)
     yield total
 
     entered = CounterMetricFamily("closewait_entered",
                                   "Sockets that entered CLOSE_WAIT on this host (all, unfiltered).")
-    entered.add_metric([], view.stats.get(Stat.CW_ENTERED, 0))
+    entered.add_metric([], v.stats.get(Stat.CW_ENTERED, 0))
     yield entered
 
-    hist = view.hist
+    hist = v.hist
     if hist:
         buckets: list[tuple[str, float]] = []
         acc = 0
@@ -103,14 +129,14 @@ def _series(view: View, flagged: int, listeners: Sequence[tuple[int, int, int]])
         h = HistogramMetricFamily(
             "closewait_duration_seconds",
             "Time sockets matching the filters spent in CLOSE_WAIT before leaving it.",
-            buckets=buckets, sum_value=view.stats.get(Stat.CW_NS_SUM, 0) / 1e9)
+            buckets=buckets, sum_value=v.stats.get(Stat.CW_NS_SUM, 0) / 1e9)
         yield h
 
     errs = CounterMetricFamily("closewait_accept_errors",
                                "Failed accept()/accept4() calls by errno (EAGAIN excluded).",
                                labels=["errno"])
     by_errno: Counter[int] = Counter()
-    for (_pid, err), n in view.accept_errors.items():
+    for (_pid, err), n in v.accept_errors.items():
         by_errno[err] += n
     for err, n in sorted(by_errno.items()):
         errs.add_metric([errno_mod.errorcode.get(err, str(err))], n)
@@ -120,7 +146,7 @@ def _series(view: View, flagged: int, listeners: Sequence[tuple[int, int, int]])
                           "Connections waiting in a listener's accept queue.", labels=["port"])
     b = GaugeMetricFamily("closewait_listener_backlog", "A listener's accept queue limit.",
                           labels=["port"])
-    for port, queue, backlog in listeners[:MAX_LISTENERS]:
+    for port, queue, backlog in v.listeners[:MAX_LISTENERS]:
         q.add_metric([str(port)], queue)
         b.add_metric([str(port)], backlog)
     yield q
@@ -132,8 +158,8 @@ def _series(view: View, flagged: int, listeners: Sequence[tuple[int, int, int]])
     for reason, stat in (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
                          ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
                          ("accept_map_full", Stat.PENDING_FULL)):
-        lost.add_metric([reason], view.stats.get(stat, 0))
-    lost.add_metric(["exit_events"], view.lost_exits)
+        lost.add_metric([reason], v.stats.get(stat, 0))
+    lost.add_metric(["exit_events"], v.lost_exits)
     yield lost
 
 
@@ -144,8 +170,7 @@ class MetricsExporter:
         self.host = host
         self.port = port
         self.lock = threading.Lock()
-        self.view: View | None = None
-        self.flagged = 0
+        self.values: _Values | None = None
         self.listeners: list[tuple[int, int, int]] = []
         self._listeners_fn = listeners
         self._last_listeners_ns = 0
@@ -168,9 +193,9 @@ class MetricsExporter:
                 listeners = [(d.lport, d.rqueue, d.wqueue) for d in self._listeners_fn()]
             except Exception:
                 listeners = []
+        values = _Values.of(view, listeners)
         with self.lock:
-            self.view = view
-            self.flagged = view.flagged_total
+            self.values = values
             self.listeners = listeners
 
     # Renderer protocol
