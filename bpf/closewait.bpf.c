@@ -465,16 +465,30 @@ static __always_inline void note_accept_result(long ret, u64 now)
         accept_errs.update(&key, &one);
 }
 
-#if CW_BACKEND == CW_BACKEND_TRACEPOINT
-/* Tracepoint backend: tie accept()'s returned peer address back to the pending socket. */
-static __always_inline void accept_enter(u64 upeer)
-{
-    if (!upeer)
-        return;
-    u64 id = bpf_get_current_pid_tgid();
-    accept_args.update(&id, &upeer);
-}
+/* accept() through the syscall tracepoints: the only way on kernels without kprobes and
+ * fentry. Attaching any syscalls:* tracepoint puts every syscall of every thread on the
+ * kernel's slower tracing path (measured here: about a fifth of a connection-per-request
+ * server's rate), so userspace attaches these only while they are needed, and detaches
+ * them after. The layouts are the syscall tracepoints' own (stable): common fields, the
+ * syscall number, then the arguments or the return value, each 8 bytes. */
+struct cw_sys_enter_accept {
+    u64 common;
+    s32 nr;
+    s32 _pad;
+    u64 fd;
+    u64 upeer_sockaddr;
+    u64 upeer_addrlen;
+};
 
+struct cw_sys_exit {
+    u64 common;
+    s32 nr;
+    s32 _pad;
+    s64 ret;
+};
+
+#if CW_BACKEND == CW_BACKEND_TRACEPOINT
+/* Tie accept()'s returned peer address back to the pending socket. */
 struct cw_sockaddr {
     u16 family;
     u16 port_be;
@@ -482,22 +496,33 @@ struct cw_sockaddr {
     u8 v6[16]; /* sockaddr_in6: after 4 bytes of flowinfo, i.e. v4[] is flowinfo there */
 };
 
-static __always_inline void accept_exit(long ret)
+int cwt_sys_enter_accept(struct cw_sys_enter_accept *ctx)
 {
+    u64 upeer = ctx->upeer_sockaddr;
+    if (!upeer)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    accept_args.update(&id, &upeer);
+    return 0;
+}
+
+int cwt_sys_exit_accept(struct cw_sys_exit *ctx)
+{
+    long ret = ctx->ret;
     u64 now = bpf_ktime_get_ns();
     note_accept_result(ret, now);
     u64 id = bpf_get_current_pid_tgid();
     u64 *upeer = accept_args.lookup(&id);
     if (!upeer)
-        return;
+        return 0;
     u64 uaddr = *upeer;
     accept_args.delete(&id);
     if (ret < 0)
-        return;
+        return 0;
 
     struct cw_sockaddr sa = {};
     if (bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr))
-        return;
+        return 0;
     struct cw_peer peer = {};
     peer.port = (sa.port_be >> 8) | ((sa.port_be & 0xff) << 8);
     if (sa.family == CW_AF_INET) {
@@ -507,56 +532,25 @@ static __always_inline void accept_exit(long ret)
     } else if (sa.family == CW_AF_INET6) {
         __builtin_memcpy(peer.addr, sa.v6, CW_ADDR_LEN);
     } else {
-        return; /* not an inet socket */
+        return 0; /* not an inet socket */
     }
     u64 *skp = pending.lookup(&peer);
     if (!skp) {
         stat_inc(CW_STAT_ACCEPT_UNMATCHED);
-        return;
+        return 0;
     }
     u64 sk = *skp;
     pending.delete(&peer);
     note_accept(sk, now);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
-{
-    accept_enter((u64)args->upeer_sockaddr);
     return 0;
 }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_accept)
+#else
+/* Fallback for kprobe/fentry kernels without __sys_accept4: accept outcomes only. */
+int cwt_sys_exit_accept(struct cw_sys_exit *ctx)
 {
-    accept_enter((u64)args->upeer_sockaddr);
+    note_accept_result(ctx->ret, bpf_ktime_get_ns());
     return 0;
 }
-
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
-{
-    accept_exit(args->ret);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_accept)
-{
-    accept_exit(args->ret);
-    return 0;
-}
-
-#else /* kprobe and fentry backends see the accepted socket itself */
-
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
-{
-    note_accept_result(args->ret, bpf_ktime_get_ns());
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_accept)
-{
-    note_accept_result(args->ret, bpf_ktime_get_ns());
-    return 0;
-}
-
 #endif
 
 #if CW_BACKEND == CW_BACKEND_KPROBE
@@ -572,6 +566,14 @@ int cwt_accept_ret(struct pt_regs *ctx)
 int cwt_tcp_close(struct pt_regs *ctx)
 {
     note_close(PT_REGS_PARM1(ctx), bpf_ktime_get_ns());
+    return 0;
+}
+
+/* kretprobe __sys_accept4 (accept and accept4 both end there): outcomes without the
+ * global cost of the syscall tracepoints. */
+int cwt_accept_syscall_ret(struct pt_regs *ctx)
+{
+    note_accept_result((int)PT_REGS_RC(ctx), bpf_ktime_get_ns());
     return 0;
 }
 #endif
@@ -597,4 +599,13 @@ KFUNC_PROBE(tcp_close, void *sk, long timeout)
     note_close((u64)sk, bpf_ktime_get_ns());
     return 0;
 }
+
+#ifdef CW_HAVE_SYS_ACCEPT4
+/* fexit __sys_accept4(fd, upeer_sockaddr, upeer_addrlen, flags): accept outcomes. */
+KRETFUNC_PROBE(__sys_accept4, int fd, void *upeer, void *upeer_len, int flags, int ret)
+{
+    note_accept_result(ret, bpf_ktime_get_ns());
+    return 0;
+}
+#endif
 #endif

@@ -77,6 +77,7 @@ def bpf_source_dir() -> Path:
 class ProbeSettings:
     backend: Backend
     accept_nargs: int | None = None  # fentry: parameters of inet_csk_accept in BTF
+    sys_accept4_nargs: int | None = None  # fentry: parameters of __sys_accept4 in BTF
     report_min_ns: int = 200_000_000
     pids: frozenset[int] = frozenset()
     ports: frozenset[int] = frozenset()
@@ -98,6 +99,8 @@ class ProbeSettings:
         ]
         if self.backend is Backend.FENTRY:
             flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
+            if self.sys_accept4_nargs == 4:
+                flags.append("-DCW_HAVE_SYS_ACCEPT4")
         return flags
 
 
@@ -136,6 +139,8 @@ class Probes:
     notices: list[str] = field(default_factory=list)
     _closed: bool = False
     _batch_ok: bool = True
+    #: the accept syscall tracepoints are attached (they tax every syscall: see the C)
+    accept_watch: bool = False
     #: raw cw map value -> decoded record, from the previous poll: a socket sitting in
     #: CLOSE_WAIT is decoded once, not at every poll
     _decoded: dict[bytes, SockInfo] = field(default_factory=dict)
@@ -202,15 +207,54 @@ class Probes:
             raise
         return probes
 
+    SYSCALL_ENTERS = (b"syscalls:sys_enter_accept4", b"syscalls:sys_enter_accept")
+    SYSCALL_EXITS = (b"syscalls:sys_exit_accept4", b"syscalls:sys_exit_accept")
+
     def _attach(self) -> None:
-        """Tracepoints and fentry/fexit attach themselves when BCC loads; kprobes here."""
-        if self.settings.backend is not Backend.KPROBE:
+        """Tracepoints and fentry/fexit attach themselves when BCC loads; kprobes here.
+        accept() outcomes come from __sys_accept4 where the backend can probe it."""
+        backend = self.settings.backend
+        try:
+            if backend is Backend.KPROBE:
+                self.bpf.attach_kretprobe(event=b"inet_csk_accept", fn_name=b"cwt_accept_ret")
+                self.bpf.attach_kprobe(event=b"tcp_close", fn_name=b"cwt_tcp_close")
+                if self.bpf.get_kprobe_functions(b"^__sys_accept4$"):
+                    self.bpf.attach_kretprobe(event=b"__sys_accept4",
+                                              fn_name=b"cwt_accept_syscall_ret")
+                else:
+                    self._syscall_fallback()
+            elif backend is Backend.FENTRY and self.settings.sys_accept4_nargs != 4:
+                self._syscall_fallback()
+        except BpfLoadError:
+            raise
+        except Exception as exc:
+            raise BpfLoadError(f"attaching probes failed: {exc}") from exc
+
+    def _syscall_fallback(self) -> None:
+        for tp in self.SYSCALL_EXITS:
+            self.bpf.attach_tracepoint(tp=tp, fn_name=b"cwt_sys_exit_accept")
+        self.notices.append(
+            "__sys_accept4 cannot be probed on this kernel: accept() failures are traced"
+            " through the syscall tracepoints, which slow every syscall a little")
+
+    def set_accept_watch(self, on: bool) -> None:
+        """Tracepoint backend: attach or detach the accept syscall tracepoints."""
+        if self.settings.backend is not Backend.TRACEPOINT or on == self.accept_watch \
+                or self._closed:
             return
         try:
-            self.bpf.attach_kretprobe(event="inet_csk_accept", fn_name="cwt_accept_ret")
-            self.bpf.attach_kprobe(event="tcp_close", fn_name="cwt_tcp_close")
+            if on:
+                for tp in self.SYSCALL_ENTERS:
+                    self.bpf.attach_tracepoint(tp=tp, fn_name=b"cwt_sys_enter_accept")
+                for tp in self.SYSCALL_EXITS:
+                    self.bpf.attach_tracepoint(tp=tp, fn_name=b"cwt_sys_exit_accept")
+            else:
+                for tp in self.SYSCALL_ENTERS + self.SYSCALL_EXITS:
+                    self.bpf.detach_tracepoint(tp=tp)
         except Exception as exc:
-            raise BpfLoadError(f"attaching kprobes failed: {exc}") from exc
+            raise BpfLoadError(f"attaching the accept syscall tracepoints failed: {exc}") \
+                from exc
+        self.accept_watch = on
 
     def _configure(self) -> None:
         cfg = CConfig()

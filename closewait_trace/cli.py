@@ -79,6 +79,11 @@ def _tracing_options(fn: F) -> F:
         click.option("--metrics", metavar="[ADDR:]PORT",
                      help="Serve Prometheus metrics on this port (bound to 127.0.0.1 unless an"
                      " address is given)."),
+        click.option("--accept-watch", type=click.Choice(["auto", "always"]), default="auto",
+                     show_default=True,
+                     help="Tracepoint backend only: trace accept() through the syscall"
+                     " tracepoints only while never-accepted sockets need explaining (auto),"
+                     " or all the time (they slow every syscall a little)."),
         click.option("--max-sockets", type=click.IntRange(1024, 1 << 22), default=131072,
                      show_default=True, help="Size of the kernel's per-socket map."),
         click.option("--max-close-wait", type=click.IntRange(256, 1 << 22), default=32768,
@@ -199,7 +204,8 @@ def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None
 def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
          threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
          as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
-         metrics: str | None, max_sockets: int, max_close_wait: int) -> None:
+         metrics: str | None, accept_watch: str, max_sockets: int,
+         max_close_wait: int) -> None:
     """Trace TCP sockets in CLOSE_WAIT live: who owns them, whether they were accepted,
     whether they were closed, and why they leak.
 
@@ -216,7 +222,8 @@ def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], dura
         return
     with _errors():
         options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
-                           max_sockets, max_close_wait, timeline, timeline_export)
+                           max_sockets, max_close_wait, timeline, timeline_export,
+                           accept_watch)
         sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
                                               timeline_export), metrics=metrics))
 
@@ -224,7 +231,7 @@ def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], dura
 def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
              threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
              max_sockets: int, max_close_wait: int, timeline: str | None = None,
-             timeline_export: Path | None = None) -> Any:
+             timeline_export: Path | None = None, accept_watch: str = "auto") -> Any:
     from .session import Options
 
     if timeline_export is not None and timeline is None:
@@ -240,6 +247,7 @@ def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None
         report_min_ns=report_min, backend=backend, kernel_headers=kernel_headers,
         duration_s=duration / 1e9 if duration else None, max_socks=max_sockets,
         max_cw=max_close_wait, timelines=timeline, timeline_all=timeline == "all",
+        accept_watch=accept_watch,
     )
 
 
@@ -256,12 +264,14 @@ def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None
 def record(output: Path, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
            threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
            as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
-           metrics: str | None, max_sockets: int, max_close_wait: int) -> None:
+           metrics: str | None, accept_watch: str, max_sockets: int,
+           max_close_wait: int) -> None:
     """Trace live as the main command does, and record the trace to a file that
     `closewait-trace report` reads back on any machine, without root or BPF."""
     with _errors():
         options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
-                           max_sockets, max_close_wait, timeline, timeline_export)
+                           max_sockets, max_close_wait, timeline, timeline_export,
+                           accept_watch)
         sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
                                               timeline_export), record_to=output,
                            metrics=metrics))

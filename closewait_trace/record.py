@@ -192,6 +192,9 @@ class RecordingWorld:
     def seed_listener(self, port: int, pid: int, comm: str) -> None:
         self.inner.seed_listener(port, pid, comm)
 
+    def set_accept_watch(self, on: bool) -> None:
+        self.inner.set_accept_watch(on)
+
     def finished(self) -> bool:
         return self.inner.finished()
 
@@ -330,6 +333,9 @@ class ReplayWorld:
         pass
 
     def seed_listener(self, port: int, pid: int, comm: str) -> None:
+        pass
+
+    def set_accept_watch(self, on: bool) -> None:
         pass
 
     def finished(self) -> bool:

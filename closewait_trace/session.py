@@ -22,11 +22,13 @@ from typing import Any
 
 from .attach import ProbeSettings, Probes
 from .diagnose import (
-    AcceptStats, DurationStats, Facts, ListenerFacts, ProcessFacts, Verdict, diagnose,
+    AcceptStats, Confidence, DurationStats, Facts, ListenerFacts, ProcessFacts, Verdict,
+    diagnose,
 )
 from .enrich import DiagSocket, TupleIndex
-from .errors import PrivilegeError, UsageError
-from .features import choose_backend, ensure_tracefs, is_privileged, probe_features
+from . import btf
+from .errors import CloseWaitError, PrivilegeError, UsageError
+from .features import Backend, choose_backend, ensure_tracefs, is_privileged, probe_features
 from .headers import HeaderCandidate, candidate_header_dirs, user_header_dir
 from .join import Accepted, Change, ChangeKind, Connection, Direction, Listener, Tracker
 from .render import EXIT_WORDS, Renderer, View
@@ -48,6 +50,9 @@ class Options:
     max_socks: int = 131072
     max_cw: int = 32768
     keep_closed: int = 10000
+    #: tracepoint backend: "auto" attaches the accept syscall tracepoints only while
+    #: never-accepted sockets are to be explained; "always" keeps them attached
+    accept_watch: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +67,7 @@ class Options:
             "max_socks": self.max_socks,
             "max_cw": self.max_cw,
             "keep_closed": self.keep_closed,
+            "accept_watch": self.accept_watch,
         }
 
     @classmethod
@@ -78,6 +84,7 @@ class Options:
             max_socks=int(d.get("max_socks", 131072)),
             max_cw=int(d.get("max_cw", 32768)),
             keep_closed=int(d.get("keep_closed", 10000)),
+            accept_watch=str(d.get("accept_watch", "auto")),
         )
 
 
@@ -109,9 +116,14 @@ def open_live_world(
         accept_nargs = int(forced)
         notice(f"CLOSEWAIT_ACCEPT_NARGS={forced}: inet_csk_accept declared with {forced}"
                f" arguments (BTF says {features.inet_csk_accept_args})")
+    try:
+        sys_accept4_nargs = btf.func_arg_count("__sys_accept4") if features.btf else None
+    except CloseWaitError:
+        sys_accept4_nargs = None
     settings = ProbeSettings(
         backend=backend,
         accept_nargs=accept_nargs,
+        sys_accept4_nargs=sys_accept4_nargs,
         report_min_ns=options.report_min_ns,
         pids=frozenset(options.pids),
         ports=frozenset(options.ports),
@@ -138,6 +150,7 @@ def open_live_world(
         "kernel": os.uname().release,
         "tracer_pid": os.getpid(),
         "wall_offset_ns": time.time_ns() - time.monotonic_ns(),
+        "accept_watch": options.accept_watch if backend is Backend.TRACEPOINT else "always",
     }
     return LiveWorld(probes), info
 
@@ -178,6 +191,7 @@ class Session:
         # Per-tick caches: many connections flagged at once cost one scan, not one each.
         self._tick_listeners: list[ListenerInfo] | None = None
         self._tick_procs: dict[int, ProcessInfo] = {}
+        self._accept_watch_until = 0
 
     # --- start ----------------------------------------------------------------------------
 
@@ -185,6 +199,8 @@ class Session:
         """Seed what predates the probes, then say we are ready."""
         try:
             self._seed()
+            if self.options.accept_watch == "always":
+                self.world.set_accept_watch(True)
         except WorldEnded:
             self._ended = True
         self._started = True
@@ -281,6 +297,8 @@ class Session:
         changes = self._apply_pid_filter(changes)
         flagged = self.tracker.tick(now)
         if flagged:
+            if not (slow_due or new):
+                self.counters = self.world.counters()  # the flag's verdict needs fresh counts
             self._refresh_read_state([ch.conn for ch in flagged if ch.conn is not None])
         changes += flagged
         for ch in changes:
@@ -294,6 +312,10 @@ class Session:
         for conn in retried:
             if conn.is_open and conn.key in self.tracker.open:
                 self.verdicts[conn.key] = diagnose(conn, self._facts(conn), now)
+        if slow_due:
+            changes += self._rediagnose_uncertain(now, {id(ch.conn) for ch in changes})
+        if slow_due or new:
+            self._steer_accept_watch(now)
         if slow_due:
             self._last_slow_ns = now
             self._watch_pids(now)
@@ -315,6 +337,34 @@ class Session:
         for conn in needs:
             self._enrich_one(conn, diag.find(conn.family, conn.laddr, conn.lport, conn.raddr,
                                              conn.rport))
+
+    ACCEPT_WATCH_LINGER_NS = 30_000_000_000
+
+    def _rediagnose_uncertain(self, now: int, done: set[int]) -> list[Change]:
+        """Evidence keeps coming after the flag (accept() failures, a thread now blocked in
+        epoll_wait): flagged leaks whose verdict is not certain yet are judged again, and an
+        update is shown when the verdict changes."""
+        out = []
+        for conn in self.tracker.open.values():
+            old = self.verdicts.get(conn.key)
+            if conn.flagged_ns is None or id(conn) in done or \
+                    (old is not None and old.confidence is Confidence.CERTAIN):
+                continue
+            verdict = diagnose(conn, self._facts(conn), now)
+            self.verdicts[conn.key] = verdict
+            if old is None or (verdict.cause, verdict.confidence) != (old.cause, old.confidence):
+                out.append(Change(ChangeKind.UPDATED, conn))
+        return out
+
+    def _steer_accept_watch(self, now: int) -> None:
+        """Keep the accept syscall tracepoints (tracepoint backend) attached while sockets
+        that were never accepted are open, and 30 s after: their accept() failures and late
+        accepts are the evidence. They tax every syscall, so they are off otherwise."""
+        if self.options.accept_watch != "auto":
+            return
+        if any(c.accepted is Accepted.NO for c in self.tracker.open.values()):
+            self._accept_watch_until = now + self.ACCEPT_WATCH_LINGER_NS
+        self.world.set_accept_watch(now < self._accept_watch_until)
 
     def _refresh_read_state(self, conns: list[Connection]) -> None:
         """At the flag, what the application has read by now (EOF or not)."""

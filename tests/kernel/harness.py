@@ -163,6 +163,26 @@ def bpf_prog_ids() -> set[int]:
     return {int(p["id"]) for p in json.loads(out or "[]")}
 
 
+def prog_ids_of(pid: int) -> set[int]:
+    """IDs of the BPF programs a process holds (its fds' /proc fdinfo "prog_id:" lines):
+    other processes loading programs meanwhile cannot blur the check."""
+    out: set[int] = set()
+    fdinfo = f"/proc/{pid}/fdinfo"
+    try:
+        names = os.listdir(fdinfo)
+    except OSError:
+        return out
+    for name in names:
+        try:
+            with open(f"{fdinfo}/{name}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        out.add(int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def kprobe_events() -> str:
     for base in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
         try:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import Server, Tracer, bpf_prog_ids, kprobe_events
+from .harness import Server, Tracer, bpf_prog_ids, kprobe_events, prog_ids_of
 
 pytestmark = pytest.mark.kernel
 
@@ -52,6 +52,29 @@ def _leak(tracer: Tracer, port: int, timeout: float = THRESHOLD + 5) -> dict:
         lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(f":{port}"),
         timeout, what=f"leak on port {port}")
     return rec["connection"]
+
+
+def test_accept_watch_attaches_only_when_needed(tracer: Tracer, servers: list[Server]) -> None:
+    """The tracepoint backend traces accept() through syscall tracepoints, which tax every
+    syscall: they are attached only once a never-accepted socket is there to explain. The
+    kprobe and fentry backends probe __sys_accept4 from the start, at no such cost."""
+    ready = next(r for r in tracer.records if r["type"] == "ready")
+    assert tracer.proc is not None
+    if ready["backend"] != "tracepoint":
+        assert ready["accept_watch"] == "always"
+        return
+    assert ready["accept_watch"] == "auto"
+    before = prog_ids_of(tracer.proc.pid)
+    assert len(before) == 1  # sock:inet_sock_set_state only
+    srv = _start(servers, accept=False)
+    c = srv.connect()
+    c.close()
+    tracer.wait_for(lambda r: r["type"] == "open"
+                    and r["connection"]["local"].endswith(f":{srv.port}"), 5, what="open")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(prog_ids_of(tracer.proc.pid)) == len(before):
+        time.sleep(0.1)
+    assert len(prog_ids_of(tracer.proc.pid)) > len(before)
 
 
 def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: list[Server]) -> None:
@@ -198,9 +221,10 @@ def test_pid_filter_excludes_other_process_and_sigterm_detaches_everything(
     pre = mine.connect()
     pre.close()
     time.sleep(0.3)
-    before = bpf_prog_ids()
     t = Tracer(["-p", str(mine.pid), "--threshold", "1s", "--report-min", "100ms"]).start()
-    during = bpf_prog_ids() - before
+    assert t.proc is not None
+    during = prog_ids_of(t.proc.pid)
+    assert during <= bpf_prog_ids()
     try:
         assert during, "the tracer loaded no BPF program?"
         for srv in (mine, other):
@@ -229,9 +253,10 @@ def test_pid_filter_excludes_other_process_and_sigterm_detaches_everything(
 @pytest.mark.host_only
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
 def test_other_signals_also_exit_cleanly(sig: int) -> None:
-    before = bpf_prog_ids()
     t = Tracer([]).start()
-    during = bpf_prog_ids() - before
+    assert t.proc is not None
+    during = prog_ids_of(t.proc.pid)
+    assert during, "the tracer holds no BPF program?"
     assert t.stop(sig) == 0
     assert any(r["type"] == "summary" for r in t.records)
     time.sleep(0.5)

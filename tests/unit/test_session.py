@@ -1,0 +1,87 @@
+"""The session loop on a scripted world (no kernel): the accept watch policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from closewait_trace.decode import SockFlag, SockInfo
+from closewait_trace.render import View
+from closewait_trace.session import Options, Session
+from closewait_trace.world import Counters, ProcessInfo
+
+S = 1_000_000_000
+
+
+def _never_accepted(ts: int) -> SockInfo:
+    return SockInfo(skaddr=0xAB, ts_first=ts - S, ts_established=ts - S, ts_cw_enter=ts,
+                    ts_accept=0, ts_close=0, owner_tgid=42, closer_tgid=0,
+                    flags=SockFlag.PASSIVE | SockFlag.OWNER_KNOWN | SockFlag.IN_CW,
+                    family=2, laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=5000,
+                    owner_comm="srv")
+
+
+class ScriptedWorld:
+    """Answers from a script of CLOSE_WAIT maps; records the accept watch switches."""
+
+    def __init__(self) -> None:
+        self.now = 100 * S
+        self.cw: list[SockInfo] = []
+        self.watch: list[bool] = []
+
+    def now_ns(self) -> int: return self.now
+    def checkpoint(self, stop: bool) -> bool: return stop
+    def events(self, timeout_ms: int) -> list[Any]: return []
+    def close_wait(self) -> list[SockInfo]: return list(self.cw)
+    def counters(self) -> Counters: return Counters()
+    def diag_close_wait(self) -> list[Any]: return []
+    def listeners(self) -> list[Any]: return []
+    def owners(self, inode: int) -> list[Any]: return []
+    def process(self, pid: int) -> ProcessInfo: return ProcessInfo(pid, True)
+    def descendants(self, pids: Any) -> list[int]: return []
+    def set_pids(self, pids: Any) -> None: pass
+    def seed_listener(self, port: int, pid: int, comm: str) -> None: pass
+    def set_accept_watch(self, on: bool) -> None: self.watch.append(on)
+    def finished(self) -> bool: return False
+    def close(self) -> None: pass
+
+
+class NullRenderer:
+    def notice(self, message: str) -> None: pass
+    def ready(self, view: View, info: dict[str, Any]) -> None: pass
+    def changes(self, changes: Any, view: View) -> None: pass
+    def refresh(self, view: View) -> None: pass
+    def pid_exit(self, pid: int, view: View) -> None: pass
+    def finish(self, view: View) -> None: pass
+
+
+def _tick(session: Session, world: ScriptedWorld, dt: float) -> None:
+    world.now += int(dt * S)
+    session.step([])
+
+
+def test_accept_watch_follows_never_accepted_sockets_and_lingers() -> None:
+    world = ScriptedWorld()
+    session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), NullRenderer(), world,
+                      {"backend": "tracepoint"})
+    session.start()
+    _tick(session, world, 1.0)
+    assert world.watch[-1] is False  # nothing to explain: off
+    world.cw = [_never_accepted(world.now)]
+    _tick(session, world, 0.3)  # reported (>= report_min): a never-accepted socket
+    assert world.watch[-1] is True
+    world.cw = []  # it left CLOSE_WAIT
+    _tick(session, world, 1.0)
+    assert world.watch[-1] is True  # lingers
+    for _ in range(35):
+        _tick(session, world, 1.0)
+    assert world.watch[-1] is False  # off again 30 s later
+
+
+def test_accept_watch_always_is_set_once_and_never_steered() -> None:
+    world = ScriptedWorld()
+    session = Session(Options(accept_watch="always"), NullRenderer(), world,
+                      {"backend": "tracepoint"})
+    session.start()
+    for _ in range(5):
+        _tick(session, world, 1.0)
+    assert world.watch == [True]
