@@ -1,0 +1,1 @@
+"""Benchmarks for closewait-trace (commands, not tests). See bench/README.md."""
