@@ -431,9 +431,14 @@ def _scenario_names() -> list[str]:
               show_default=True, help="Which lifecycle timelines to print.")
 @click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the timelines shown to this .html or .svg file.")
+@click.option("--accept-watch", type=click.Choice(["auto", "always"]), default="auto",
+              show_default=True,
+              help="Tracepoint backend only: trace accept() all the time (always), or only"
+              " while never-accepted sockets need explaining (auto).")
 def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
          threshold: int | None, backend: str, kernel_headers: Path | None, as_json: bool,
-         plain: bool, record: Path | None, timeline: str, timeline_export: Path | None) -> None:
+         plain: bool, record: Path | None, timeline: str, timeline_export: Path | None,
+         accept_watch: str) -> None:
     """Start a built-in leaky workload in child processes and trace it live.
 
     A listener that never accepts, a server that accepts and never closes, a healthy server,
@@ -474,7 +479,7 @@ def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
                 ports=frozenset(workload.ports.values()),
                 threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
                 backend=backend, kernel_headers=kernel_headers, duration_s=duration / 1e9,
-                timelines=timelines, timeline_all=timelines == "all",
+                timelines=timelines, timeline_all=timelines == "all", accept_watch=accept_watch,
             )
             run_trace(options, renderer, before_run=workload.start_clients, record_to=record)
         finally:
