@@ -20,7 +20,6 @@ users' processes without privilege) are skipped silently.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import os
 import resource
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from closewait_trace.decode import TcpState  # one definition, shared with the decoder
 from closewait_trace.errors import EnrichError, UsageError
 
 __all__ = [
@@ -58,23 +58,6 @@ PROC = Path("/proc")
 
 _SUPPORTED_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _SOCKET_LINK_PREFIX = "socket:["
-
-
-class TcpState(enum.IntEnum):
-    """TCP states in the kernel's numbering (include/net/tcp_states.h)."""
-
-    ESTABLISHED = 1
-    SYN_SENT = 2
-    SYN_RECV = 3
-    FIN_WAIT1 = 4
-    FIN_WAIT2 = 5
-    TIME_WAIT = 6
-    CLOSE = 7
-    CLOSE_WAIT = 8
-    LAST_ACK = 9
-    LISTEN = 10
-    CLOSING = 11
-    NEW_SYN_RECV = 12
 
 
 # --------------------------------------------------------------------------- addresses
