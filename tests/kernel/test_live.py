@@ -274,3 +274,23 @@ def test_header_choice_is_reported(tracer: Tracer) -> None:
     own = f"/lib/modules/{os.uname().release}/build"
     if os.path.exists(own):
         assert any("running kernel" in m for m in header_notes), header_notes
+
+
+@pytest.mark.host_only  # /proc watching in userspace, the same on every kernel
+def test_traced_pid_that_exits_is_reported_and_tracing_goes_on(servers: list[Server]) -> None:
+    srv = _start(servers, accept=False)
+    c = srv.connect()
+    c.close()
+    t = Tracer(["-p", str(srv.pid), "--threshold", "1s", "--report-min", "100ms"]).start()
+    try:
+        t.wait_for(lambda r: r["type"] == "leak", 6, what="leak of the traced pid")
+        assert srv.proc is not None
+        srv.proc.kill()
+        srv.proc.wait()
+        exit_rec = t.wait_for(lambda r: r["type"] == "pid_exit", 6, what="pid_exit")
+        assert exit_rec["pid"] == srv.pid
+        assert t.proc is not None and t.proc.poll() is None  # still tracing
+    finally:
+        assert t.stop() == 0
+    summary = next(r for r in t.records if r["type"] == "summary")
+    assert summary["flagged"] >= 1  # its sockets stay counted
