@@ -408,6 +408,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         s->ts_established = now;
 #if CW_BACKEND == CW_BACKEND_TRACEPOINT
         if ((s->flags & CW_F_PASSIVE) && !(s->flags & CW_F_ACCEPTED)) {
+            /* Some kernels (Debian's 6.1 and 6.12) move the child to SYN_RECV before its
+             * peer address is copied in: take the address again now, for the accept match. */
+            LOAD_TUPLE();
+            fill_tuple(s, &t);
             struct cw_peer peer = {};
             __builtin_memcpy(peer.addr, s->raddr, CW_ADDR_LEN);
             peer.port = s->rport;

@@ -45,7 +45,11 @@ class Tracer:
                                      text=True)
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
-        self.wait_for(lambda r: r["type"] == "ready", START_TIMEOUT, what="tracer ready")
+        try:
+            self.wait_for(lambda r: r["type"] == "ready", START_TIMEOUT, what="tracer ready")
+        except BaseException:
+            self.stop(timeout=10)  # never leave a tracer behind, its probes still attached
+            raise
         return self
 
     def _read_out(self) -> None:
