@@ -220,12 +220,6 @@ def test_slow_handler_is_closed_late_with_its_close_wait_time() -> None:
     assert {c["id"] for c in closes} <= flagged_ids
 
 
-@pytest.mark.xfail(
-    os.environ.get("CLOSEWAIT_VM") == "1" and os.environ.get("CLOSEWAIT_BACKEND") == "tracepoint",
-    reason="KNOWN DEFECT: in the VM matrix's tracepoint cells (Debian 6.1 and 6.12) accept() is"
-    " not matched to its socket, so no late accept is seen; the same test passes natively with"
-    " the tracepoint backend, and with kprobe and fentry in the same guests. Not understood yet.",
-    strict=False)
 def test_large_backlog_connections_are_drained_late() -> None:
     # Telling a late accept needs accept() seen from the start: the tracepoint backend's
     # accept tracepoints attach on demand otherwise, possibly after the first late accepts.
