@@ -485,7 +485,7 @@ def run_wrk(children: Children, argv: list[str], workdir: Path) -> WrkResult:
 @dataclass
 class Config:
     name: str
-    kind: str  # "none" | "closewait" | "bcc"
+    kind: str  # "none" | "closewait" | "floor" | "bcc"
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
 
@@ -506,7 +506,7 @@ def _short(path: str) -> str:
 
 
 # Run by default, in this order (rotated each round).
-DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "tcpstates", "tcplife")
+DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "floor", "tcpstates", "tcplife")
 # Also available with --only: the timeline of *every* socket (meant for use with filters).
 ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all")
 
@@ -655,6 +655,10 @@ def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
             else:
                 notes.append(f"{name} skipped: this closewait-trace has no --timeline "
                              "option (`closewait-trace --help`)")
+        elif name == "floor":
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+            configs.append(Config("floor", "floor", [sys.executable, "-m", "bench.floor"], env))
         elif name == "tcpstates":
             configs.append(Config("tcpstates", "bcc", [paths["tcpstates-bpfcc"]], bcc_env))
         elif name == "tcplife":
@@ -731,8 +735,8 @@ def _wait_ready(cfg: Config, p: subprocess.Popen[bytes], out: Path, err: Path,
         if elapsed > timeout:
             raise TracerFailed(f"{cfg.name} not ready after {timeout:.0f} s; stderr tail:\n"
                                f"{tail(err)}")
-        if cfg.kind == "closewait":
-            # closewait-trace prints {"type": "ready", ...} once its probes are attached.
+        if cfg.kind in ("closewait", "floor"):
+            # closewait-trace and bench/floor.py print {"type": "ready", ...} once attached.
             if any(o.get("type") == "ready" for o in _read_json_lines(out)):
                 return elapsed
         else:
@@ -817,7 +821,7 @@ def run_one(cfg: Config, rnd: int, pos: int, args: argparse.Namespace, children:
                     run.cw_entered = summary.get("cw_entered")
                     if code not in (0, None):
                         run.notes.append(f"exit code {code}")
-            else:
+            elif cfg.kind == "bcc":
                 # BCC's perf reader prints "Possibly lost N samples" when no lost callback is set.
                 errtext = err.read_text(errors="replace") if err.exists() else ""
                 run.events_lost = sum(int(n) for n in re.findall(r"[Ll]ost (\d+) samples", errtext))

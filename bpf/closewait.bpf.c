@@ -165,6 +165,7 @@ static __always_inline void note_accept(u64 sk, u64 now)
     }
     u64 id = bpf_get_current_pid_tgid();
     s->flags |= CW_F_ACCEPTED | CW_F_OWNER_KNOWN;
+    s->flags &= ~CW_F_PENDING;
     s->ts_accept = now;
     s->owner_tgid = id >> 32;
     bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
@@ -214,9 +215,13 @@ static __always_inline void fill_tuple(struct cw_sock *s, struct cw_tuple *t)
     __builtin_memcpy(s->raddr, t->raddr, CW_ADDR_LEN);
 }
 
-/* A new socket: passive child, active connect, or one that predates the tracer. */
-static __always_inline struct cw_sock *create_sock(struct cw_config *cfg, u64 sk, u64 now, u32 flags,
-                                                   struct cw_tuple *t)
+/* A new socket: passive child, active connect, or one that predates the tracer. Its
+ * addresses are not known yet for every kernel (an active socket has no local port at
+ * SYN_SENT; Debian's 6.1 and 6.12 copy a child's peer address after SYN_RECV): they are read
+ * when they matter, at CLOSE_WAIT, or at ESTABLISHED for the accept match. Returns 0 if the
+ * socket could not be tracked (map full, counted). */
+static __always_inline int create_sock(struct cw_config *cfg, u64 sk, u64 now, u32 flags,
+                                       struct cw_tuple *t)
 {
     struct cw_sock s = {};
     s.skaddr = sk;
@@ -243,8 +248,23 @@ static __always_inline struct cw_sock *create_sock(struct cw_config *cfg, u64 sk
         stat_inc(CW_STAT_SOCKS_FULL);
         return 0;
     }
-    return socks.lookup(&sk);
+    return 1;
 }
+
+#if CW_BACKEND == CW_BACKEND_TRACEPOINT
+/* Make a passive, not yet accepted socket findable by the peer address accept() returns. */
+static __always_inline void add_pending(u64 sk, struct cw_sock *s)
+{
+    struct cw_peer peer = {};
+    __builtin_memcpy(peer.addr, s->raddr, CW_ADDR_LEN);
+    peer.port = s->rport;
+    if (pending.update(&peer, &sk)) {
+        stat_inc(CW_STAT_PENDING_FULL);
+        return;
+    }
+    s->flags |= CW_F_PENDING;
+}
+#endif
 
 static __always_inline void on_listen(struct cw_config *cfg, u64 sk, u64 now, int oldstate,
                                       int newstate, struct cw_tuple *t)
@@ -335,52 +355,77 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         return 0;
     int oldstate = args->oldstate;
     int newstate = args->newstate;
-    /* Most transitions of a connection's teardown (FIN_WAIT1/2, CLOSING, TIME_WAIT, LAST_ACK
-     * after an active close) tell nothing about CLOSE_WAIT: leave before any map lookup. */
-    int wanted = newstate == CW_TCP_ESTABLISHED || newstate == CW_TCP_SYN_SENT ||
-                 newstate == CW_TCP_SYN_RECV || newstate == CW_TCP_CLOSE_WAIT ||
-                 newstate == CW_TCP_CLOSE || newstate == CW_TCP_LISTEN ||
-                 oldstate == CW_TCP_CLOSE_WAIT || oldstate == CW_TCP_LISTEN;
     struct cw_config *cfg = get_config();
-    if (!cfg || !(wanted || cfg->timeline_all))
+    if (!cfg)
         return 0;
+    /* Most transitions tell nothing about CLOSE_WAIT (FIN_WAIT1/2, CLOSING, TIME_WAIT,
+     * LAST_ACK after an active close; ESTABLISHED unless accepts are being matched or
+     * timelines kept): leave before any map operation. */
+    if (!cfg->timeline_all) {
+        int wanted = newstate == CW_TCP_SYN_SENT || newstate == CW_TCP_SYN_RECV ||
+                     newstate == CW_TCP_CLOSE_WAIT || newstate == CW_TCP_CLOSE ||
+                     newstate == CW_TCP_LISTEN || oldstate == CW_TCP_CLOSE_WAIT ||
+                     oldstate == CW_TCP_LISTEN;
+#if CW_BACKEND == CW_BACKEND_TRACEPOINT
+        wanted = wanted || (newstate == CW_TCP_ESTABLISHED && cfg->accept_watch);
+#endif
+        if (!wanted)
+            return 0;
+    }
     u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     struct cw_sock *s;
     struct cw_tuple t = {};
-    /* Only the branches that create or report a socket need its addresses. The tracepoint
-     * stores IPv4 addresses IPv4-mapped in the v6 fields as well. */
-#define LOAD_TUPLE()                                                                 \
+    t.family = args->family;
+    t.lport = args->sport;
+    t.rport = args->dport;
+    /* Addresses only where they are needed. The tracepoint stores IPv4 addresses
+     * IPv4-mapped in the v6 fields as well. */
+#define LOAD_ADDRS()                                                                 \
     do {                                                                             \
-        t.family = args->family;                                                     \
-        t.lport = args->sport;                                                       \
-        t.rport = args->dport;                                                       \
         bpf_probe_read_kernel(t.laddr, CW_ADDR_LEN, args->saddr_v6);                 \
         bpf_probe_read_kernel(t.raddr, CW_ADDR_LEN, args->daddr_v6);                 \
     } while (0)
 
     if (newstate == CW_TCP_LISTEN || oldstate == CW_TCP_LISTEN) {
-        LOAD_TUPLE();
         if (newstate == CW_TCP_SYN_RECV) {
+            if (cfg->timeline_all) {
+                LOAD_ADDRS();
+                if (create_sock(cfg, sk, now, CW_F_PASSIVE, &t)) {
+                    s = socks.lookup(&sk);
+                    if (s && (s->flags & CW_F_TIMELINE))
+                        emit(CW_EV_STATE, s, now, oldstate, newstate, CW_EXIT_NONE);
+                }
+                return 0;
+            }
             create_sock(cfg, sk, now, CW_F_PASSIVE, &t);
             return 0;
         }
+        LOAD_ADDRS();
         on_listen(cfg, sk, now, oldstate, newstate, &t);
         return 0;
     }
     if (newstate == CW_TCP_SYN_SENT) {
-        LOAD_TUPLE();
-        s = create_sock(cfg, sk, now, CW_F_ACTIVE, &t);
-        if (s && (s->flags & CW_F_TIMELINE))
-            emit(CW_EV_STATE, s, now, oldstate, newstate, CW_EXIT_NONE);
+        if (cfg->timeline_all) {
+            LOAD_ADDRS();
+            if (create_sock(cfg, sk, now, CW_F_ACTIVE, &t)) {
+                s = socks.lookup(&sk);
+                if (s && (s->flags & CW_F_TIMELINE))
+                    emit(CW_EV_STATE, s, now, oldstate, newstate, CW_EXIT_NONE);
+            }
+            return 0;
+        }
+        create_sock(cfg, sk, now, CW_F_ACTIVE, &t);
         return 0;
     }
 
     s = socks.lookup(&sk);
     if (newstate == CW_TCP_CLOSE_WAIT) {
-        LOAD_TUPLE();
+        LOAD_ADDRS();
         if (!s) {
-            s = create_sock(cfg, sk, now, CW_F_PREEXISTING, &t);
+            if (!create_sock(cfg, sk, now, CW_F_PREEXISTING, &t))
+                return 0;
+            s = socks.lookup(&sk);
             if (!s)
                 return 0;
         }
@@ -388,13 +433,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         s->flags |= CW_F_IN_CW;
         fill_tuple(s, &t);
         stat_inc(CW_STAT_CW_ENTERED);
+#if CW_BACKEND == CW_BACKEND_TRACEPOINT
+        /* Established before the accept watch began: matchable from now on. */
+        if (cfg->accept_watch && (s->flags & CW_F_PASSIVE) && !(s->flags & CW_F_ACCEPTED))
+            add_pending(sk, s);
+#endif
         sync_cw(cfg, sk, s);
     } else if (!s) {
         if (oldstate == CW_TCP_CLOSE_WAIT) {
             /* In CLOSE_WAIT since before the tracer started: userspace knows it from its
              * sock_diag snapshot and matches this exit by address. */
             struct cw_sock u = {};
-            LOAD_TUPLE();
+            LOAD_ADDRS();
             u.skaddr = sk;
             u.flags = CW_F_PREEXISTING;
             fill_tuple(&u, &t);
@@ -407,16 +457,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     } else if (newstate == CW_TCP_ESTABLISHED) {
         s->ts_established = now;
 #if CW_BACKEND == CW_BACKEND_TRACEPOINT
-        if ((s->flags & CW_F_PASSIVE) && !(s->flags & CW_F_ACCEPTED)) {
-            /* Some kernels (Debian's 6.1 and 6.12) move the child to SYN_RECV before its
-             * peer address is copied in: take the address again now, for the accept match. */
-            LOAD_TUPLE();
+        if (cfg->accept_watch && (s->flags & CW_F_PASSIVE) && !(s->flags & CW_F_ACCEPTED)) {
+            LOAD_ADDRS();
             fill_tuple(s, &t);
-            struct cw_peer peer = {};
-            __builtin_memcpy(peer.addr, s->raddr, CW_ADDR_LEN);
-            peer.port = s->rport;
-            if (pending.update(&peer, &sk))
-                stat_inc(CW_STAT_PENDING_FULL);
+            add_pending(sk, s);
         }
 #endif
     }
@@ -426,11 +470,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
     if (newstate == CW_TCP_CLOSE) {
 #if CW_BACKEND == CW_BACKEND_TRACEPOINT
-        if ((s->flags & CW_F_PASSIVE) && !(s->flags & CW_F_ACCEPTED)) {
+        if (s->flags & CW_F_PENDING) {
             struct cw_peer peer = {};
             __builtin_memcpy(peer.addr, s->raddr, CW_ADDR_LEN);
             peer.port = s->rport;
-            pending.delete(&peer);
+            u64 *owner = pending.lookup(&peer);
+            if (owner && *owner == sk)
+                pending.delete(&peer);
         }
 #endif
         socks.delete(&sk);

@@ -41,6 +41,7 @@
 #define CW_F_ACCEPT_IN_CW (1u << 7) /* accepted only after the peer had closed */
 #define CW_F_TIMELINE (1u << 8)     /* every transition of this socket is sent to userspace */
 #define CW_F_REPORTED (1u << 9)     /* passed the filters when it entered CLOSE_WAIT */
+#define CW_F_PENDING (1u << 10)     /* tracepoint backend: in the accept-matching map */
 
 /* struct cw_event.type */
 #define CW_EV_CW_EXIT 1    /* a socket left CLOSE_WAIT after at least report_min_ns */
@@ -81,7 +82,7 @@ struct cw_config {
     __u32 filter_pids;   /* non-zero: only owners in pid_filter */
     __u32 filter_ports;  /* non-zero: only local or remote ports in port_filter */
     __u32 timeline_all;  /* non-zero: every socket passing the filters gets a timeline */
-    __u32 _pad;
+    __u32 accept_watch;  /* tracepoint backend: the accept syscall tracepoints are attached */
 };
 
 /* What the kernel knows of one socket: the value of the socks and cw maps. */

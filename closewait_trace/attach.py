@@ -238,12 +238,19 @@ class Probes:
             " through the syscall tracepoints, which slow every syscall a little")
 
     def set_accept_watch(self, on: bool) -> None:
-        """Tracepoint backend: attach or detach the accept syscall tracepoints."""
+        """Tracepoint backend: attach or detach the accept syscall tracepoints.
+
+        While they are attached the kernel keeps passive sockets findable by their peer
+        address (the pending map), from ESTABLISHED or from CLOSE_WAIT on. Sockets already
+        in CLOSE_WAIT when the watch begins are put there from the cw map; the map is emptied
+        when the watch ends (nothing reads it then)."""
         if self.settings.backend is not Backend.TRACEPOINT or on == self.accept_watch \
                 or self._closed:
             return
         try:
             if on:
+                self._write_config(accept_watch=True)
+                self._seed_pending()
                 for tp in self.SYSCALL_ENTERS:
                     self.bpf.attach_tracepoint(tp=tp, fn_name=b"cwt_sys_enter_accept")
                 for tp in self.SYSCALL_EXITS:
@@ -251,19 +258,37 @@ class Probes:
             else:
                 for tp in self.SYSCALL_ENTERS + self.SYSCALL_EXITS:
                     self.bpf.detach_tracepoint(tp=tp)
+                self._write_config(accept_watch=False)
+                self.bpf[b"pending"].clear()
         except Exception as exc:
             raise BpfLoadError(f"attaching the accept syscall tracepoints failed: {exc}") \
                 from exc
         self.accept_watch = on
 
+    def _seed_pending(self) -> None:
+        """Passive sockets now in CLOSE_WAIT and not accepted, into the pending map."""
+        pending = self.bpf[b"pending"]
+        for key, raw in self.bpf[b"cw"].items():
+            flags = decode.SockFlag(raw.flags)
+            if not flags & decode.SockFlag.PASSIVE or flags & decode.SockFlag.ACCEPTED:
+                continue
+            peer = pending.Key()
+            ct.memmove(ct.addressof(peer.addr), bytes(raw.raddr), decode.ADDR_LEN)
+            peer.port = raw.rport
+            pending[peer] = pending.Leaf(key.value)
+
     def _configure(self) -> None:
+        self.set_pids(self.settings.pids)
+        self.set_ports(self.settings.ports)
+        self._write_config(accept_watch=False)
+
+    def _write_config(self, *, accept_watch: bool) -> None:
         cfg = CConfig()
         cfg.report_min_ns = self.settings.report_min_ns
         cfg.filter_pids = 1 if self.settings.pids else 0
         cfg.filter_ports = 1 if self.settings.ports else 0
         cfg.timeline_all = 1 if self.settings.timeline_all else 0
-        self.set_pids(self.settings.pids)
-        self.set_ports(self.settings.ports)
+        cfg.accept_watch = 1 if accept_watch else 0
         table = self.bpf[b"config"]
         table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 

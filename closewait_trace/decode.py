@@ -44,6 +44,7 @@ class SockFlag(enum.IntFlag):
     ACCEPT_IN_CW = 1 << 7
     TIMELINE = 1 << 8
     REPORTED = 1 << 9
+    PENDING = 1 << 10
 
 
 class EventType(enum.IntEnum):
@@ -88,7 +89,7 @@ class CConfig(ct.Structure):
         ("filter_pids", ct.c_uint32),
         ("filter_ports", ct.c_uint32),
         ("timeline_all", ct.c_uint32),
-        ("_pad", ct.c_uint32),
+        ("accept_watch", ct.c_uint32),
     ]
 
 

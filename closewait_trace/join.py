@@ -59,6 +59,8 @@ class Connection:
     accepted: Accepted = Accepted.UNKNOWN
     accepted_ns: int | None = None
     accepted_after_fin: bool = False
+    #: when the connection opened: ESTABLISHED where the kernel side timed it (timelines,
+    #: accept matching), else its SYN (one round trip earlier)
     established_ns: int | None = None
     cw_enter_ns: int | None = None  # None: in CLOSE_WAIT since before the tracer started
     first_seen_ns: int = 0
@@ -343,6 +345,9 @@ class Tracker:
         conn.accepted_after_fin = bool(s.flags & SockFlag.ACCEPT_IN_CW)
         if s.ts_established:
             conn.established_ns = s.ts_established
+        elif s.ts_first and s.flags & (SockFlag.PASSIVE | SockFlag.ACTIVE) \
+                and not s.flags & SockFlag.PREEXISTING:
+            conn.established_ns = s.ts_first
         if s.ts_close:
             conn.app_close_ns = s.ts_close
             conn.closer_pid = s.closer_tgid or conn.closer_pid

@@ -57,6 +57,8 @@ class _Values:
     hist: tuple[int, ...]
     accept_errors: dict[tuple[int, int], int]
     listeners: tuple[tuple[int, int, int], ...]
+    tick_last_s: float = 0.0
+    tick_max_s: float = 0.0
 
     @classmethod
     def of(cls, view: View, listeners: Sequence[tuple[int, int, int]]) -> _Values:
@@ -73,6 +75,8 @@ class _Values:
             hist=tuple(view.hist),
             accept_errors=dict(view.accept_errors),
             listeners=tuple(listeners),
+            tick_last_s=view.tick.last_ns / 1e9 if view.tick else 0.0,
+            tick_max_s=view.tick.max_ns / 1e9 if view.tick else 0.0,
         )
 
 
@@ -161,6 +165,13 @@ def _series(v: _Values) -> Iterator[Metric]:
         lost.add_metric([reason], v.stats.get(stat, 0))
     lost.add_metric(["exit_events"], v.lost_exits)
     yield lost
+
+    tick = GaugeMetricFamily("closewait_tracer_tick_seconds",
+                             "The tracer's own ticks (poll, join, diagnose, render): the last "
+                             "and the longest since start.", labels=["which"])
+    tick.add_metric(["last"], v.tick_last_s)
+    tick.add_metric(["max"], v.tick_max_s)
+    yield tick
 
 
 class MetricsExporter:

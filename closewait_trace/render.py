@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import resource
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +40,24 @@ EXIT_WORDS = {
 
 
 @dataclass
+class TickStats:
+    """How long the tracer's own ticks took (poll, join, enrich, diagnose, render): the
+    live view is as fresh as the poll interval plus one tick."""
+
+    ticks: int = 0
+    last_ns: int = 0
+    max_ns: int = 0
+    over_1s: int = 0
+
+    def add(self, ns: int) -> None:
+        self.ticks += 1
+        self.last_ns = ns
+        self.max_ns = max(self.max_ns, ns)
+        if ns > 1_000_000_000:
+            self.over_1s += 1
+
+
+@dataclass
 class View:
     """A snapshot of the session for the renderers."""
 
@@ -60,6 +79,8 @@ class View:
     hist: Sequence[int] = ()
     #: wall clock minus CLOCK_MONOTONIC, ns; None: the current machine's (live)
     wall_offset_ns: int | None = None
+    #: the tracer's own tick times (None: not a live tracer, e.g. a unit test's view)
+    tick: TickStats | None = None
 
     @property
     def events_lost(self) -> int:
@@ -189,6 +210,19 @@ def summary_dict(view: View) -> dict[str, Any]:
             {"pid": pid, "errno": err, "count": n}
             for (pid, err), n in sorted(view.accept_errors.items())
         ],
+        "tracer": tracer_dict(view),
+    }
+
+
+def tracer_dict(view: View) -> dict[str, Any]:
+    """The tracer process itself: tick times and peak memory (they describe this run of the
+    tracer, not the traced host: a report of a recording shows the report's own)."""
+    t = view.tick or TickStats()
+    return {
+        "ticks": t.ticks,
+        "tick_s_max": round(t.max_ns / 1e9, 4),
+        "ticks_over_1s": t.over_1s,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 

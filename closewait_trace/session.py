@@ -31,7 +31,7 @@ from .errors import CloseWaitError, PrivilegeError, UsageError
 from .features import Backend, choose_backend, ensure_tracefs, is_privileged, probe_features
 from .headers import HeaderCandidate, candidate_header_dirs, user_header_dir
 from .join import Accepted, Change, ChangeKind, Connection, Direction, Listener, Tracker
-from .render import EXIT_WORDS, Renderer, View
+from .render import EXIT_WORDS, Renderer, TickStats, View
 from .world import Counters, ListenerInfo, LiveWorld, ProcessInfo, World, WorldEnded
 
 
@@ -192,6 +192,7 @@ class Session:
         self._tick_listeners: list[ListenerInfo] | None = None
         self._tick_procs: dict[int, ProcessInfo] = {}
         self._accept_watch_until = 0
+        self.ticks = TickStats()
 
     # --- start ----------------------------------------------------------------------------
 
@@ -274,6 +275,13 @@ class Session:
 
     def step(self, events: list[Any], final: bool = False) -> None:
         """One tick: events, poll, enrich, flag, diagnose, render."""
+        t0 = time.monotonic_ns()
+        try:
+            self._step(events, final)
+        finally:
+            self.ticks.add(time.monotonic_ns() - t0)
+
+    def _step(self, events: list[Any], final: bool) -> None:
         now = self._now = self.world.now_ns()
         self._tick_listeners = None
         self._tick_procs = {}
@@ -520,6 +528,7 @@ class Session:
             max_closed_ns=self.max_closed_ns,
             hist=list(c.hist),
             wall_offset_ns=self.wall_offset_ns,
+            tick=self.ticks,
         )
 
 

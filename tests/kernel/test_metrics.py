@@ -62,6 +62,8 @@ def test_metrics_during_a_real_leak() -> None:
         assert _value(text, "closewait_listener_accept_queue", port=str(srv.port)) == 3
         assert _value(text, "closewait_listener_backlog", port=str(srv.port)) == 8
         assert _value(text, "closewait_events_lost_total", reason="ringbuf") == 0
+        # The tracer's own tick times: it has ticked, and well within a second here.
+        assert 0 < _value(text, "closewait_tracer_tick_seconds", which="max") < 1.0
         # No per-socket labels anywhere.
         assert "rport" not in text and "skaddr" not in text
         # Bound to loopback by default, and said so.

@@ -43,7 +43,7 @@ SUMMARY_KEYS = {
     "duration_s", "backend", "threshold_s", "cw_entered", "cw_reported", "cw_short", "open",
     "flagged", "closed", "events_lost", "lost", "accepts_seen", "accepts_unmatched", "complete",
     "closed_by", "max_closed_cw_s", "open_by_process", "open_by_port", "still_open", "groups",
-    "accept_errors",
+    "accept_errors", "tracer",
     "timeline_export",  # JSON summary only: path of the exported timelines, or null
 }
 LOST_KEYS = {"ringbuf", "socks_map_full", "cw_map_full", "listener_map_full", "accept_map_full",
@@ -226,6 +226,17 @@ def test_json_summary_complete() -> None:
     assert [c["local"] for c in s["still_open"]] == ["10.0.0.1:8080", "10.0.0.1:45000"]
     assert s["accept_errors"] == [{"pid": 42, "errno": 24, "count": 5}]
     assert set(s["lost"].values()) == {0}
+    assert (s["tracer"]["ticks"], s["tracer"]["tick_s_max"]) == (0, 0.0)
+    assert s["tracer"]["peak_rss_mb"] > 0
+
+
+def test_tick_stats_and_the_summary_tracer_record() -> None:
+    ticks = render.TickStats()
+    for ns in (40 * MS, 1_200 * MS, 90 * MS):
+        ticks.add(ns)
+    assert (ticks.ticks, ticks.last_ns, ticks.max_ns, ticks.over_1s) == (3, 90 * MS, 1_200 * MS, 1)
+    t = _summary(view([], tick=ticks))["tracer"]
+    assert (t["ticks"], t["tick_s_max"], t["ticks_over_1s"]) == (3, 1.2, 1)
 
 
 @pytest.mark.parametrize(

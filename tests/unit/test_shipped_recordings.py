@@ -22,6 +22,7 @@ def _records(text: str) -> list[dict]:
         if rec["type"] == "notice":
             continue
         rec.pop("timeline_export", None)  # where the live run wrote its HTML
+        rec.pop("tracer", None)  # the tracer process's own tick times and memory
         out.append(rec)
     return out
 

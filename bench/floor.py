@@ -1,0 +1,86 @@
+"""The floor for closewait-trace's kernel side, as a benchmark config (`floor`).
+
+One BPF program on sock:inet_sock_set_state that only keeps a per-socket hash map: it
+updates the socket's entry at every TCP state change and deletes it at CLOSE, and nothing
+reaches userspace. Any tracer that follows sockets through this tracepoint does at least
+this much, so its paired cost against `none` is what a per-socket design cannot go below.
+
+Run by bench/overhead.py; alone: `sudo .venv/bin/python -m bench.floor` (Ctrl-C stops it).
+It prints one JSON line {"type": "ready"} once attached, and {"type": "summary"} with the
+number of program runs at exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+from closewait_trace.attach import import_bcc
+from closewait_trace.headers import candidate_header_dirs
+
+PROGRAM = r"""
+struct floor_value {
+    u64 ts;
+    u32 state;
+    u32 pad;
+};
+
+BPF_HASH(floor_socks, u64, struct floor_value, 131072);
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != 6)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    if (args->newstate == 7) { /* TCP_CLOSE */
+        floor_socks.delete(&sk);
+        return 0;
+    }
+    struct floor_value v = {};
+    v.ts = bpf_ktime_get_ns();
+    v.state = args->newstate;
+    floor_socks.update(&sk, &v);
+    return 0;
+}
+"""
+
+_stop = False
+
+
+def _on_signal(_signum: int, _frame: FrameType | None) -> None:
+    global _stop
+    _stop = True
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    bcc = import_bcc()
+    errors: list[str] = []
+    bpf = None
+    for cand in candidate_header_dirs():
+        os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
+        try:
+            bpf = bcc.BPF(text=PROGRAM.encode())
+            break
+        except Exception as exc:  # BCC raises bare Exception
+            errors.append(f"{cand.path}: {exc}")
+    if bpf is None:
+        print(f"floor: no header set compiles the program: {'; '.join(errors) or 'none found'}",
+              file=sys.stderr)
+        return 70
+    print(json.dumps({"type": "ready"}), flush=True)
+    while not _stop:
+        time.sleep(0.2)
+    entries = len(bpf[b"floor_socks"].items())
+    print(json.dumps({"type": "summary", "entries_at_exit": entries}), flush=True)
+    bpf.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
