@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import enum
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ class SockInfo:
     rport: int
     owner_comm: str
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[int, int]:
         """Identity of one stay in CLOSE_WAIT: the address is reused, the entry time is not."""
         return (self.skaddr, self.ts_cw_enter)

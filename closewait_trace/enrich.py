@@ -3,7 +3,7 @@
 The kernel side of the tracer reports sockets by their 4-tuple (and state).  This module
 answers the questions that need the kernel's socket tables and the process table:
 
-* ``sock_diag`` (NETLINK_SOCK_DIAG / inet_diag, through pyroute2) gives, per TCP socket,
+* ``sock_diag`` (NETLINK_SOCK_DIAG / inet_diag, over a raw netlink socket) gives, per TCP socket,
   its state, 4-tuple, inode, uid, queue lengths and cookie.  An inode of 0 means the socket
   has no ``struct socket``: it was never accepted (it still sits in a listener's accept
   queue) or it is an orphan.  For a LISTEN socket ``rqueue`` is the current accept-queue
@@ -20,10 +20,12 @@ users' processes without privilege) are skipped silently.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import resource
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -63,6 +65,7 @@ _SOCKET_LINK_PREFIX = "socket:["
 # --------------------------------------------------------------------------- addresses
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_addr(text: str) -> str:
     """Canonical text of an IP address; an IPv4-mapped IPv6 address becomes its IPv4 text.
 
@@ -158,38 +161,77 @@ def _state_mask(states: Iterable[TcpState]) -> int:
     return mask
 
 
-def _attr(msg: Any, key: str) -> Any:
-    # pyroute2 messages are dict subclasses whose __getitem__ is slow (it also searches
-    # attributes); the fixed header fields are plain dict items.
-    try:
-        return dict.__getitem__(msg, key)
-    except (KeyError, TypeError):
-        return msg[key]
+# sock_diag over a raw netlink socket (include/uapi/linux/sock_diag.h, inet_diag.h).
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+_NLMSGHDR = struct.Struct("=IHHII")
+#: struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes)
+_REQ_V2 = struct.Struct("=BBBBI48x")
+#: struct inet_diag_msg: family, state, timer, retrans; sockid: sport, dport (big-endian),
+#: src[16], dst[16], if, cookie (2 x u32); expires, rqueue, wqueue, uid, inode
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
+_PORTS = struct.Struct("!H")
 
 
-def _to_diag_socket(msg: Any, requested: frozenset[int]) -> DiagSocket | None:
-    try:
-        raw_state = int(_attr(msg, "idiag_state"))
-        family = int(_attr(msg, "idiag_family"))
-        if raw_state not in requested:
-            # The kernel adds NEW_SYN_RECV/SYN_RECV by itself; states unknown to us
-            # (e.g. BOUND_INACTIVE) are dropped too.
-            return None
-        return DiagSocket(
-            family=family,
-            state=TcpState(raw_state),
-            laddr=_kernel_addr_text(str(_attr(msg, "idiag_src"))),
-            lport=int(_attr(msg, "idiag_sport")),
-            raddr=_kernel_addr_text(str(_attr(msg, "idiag_dst"))),
-            rport=int(_attr(msg, "idiag_dport")),
-            inode=int(_attr(msg, "idiag_inode")),
-            uid=int(_attr(msg, "idiag_uid")),
-            rqueue=int(_attr(msg, "idiag_rqueue")),
-            wqueue=int(_attr(msg, "idiag_wqueue")),
-            cookie=int(_attr(msg, "idiag_cookie")),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+def _addr_text(family: int, raw: bytes, cache: dict[bytes, str]) -> str:
+    text = cache.get(raw)
+    if text is None:
+        if family == socket.AF_INET:
+            text = socket.inet_ntop(socket.AF_INET, raw[:4])
+        else:
+            text = _kernel_addr_text(socket.inet_ntop(socket.AF_INET6, raw))
+        cache[raw] = text
+    return text
+
+
+def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSocket],
+                        cache: dict[bytes, str]) -> bool:
+    """Parse the netlink messages of one recv() of a sock_diag dump into ``out``.
+    Returns True when the dump is done. Raises EnrichError on a netlink error."""
+    off, end = 0, len(buf)
+    while off + _NLMSGHDR.size <= end:
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if length < _NLMSGHDR.size:
+            raise EnrichError(f"sock_diag: malformed netlink message (length {length})")
+        body = off + _NLMSGHDR.size
+        if mtype == NLMSG_DONE:
+            return True
+        if mtype == NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", buf, body)
+            if err:
+                raise EnrichError(f"sock_diag (inet_diag) query failed: "
+                                  f"{os.strerror(-err)} (errno {-err})")
+            return True
+        if mtype == SOCK_DIAG_BY_FAMILY and length - _NLMSGHDR.size >= _DIAG_MSG.size:
+            (fam, state, _timer, _retrans, sport, dport, src, dst, _ifindex, c0, c1,
+             _expires, rqueue, wqueue, uid, inode) = _DIAG_MSG.unpack_from(buf, body)
+            if state in requested:
+                # The kernel adds NEW_SYN_RECV/SYN_RECV by itself; states unknown to us
+                # (e.g. BOUND_INACTIVE) are dropped too.
+                out.append(DiagSocket(
+                    family=fam, state=TcpState(state),
+                    laddr=_addr_text(fam, src, cache), lport=_PORTS.unpack(sport)[0],
+                    raddr=_addr_text(fam, dst, cache), rport=_PORTS.unpack(dport)[0],
+                    inode=inode, uid=uid, rqueue=rqueue, wqueue=wqueue,
+                    cookie=c0 | (c1 << 32)))
+        off += (length + 3) & ~3
+    return False
+
+
+def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
+          out: list[DiagSocket], seq: int) -> None:
+    req = _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask)
+    nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
+                           NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
+    cache: dict[bytes, str] = {}
+    while True:
+        buf = nl.recv(1 << 20)
+        if not buf:
+            raise EnrichError("sock_diag: netlink socket closed during a dump")
+        if parse_diag_messages(buf, requested, out, cache):
+            return
 
 
 def diag_sockets(
@@ -212,26 +254,14 @@ def diag_sockets(
         if family not in _SUPPORTED_FAMILIES:
             raise UsageError(f"unsupported address family {family} (AF_INET or AF_INET6)")
     mask = _state_mask(TcpState(s) for s in wanted)
-
-    try:
-        from pyroute2 import DiagSocket as _NetlinkDiagSocket
-    except ImportError as exc:  # pragma: no cover - pyroute2 is a declared dependency
-        raise EnrichError(f"pyroute2 is not installed ({exc}); pip install pyroute2") from exc
-
     result: list[DiagSocket] = []
     try:
-        with _NetlinkDiagSocket() as nl:
-            nl.bind()
-            for family in dict.fromkeys(families):
-                for msg in nl.get_sock_stats(
-                    family=family, states=mask, protocol=socket.IPPROTO_TCP
-                ):
-                    item = _to_diag_socket(msg, wanted)
-                    if item is not None:
-                        result.append(item)
-    except EnrichError:
-        raise
-    except Exception as exc:  # pyroute2 raises NetlinkError, OSError and its own internals
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+            nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            nl.bind((0, 0))
+            for seq, family in enumerate(dict.fromkeys(families), start=1):
+                _dump(nl, family, mask, wanted, result, seq)
+    except OSError as exc:
         raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
     return result
 
@@ -241,6 +271,7 @@ def listeners(families: Collection[int] = (socket.AF_INET, socket.AF_INET6)) -> 
     return diag_sockets((TcpState.LISTEN,), families)
 
 
+@functools.lru_cache(maxsize=8192)
 def _is_ipv4(text: str) -> bool:
     try:
         return isinstance(ipaddress.ip_address(text), ipaddress.IPv4Address)

@@ -82,6 +82,9 @@ class Connection:
     history: bool = True
     #: Every transition, accept and close of a socket under a timeline watch.
     steps: list[Step] = field(default_factory=list)
+    #: the kernel record last copied in: a poll that returns the very same (cached, unchanged)
+    #: record costs nothing
+    kernel: SockInfo | None = field(default=None, repr=False)
 
     @property
     def preexisting(self) -> bool:
@@ -163,6 +166,10 @@ class Tracker:
     #: Polls a reported connection may be missing from the cw map before its exit event is
     #: declared lost (the kernel deletes the entry just before it submits the event).
     MISSING_POLLS_BEFORE_LOST = 3
+    #: Most connections one poll opens, and one tick flags: when thousands of sockets enter
+    #: CLOSE_WAIT at once, the rest wait for the next ticks, so that every tick (and the live
+    #: view's refresh) stays short.
+    MAX_NEW_PER_TICK = 4000
 
     def __init__(self, *, threshold_ns: int, report_min_ns: int, start_ns: int) -> None:
         if threshold_ns < report_min_ns:
@@ -208,6 +215,7 @@ class Tracker:
         """A read of the kernel's cw map at now_ns."""
         changes: list[Change] = []
         seen: set[tuple[int, int]] = set()
+        room = self.MAX_NEW_PER_TICK
         for s in socks:
             if s.ts_cw_enter == 0:
                 continue
@@ -217,12 +225,13 @@ class Tracker:
                 continue  # its exit event was handled before this poll was read
             conn = self.open.get(key)
             if conn is None:
-                if now_ns - s.ts_cw_enter < self.report_min_ns:
+                if now_ns - s.ts_cw_enter < self.report_min_ns or room <= 0:
                     continue
+                room -= 1
                 conn = self._new_connection(s, now_ns)
                 self.open[key] = conn
                 changes.append(Change(ChangeKind.OPENED, conn))
-            elif self._update_from(conn, s):
+            elif conn.kernel is not s and self._update_from(conn, s):
                 changes.append(Change(ChangeKind.UPDATED, conn))
         for key, conn in list(self.open.items()):
             if key[0] == 0 or key in seen:
@@ -304,9 +313,11 @@ class Tracker:
         self.listeners.setdefault(lst.port, lst)
 
     def tick(self, now_ns: int) -> list[Change]:
-        """Flag the open connections that crossed the threshold."""
-        changes = []
+        """Flag the open connections that crossed the threshold (at most MAX_NEW_PER_TICK)."""
+        changes: list[Change] = []
         for conn in self.open.values():
+            if len(changes) >= self.MAX_NEW_PER_TICK:
+                break
             if conn.flagged_ns is None and conn.age_ns(now_ns) >= self.threshold_ns:
                 conn.flagged_ns = now_ns
                 self.flagged_total += 1
@@ -332,6 +343,7 @@ class Tracker:
 
     def _update_from(self, conn: Connection, s: SockInfo) -> bool:
         """Copy the kernel's view into conn; True if something the user sees changed."""
+        conn.kernel = s
         before = (conn.accepted, conn.owner_pid, conn.app_close_ns)
         if s.flags & SockFlag.OWNER_KNOWN:
             conn.owner_pid = s.owner_tgid

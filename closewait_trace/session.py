@@ -193,6 +193,7 @@ class Session:
         self._tick_procs: dict[int, ProcessInfo] = {}
         self._accept_watch_until = 0
         self.ticks = TickStats()
+        self._rediagnose_turn = 0
 
     # --- start ----------------------------------------------------------------------------
 
@@ -348,16 +349,27 @@ class Session:
 
     ACCEPT_WATCH_LINGER_NS = 30_000_000_000
 
+    #: Most uncertain verdicts judged again per second; with more, they take turns.
+    REDIAGNOSE_PER_SECOND = 2000
+
     def _rediagnose_uncertain(self, now: int, done: set[int]) -> list[Change]:
         """Evidence keeps coming after the flag (accept() failures, a thread now blocked in
         epoll_wait): flagged leaks whose verdict is not certain yet are judged again, and an
-        update is shown when the verdict changes."""
-        out = []
+        update is shown when the verdict changes. Thousands of them take turns."""
+        due = []
         for conn in self.tracker.open.values():
             old = self.verdicts.get(conn.key)
             if conn.flagged_ns is None or id(conn) in done or \
                     (old is not None and old.confidence is Confidence.CERTAIN):
                 continue
+            due.append(conn)
+        if len(due) > self.REDIAGNOSE_PER_SECOND:
+            start = self._rediagnose_turn % len(due)
+            due = (due[start:] + due[:start])[: self.REDIAGNOSE_PER_SECOND]
+            self._rediagnose_turn = start + len(due)
+        out = []
+        for conn in due:
+            old = self.verdicts.get(conn.key)
             verdict = diagnose(conn, self._facts(conn), now)
             self.verdicts[conn.key] = verdict
             if old is None or (verdict.cause, verdict.confidence) != (old.cause, old.confidence):

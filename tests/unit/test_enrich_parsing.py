@@ -412,17 +412,64 @@ def test_diag_sockets_argument_checks_need_no_kernel() -> None:
 
 
 def test_netlink_failure_becomes_enrich_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever pyroute2 raises (here: the socket cannot be created) surfaces typed."""
-    pyroute2 = pytest.importorskip("pyroute2")
-    from closewait_trace.enrich import diag_sockets
+    """Whatever the netlink socket raises (here: it cannot be created) surfaces typed."""
+    from closewait_trace import enrich
 
-    class Unavailable:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            raise OSError(93, "Protocol not supported")
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise OSError(93, "Protocol not supported")
 
-    monkeypatch.setattr(pyroute2, "DiagSocket", Unavailable)
+    monkeypatch.setattr(enrich.socket, "socket", unavailable)
     with pytest.raises(EnrichError, match="sock_diag"):
-        diag_sockets({TcpState.CLOSE_WAIT})
+        enrich.diag_sockets({TcpState.CLOSE_WAIT})
+
+
+def _diag_msg(family: int, state: int, src: bytes, sport: int, dst: bytes, dport: int,
+              inode: int, rqueue: int = 1, cookie: int = 0x1_0000_0002) -> bytes:
+    import struct
+
+    body = struct.pack("=BBBB", family, state, 0, 0) + struct.pack("!HH", sport, dport) \
+        + src.ljust(16, b"\0") + dst.ljust(16, b"\0") \
+        + struct.pack("=IIIIIIII", 0, cookie & 0xFFFFFFFF, cookie >> 32, 0, rqueue, 0, 1000,
+                      inode)
+    body += b"\x08\x00\x01\x00\x00\x00\x00\x00"  # an attribute after the fixed part
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
+def test_parse_diag_messages_reads_the_fixed_inet_diag_msg() -> None:
+    import struct
+
+    from closewait_trace.enrich import parse_diag_messages
+
+    v4 = _diag_msg(socket.AF_INET, 8, bytes([127, 0, 0, 1]), 8080, bytes([10, 0, 0, 7]),
+                   51000, inode=0)
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:192.0.2.1")
+    v6 = _diag_msg(socket.AF_INET6, 8, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 443,
+                   mapped, 40000, inode=4242, rqueue=0)
+    other_state = _diag_msg(socket.AF_INET, 1, bytes(4), 1, bytes(4), 2, inode=1)
+    done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + b"\0\0\0\0"
+    out: list = []
+    assert parse_diag_messages(v4 + v6 + other_state + done, frozenset({8}), out, {}) is True
+    a, b = out
+    assert (a.family, a.state, a.laddr, a.lport, a.raddr, a.rport) == \
+        (socket.AF_INET, TcpState.CLOSE_WAIT, "127.0.0.1", 8080, "10.0.0.7", 51000)
+    assert (a.inode, a.uid, a.rqueue, a.cookie, a.accepted) == (0, 1000, 1, 0x1_0000_0002, False)
+    assert (b.laddr, b.lport, b.raddr, b.rport, b.inode) == \
+        ("2001:db8::1", 443, "192.0.2.1", 40000, 4242)
+    assert b.eof_unread is False and a.eof_unread is True
+    # Without NLMSG_DONE the dump goes on.
+    assert parse_diag_messages(v4, frozenset({8}), [], {}) is False
+
+
+def test_parse_diag_messages_netlink_error_is_typed() -> None:
+    import struct
+
+    from closewait_trace.enrich import parse_diag_messages
+
+    err = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -13) + bytes(16)
+    with pytest.raises(EnrichError, match="Permission denied"):
+        parse_diag_messages(err, frozenset({8}), [], {})
+    with pytest.raises(EnrichError, match="malformed"):
+        parse_diag_messages(struct.pack("=IHHII", 4, 20, 0, 1, 0), frozenset({8}), [], {})
 
 
 # --- thread states and epoll sets (fake /proc trees) ----------------------------------------

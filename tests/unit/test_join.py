@@ -583,3 +583,35 @@ def test_connection_defaults() -> None:
     c = Connection(key=(1, 2), family=2, laddr="a", lport=1, raddr="b", rport=2,
                    direction=Direction.INBOUND)
     assert c.is_open and c.preexisting and c.accepted is Accepted.UNKNOWN
+
+
+# --- many sockets at once ------------------------------------------------------------------
+
+
+def test_thousands_at_once_are_opened_and_flagged_over_a_few_ticks_never_lost() -> None:
+    """A burst bigger than one tick's share is spread over the next ticks, in order, with
+    nothing dropped and nothing counted twice."""
+    t = tracker()
+    cap = Tracker.MAX_NEW_PER_TICK
+    n = cap * 2 + 123
+    socks = [cw_entry(0xFFFF_8880_0000_0000 + 64 * i, enter=START, rport=10_000 + i % 50_000)
+             for i in range(n)]
+    now = START + S
+    opened: list[tuple[int, int]] = []
+    for _ in range(3):
+        ch = t.apply_poll(socks, now)
+        assert len(ch) <= cap and {c.kind for c in ch} <= {ChangeKind.OPENED}
+        opened += [c.conn.key for c in ch if c.conn]
+        now += 200 * MS
+    assert len(opened) == len(set(opened)) == n
+    assert opened == [s.key for s in socks]  # first come, first opened
+    assert t.apply_poll(socks, now) == []
+    now = START + THRESHOLD
+    flagged: list[tuple[int, int]] = []
+    for _ in range(3):
+        ch = t.tick(now)
+        assert len(ch) <= cap
+        flagged += [c.conn.key for c in ch if c.conn]
+        now += 200 * MS
+    assert len(flagged) == len(set(flagged)) == n == t.flagged_total
+    assert t.tick(now) == []

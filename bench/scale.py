@@ -1,0 +1,354 @@
+"""Scale: 2 x N sockets in CLOSE_WAIT at once (N never accepted, queued on a listener with a
+large backlog; N outbound, held by a client whose server closed them), traced by two
+closewait-trace instances at the same time, both unfiltered:
+
+- `--json`: when has it flagged every one, with what loss, tick time and memory;
+- the live view, in a pseudo-terminal, with `--metrics`: how soon its view counts every
+  socket, how long its ticks take (the view refreshes once per tick), that it groups rather
+  than scrolls, and its memory.
+
+    sudo .venv/bin/python -m bench.scale                  # N = 10,000
+    sudo .venv/bin/python -m bench.scale --count 20000 -o bench/results/scale.md
+
+Raises net.core.somaxconn and tcp_max_syn_backlog for the run (restored after). Exit codes:
+0 every target met, 1 a target missed (the report says which), 2 set-up error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fcntl
+import json
+import os
+import platform
+import pty
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .load import REPO, SCALE_SYSCTLS, Role, Sysctls
+
+
+def find_closewait() -> str:
+    venv = REPO / ".venv" / "bin" / "closewait-trace"
+    return str(venv) if venv.exists() else "closewait-trace"
+
+
+def status_kb(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def bpf_map_bytes(pid: int) -> int:
+    """Kernel memory of the BPF maps a process holds (memlock of each map fd)."""
+    seen: dict[str, int] = {}
+    try:
+        fds = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if os.readlink(fd.path) != "anon_inode:bpf-map":
+                continue
+            info = dict(line.split(":", 1) for line in
+                        Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines()
+                        if ":" in line)
+        except OSError:
+            continue
+        seen[info.get("map_id", fd.name).strip()] = int(info.get("memlock", "0"))
+    return sum(seen.values())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class JsonTracer:
+    """closewait-trace --json, its records counted as they arrive."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.leaks = 0
+        self.ready = threading.Event()
+        self.summary: dict[str, Any] | None = None
+        self.first_all_at: float | None = None
+        self.want = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            kind = rec.get("type")
+            if kind == "ready":
+                self.ready.set()
+            elif kind == "leak":
+                self.leaks += 1
+                if self.want and self.leaks >= self.want and self.first_all_at is None:
+                    self.first_all_at = time.monotonic()
+            elif kind == "summary":
+                self.summary = rec
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        time.sleep(0.5)
+
+
+class LiveTracer:
+    """closewait-trace's live view in a pseudo-terminal (120 x 40), with --metrics."""
+
+    def __init__(self, argv: Sequence[str], metrics_port: int) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+        self.proc = subprocess.Popen(list(argv), stdin=slave, stdout=slave, stderr=slave,
+                                     env=env, start_new_session=True)
+        os.close(slave)
+        self.master = master
+        self.metrics_port = metrics_port
+        self.out = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                self.out += data
+                if len(self.out) > 4_000_000:  # keep the end: the last frames and the summary
+                    del self.out[:-2_000_000]
+
+    def text(self) -> str:
+        with self.lock:
+            raw = bytes(self.out)
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode(errors="replace"))
+
+    def metrics(self) -> dict[str, float] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                        timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        vals = {"sockets": 0.0}
+        for line in text.splitlines():
+            if line.startswith("closewait_sockets{"):
+                vals["sockets"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("closewait_leaking_sockets "):
+                vals["leaking"] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith('closewait_tracer_tick_seconds{which="max"}'):
+                vals["tick_max"] = float(line.rsplit(" ", 1)[1])
+        return vals
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    cw = args.closewait_trace or find_closewait()
+    n = args.count
+    thr = args.threshold
+    res: dict[str, Any] = {"count": n, "threshold_s": thr}
+    misses: list[str] = []
+    roles: list[Role] = []
+    js: JsonTracer | None = None
+    live: LiveTracer | None = None
+    with Sysctls(SCALE_SYSCTLS):
+        try:
+            lst = Role(["listen", "--backlog", str(n + 1000)]).start()
+            srv = Role(["server", "--mode", "close-now", "--backlog", str(n + 1000)]).start()
+            roles += [lst, srv]
+            js = JsonTracer([cw, "--json", "--threshold", f"{thr}s"])
+            mport = free_port()
+            live = LiveTracer([cw, "--threshold", f"{thr}s", "--metrics", str(mport)], mport)
+            if not js.ready.wait(300):
+                raise RuntimeError("the --json tracer did not become ready")
+            deadline = time.monotonic() + 300
+            while live.metrics() is None:
+                if time.monotonic() > deadline or live.proc.poll() is not None:
+                    raise RuntimeError("the live tracer did not start:\n" + live.text()[-2000:])
+                time.sleep(0.5)
+            js.want = 2 * n
+            t0 = time.monotonic()
+            queued = Role(["connect-close", "--port", str(lst.port), "--count", str(n)]).start()
+            held = Role(["hold", "--port", str(srv.port), "--count", str(n)]).start()
+            roles += [queued, held]
+            queued.wait_done(600)
+            held.wait_done(600)
+            t_set = time.monotonic()
+            res["setup_s"] = t_set - t0
+            live_all_open = live_all_flagged = None
+            tick_max = 0.0
+            deadline = t_set + thr + args.timeout
+            while time.monotonic() < deadline:
+                m = live.metrics() or {}
+                now = time.monotonic()
+                tick_max = max(tick_max, m.get("tick_max", 0.0))
+                if live_all_open is None and m.get("sockets", 0) >= 2 * n:
+                    live_all_open = now
+                if live_all_flagged is None and m.get("leaking", 0) >= 2 * n:
+                    live_all_flagged = now
+                if live_all_flagged and js.first_all_at:
+                    break
+                time.sleep(0.25)
+            time.sleep(3)  # a few more ticks with all of them open
+            m = live.metrics() or {}
+            res["live_tick_max_s"] = max(tick_max, m.get("tick_max", 0.0))
+            res["live_open_seen"] = m.get("sockets")
+            res["live_all_open_after_s"] = None if live_all_open is None else live_all_open - t_set
+            res["live_all_flagged_after_s"] = (None if live_all_flagged is None
+                                               else live_all_flagged - t_set)
+            res["json_all_flagged_after_s"] = (None if js.first_all_at is None
+                                               else js.first_all_at - t_set)
+            res["json_map_kb"] = bpf_map_bytes(js.proc.pid) // 1024
+            res["live_rss_mb"] = (status_kb(live.proc.pid, "VmHWM") or 0) / 1024
+        finally:
+            if js is not None:
+                js.stop()
+            if live is not None:
+                live.stop()
+            for r in roles:
+                r.stop()
+    s = js.summary or {}
+    res["json_summary"] = {k: s.get(k) for k in ("open", "flagged", "cw_reported", "events_lost",
+                                                "complete", "lost", "tracer")}
+    res["json_groups"] = [(g["cause"], g["pid"], g["count"]) for g in s.get("groups", [])]
+    text = live.text() if live is not None else ""
+    res["live_grouped"] = "by process and service" in text
+    res["live_more_line"] = bool(re.search(r"\.\.\. \d+ more; grouped below", text))
+    res["live_summary_no_loss"] = "no events lost" in text
+    res["live_tail"] = text[-3000:]
+
+    if s.get("open", 0) < 2 * n:
+        misses.append(f"--json tracer counted {s.get('open')} open, not {2 * n}")
+    if s.get("flagged", 0) < 2 * n:
+        misses.append(f"--json tracer flagged {s.get('flagged')}, not {2 * n}")
+    if s.get("events_lost", 1) != 0:
+        misses.append(f"--json tracer lost events: {s.get('lost')}")
+    if (res["live_open_seen"] or 0) < 2 * n:
+        misses.append(f"live view counted {res['live_open_seen']}, not {2 * n}")
+    if res["live_tick_max_s"] > 1.0:
+        misses.append(f"live view tick took up to {res['live_tick_max_s']:.2f} s (> 1 s)")
+    if not (res["live_grouped"] and res["live_more_line"]):
+        misses.append("live view did not group the sockets")
+    if not res["live_summary_no_loss"]:
+        misses.append("live view's summary does not say 'no events lost'")
+    return res, misses
+
+
+def report(res: dict[str, Any], misses: list[str], argv: Sequence[str]) -> str:
+    def f(x: Any, fmt: str = "{:.2f}") -> str:
+        return "–" if x is None else fmt.format(x)
+
+    s = res["json_summary"]
+    tr = s.get("tracer") or {}
+    lines = [
+        "# closewait-trace scale run",
+        "",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}; "
+        f"kernel {platform.release()}; {os.cpu_count()} CPUs",
+        f"- Command: `python -m bench.scale {' '.join(argv)}`",
+        f"- Load: {res['count']:,} never-accepted (connect + close into a listener that never "
+        f"accepts, backlog {res['count'] + 1000:,}) and {res['count']:,} outbound (held by a "
+        f"client after its server closed them), set up in {res['setup_s']:.1f} s; both tracers "
+        f"unfiltered, threshold {res['threshold_s']:g} s, default map sizes",
+        "",
+        "| | --json tracer | live view (pty, --metrics) |",
+        "|---|---:|---:|",
+        f"| sockets counted in CLOSE_WAIT | {f(s.get('open'), '{:,}')} | "
+        f"{f(res['live_open_seen'], '{:,.0f}')} |",
+        f"| leaks flagged | {f(s.get('flagged'), '{:,}')} | – |",
+        f"| all counted, s after the last connection | – | "
+        f"{f(res['live_all_open_after_s'])} |",
+        f"| all flagged, s after the last connection (threshold {res['threshold_s']:g} s) | "
+        f"{f(res['json_all_flagged_after_s'])} | {f(res['live_all_flagged_after_s'])} |",
+        f"| longest tick (view refresh), s | {f(tr.get('tick_s_max'), '{:.3f}')} | "
+        f"{f(res['live_tick_max_s'], '{:.3f}')} |",
+        f"| peak RSS, MB | {f(tr.get('peak_rss_mb'), '{:.0f}')} | "
+        f"{f(res['live_rss_mb'], '{:.0f}')} |",
+        f"| BPF map memory, KB | {res['json_map_kb']:,} | (same sizes) |",
+        f"| events lost | {s.get('events_lost')} | "
+        f"{'0' if res['live_summary_no_loss'] else 'see below'} |",
+        "",
+        f"Groups (--json summary): {res['json_groups']}",
+        "",
+        f"Live view grouped (panel 'by process and service' and a '... N more' line): "
+        f"{res['live_grouped'] and res['live_more_line']}",
+        "",
+        "Targets (all counted, view refresh within 1 s, grouped, nothing lost): "
+        + ("all met" if not misses else "MISSED: " + "; ".join(misses)),
+        "",
+        "## End of the live view's terminal output",
+        "",
+        "```",
+        res["live_tail"].strip()[-2500:],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=10_000,
+                    help="sockets of each kind (default 10000)")
+    ap.add_argument("--threshold", type=float, default=5.0, help="leak threshold, s (default 5)")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="longest wait past the threshold for every flag, s (default 120)")
+    ap.add_argument("--closewait-trace", metavar="PATH")
+    ap.add_argument("-o", "--output", type=Path)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.scale: needs root (BPF, sysctls)", file=sys.stderr)
+        return 2
+    try:
+        res, misses = run(args)
+    except (RuntimeError, OSError) as exc:
+        print(f"bench.scale: error: {exc}", file=sys.stderr)
+        return 2
+    text = report(res, misses, argv)
+    out = args.output or (REPO / "bench" / "results" /
+                          f"scale-{dt.date.today().isoformat()}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"report written to {out}", file=sys.stderr)
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
