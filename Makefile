@@ -10,7 +10,8 @@ VM_LOGS ?= logs/vm
 VM_CMD = CLOSEWAIT_BACKEND={backend} CLOSEWAIT_REQUIRE_KERNEL=1 CLOSEWAIT_START_TIMEOUT=600 \
   .venv/bin/python -m pytest tests/kernel -q -p no:cacheprovider -m 'not host_only' --junitxml={junit}
 
-.PHONY: setup setup-dev setup-vm demo test test-host test-unit test-kernel test-vm typecheck clean
+.PHONY: setup setup-dev setup-vm demo test test-host test-unit test-kernel test-vm typecheck \
+  bench scale soak clean
 
 setup:
 	scripts/setup.sh
@@ -45,6 +46,16 @@ test-vm: setup-vm
 	$(SUDO) $(VENV)/bin/closewait-trace doctor >/dev/null || true
 	$(SUDO) $(PY) -m tests.vm.runner --kernels $(VM_KERNELS) --backends $(VM_BACKENDS) \
 	  --jobs 2 --cpus 1 --timeout 1800 --logs $(VM_LOGS) -- "$(VM_CMD)"
+
+# Measurements (commands, not tests): reports go to bench/results/. See bench/README.md.
+bench: setup-dev
+	$(SUDO) $(PY) -m bench.overhead
+
+scale: setup-dev
+	$(SUDO) $(PY) -m bench.scale
+
+soak: setup-dev
+	$(SUDO) $(PY) -m bench.soak
 
 typecheck: setup-dev
 	$(PY) -m mypy

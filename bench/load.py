@@ -6,8 +6,8 @@ Every role prints `PORT n` (servers) or `READY` once it is set up, `LEAK local r
 connection it leaves in CLOSE_WAIT on purpose (a leak the tracer must flag), and `DONE n` when
 a client finished its `n` connections. The parent (Role) reads those lines.
 
-    python -m bench.load server --mode echo-close --leak-every 20000
-    python -m bench.load churn --port P --count 50000 --mode client-first
+    python -m bench.load server --mode echo-close
+    python -m bench.load churn --port P --count 50000 --mode client-first --leak-every 10000
     python -m bench.load listen --backlog 10000            (never accepts)
     python -m bench.load connect-close --port P --count 10000
     python -m bench.load hold --port P --count 10000       (keeps what the server closes)
@@ -57,12 +57,12 @@ def _sleep_forever() -> None:
 # --- roles ----------------------------------------------------------------------------------
 
 
-def role_server(mode: str, leak_every: int, backlog: int) -> None:
+def role_server(mode: str, backlog: int) -> None:
     """Accept forever. echo-close: read one byte, answer one byte, read to EOF, close (the
-    client closes first: this side passes through CLOSE_WAIT for as long as the read takes).
-    close-now: close right after accept (the server closes first: the client passes through
-    CLOSE_WAIT). Every leak_every-th connection is kept open instead: in echo-close mode it is
-    an accepted socket never closed, in CLOSE_WAIT once the client closes."""
+    client closes first: this side passes through CLOSE_WAIT for as long as the read takes);
+    a connection whose byte is L is kept open instead (in CLOSE_WAIT once the client shuts it
+    down: an accepted socket never closed). close-now: close right after accept (the server
+    closes first: the client passes through CLOSE_WAIT)."""
     _raise_nofile(65536)
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,21 +70,19 @@ def role_server(mode: str, leak_every: int, backlog: int) -> None:
     srv.listen(backlog)
     _say(f"PORT {srv.getsockname()[1]}")
     kept: list[socket.socket] = []
-    n = 0
     while True:
-        conn, peer = srv.accept()
-        n += 1
+        conn, _peer = srv.accept()
         if mode == "close-now":
             conn.close()
             continue
         try:
-            if not conn.recv(1):
+            first = conn.recv(1)
+            if not first:
                 conn.close()
                 continue
             conn.sendall(b"y")
-            if leak_every and n % leak_every == 0:
+            if first == b"L":
                 kept.append(conn)
-                _say(f"LEAK {_ep(conn.getsockname())} {_ep(peer)}")
                 continue
             while conn.recv(4096):
                 pass
@@ -103,22 +101,31 @@ def role_listen(backlog: int) -> None:
 
 
 def role_churn(port: int, count: int, mode: str, leak_every: int) -> None:
-    """count connections one after another. client-first (with an echo-close server): send a
-    byte, wait for the answer, close. server-first (with a close-now server): wait for the
-    server's FIN, then close; every leak_every-th is kept open instead, in CLOSE_WAIT: an
-    outbound leak of this process."""
+    """count connections one after another, every leak_every-th one left in CLOSE_WAIT.
+    client-first (with an echo-close server): send a byte, wait for the answer, close; a leak
+    sends L instead, and is shut down rather than closed: the server keeps it, in CLOSE_WAIT.
+    (Were it closed, its orphan would soon turn into a TIME_WAIT socket whose port a later
+    connect() may reuse on loopback: the server's socket would then be reset, not leak.)
+    server-first (with a close-now server): wait for the server's FIN, then close; a leak is
+    kept open instead, in CLOSE_WAIT on this side: an outbound leak of this process."""
     _raise_nofile(65536)
     kept: list[socket.socket] = []
     for i in range(1, count + 1):
+        leak = bool(leak_every) and i % leak_every == 0
         c = _connect(port)
         try:
             if mode == "client-first":
-                c.sendall(b"x")
+                c.sendall(b"L" if leak else b"x")
                 c.recv(1)
+                if leak:
+                    c.shutdown(socket.SHUT_WR)
+                    kept.append(c)
+                    _say(f"LEAK {_ep(c.getpeername())} {_ep(c.getsockname())}")
+                    continue
             else:
                 while c.recv(4096):
                     pass
-                if leak_every and i % leak_every == 0:
+                if leak:
                     kept.append(c)
                     _say(f"LEAK {_ep(c.getsockname())} {_ep(c.getpeername())}")
                     continue
@@ -260,7 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="role", required=True)
     p = sub.add_parser("server")
     p.add_argument("--mode", choices=("echo-close", "close-now"), default="echo-close")
-    p.add_argument("--leak-every", type=int, default=0)
     p.add_argument("--backlog", type=int, default=4096)
     p = sub.add_parser("listen")
     p.add_argument("--backlog", type=int, default=4096)
@@ -275,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--count", type=int, required=True)
     a = ap.parse_args(argv)
     if a.role == "server":
-        role_server(a.mode, a.leak_every, a.backlog)
+        role_server(a.mode, a.backlog)
     elif a.role == "listen":
         role_listen(a.backlog)
     elif a.role == "churn":
