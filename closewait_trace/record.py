@@ -176,6 +176,9 @@ class RecordingWorld:
         self._put("owners", {"inode": inode, "owners": [dataclasses.asdict(o) for o in v]})
         return v
 
+    def refresh_owners(self) -> None:
+        self.inner.refresh_owners()  # its effect shows in the owners() results recorded after
+
     def process(self, pid: int) -> ProcessInfo:
         v = self.inner.process(pid)
         self._put("process", dataclasses.asdict(v))
@@ -315,6 +318,9 @@ class ReplayWorld:
             return [SocketOwner(**o) for o in r["owners"]]
 
         return self._value("owners", conv)
+
+    def refresh_owners(self) -> None:
+        pass
 
     def process(self, pid: int) -> ProcessInfo:
         def conv(r: dict[str, Any]) -> ProcessInfo:

@@ -308,7 +308,9 @@ class Session:
         if flagged:
             if not (slow_due or new):
                 self.counters = self.world.counters()  # the flag's verdict needs fresh counts
-            self._refresh_read_state([ch.conn for ch in flagged if ch.conn is not None])
+            flagged_conns = [ch.conn for ch in flagged if ch.conn is not None]
+            self._refresh_read_state(flagged_conns)
+            self._owners_at_flag(flagged_conns)
         changes += flagged
         for ch in changes:
             if ch.conn is None:
@@ -423,10 +425,25 @@ class Session:
             if conn.lport in self.tracker.listeners or conn.direction is Direction.INBOUND:
                 conn.accepted = Accepted.YES
                 conn.direction = Direction.INBOUND
-        owners = self.world.owners(d.inode)
+        self._assign_owner(conn)
+
+    def _assign_owner(self, conn: Connection) -> None:
+        """The process holding the socket's fd (a forked child may hold it, not the acceptor)."""
+        assert conn.inode
+        owners = self.world.owners(conn.inode)
         if owners:
             pref = [o for o in owners if o.pid == conn.owner_pid] or owners
             conn.owner_pid, conn.owner_comm, conn.fd = pref[0].pid, pref[0].comm, pref[0].fd
+
+    def _owners_at_flag(self, conns: list[Connection]) -> None:
+        """A leak is reported with the process that holds it: sockets whose holder was not
+        found yet (the fd index is rescanned at most once a second) get one fresh scan."""
+        need = [c for c in conns if c.inode and c.fd is None]
+        if not need:
+            return
+        self.world.refresh_owners()
+        for conn in need:
+            self._assign_owner(conn)
 
     def _apply_pid_filter(self, changes: list[Change]) -> list[Change]:
         """Connections whose owner the kernel could not know are filtered here."""

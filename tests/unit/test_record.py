@@ -125,6 +125,7 @@ class _FakeWorld:
     def diag_close_wait(self) -> list: return []
     def listeners(self) -> list: return []
     def owners(self, inode: int) -> list: return []
+    def refresh_owners(self) -> None: pass
     def process(self, pid: int) -> ProcessInfo: return ProcessInfo(pid, True, 3, 1024)
     def descendants(self, pids: object) -> list[int]: return [7]
     def set_pids(self, pids: object) -> None: pass

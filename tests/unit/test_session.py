@@ -36,6 +36,7 @@ class ScriptedWorld:
     def diag_close_wait(self) -> list[Any]: return []
     def listeners(self) -> list[Any]: return []
     def owners(self, inode: int) -> list[Any]: return []
+    def refresh_owners(self) -> None: pass
     def process(self, pid: int) -> ProcessInfo: return ProcessInfo(pid, True)
     def descendants(self, pids: Any) -> list[int]: return []
     def set_pids(self, pids: Any) -> None: pass
