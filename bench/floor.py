@@ -5,6 +5,11 @@ updates the socket's entry at every TCP state change and deletes it at CLOSE, an
 reaches userspace. Any tracer that follows sockets through this tracepoint does at least
 this much, so its paired cost against `none` is what a per-socket design cannot go below.
 
+With --raw, the same on the raw tracepoint (`raw_tp/inet_sock_set_state`: the program gets the
+struct sock pointer and the states, and the kernel skips filling the tracepoint's record;
+a real tracer would then have to read the addresses from struct sock itself). Config
+`floor-raw` of the benchmark, not run by default: it measures what that would save.
+
 Run by bench/overhead.py; alone: `sudo .venv/bin/python -m bench.floor` (Ctrl-C stops it).
 It prints one JSON line {"type": "ready"} once attached, and {"type": "summary"} with the
 number of program runs at exit.
@@ -48,6 +53,32 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 }
 """
 
+RAW_PROGRAM = r"""
+struct floor_value {
+    u64 ts;
+    u32 state;
+    u32 pad;
+};
+
+BPF_HASH(floor_socks, u64, struct floor_value, 131072);
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    /* args: (const struct sock *sk, int oldstate, int newstate); no protocol here. */
+    u64 sk = ctx->args[0];
+    int newstate = (int)ctx->args[2];
+    if (newstate == 7) { /* TCP_CLOSE */
+        floor_socks.delete(&sk);
+        return 0;
+    }
+    struct floor_value v = {};
+    v.ts = bpf_ktime_get_ns();
+    v.state = newstate;
+    floor_socks.update(&sk, &v);
+    return 0;
+}
+"""
+
 _stop = False
 
 
@@ -57,6 +88,7 @@ def _on_signal(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> int:
+    program = RAW_PROGRAM if "--raw" in sys.argv[1:] else PROGRAM
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     bcc = import_bcc()
@@ -65,7 +97,7 @@ def main() -> int:
     for cand in candidate_header_dirs():
         os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
         try:
-            bpf = bcc.BPF(text=PROGRAM.encode())
+            bpf = bcc.BPF(text=program.encode())
             break
         except Exception as exc:  # BCC raises bare Exception
             errors.append(f"{cand.path}: {exc}")

@@ -16,6 +16,8 @@ a client finished its `n` connections. The parent (Role) reads those lines.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import resource
 import signal
@@ -24,9 +26,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -234,6 +238,66 @@ class Role:
             self.proc.wait(timeout=10)
 
 
+class JsonTracer:
+    """`closewait-trace --json` in a subprocess, its records tallied as they arrive: leaks
+    by 4-tuple (and when `want` of them had come), exits by 4-tuple, the summary."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.ready = threading.Event()
+        self.leaks: Counter[tuple[str, str]] = Counter()
+        self.closes = 0
+        #: close records by 4-tuple (for the report on a leak that was not flagged)
+        self.closed: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.summary: dict[str, Any] | None = None
+        self.leak_count = 0
+        self.want = 0
+        self.first_all_at: float | None = None
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            kind = rec.get("type")
+            if kind == "ready":
+                self.ready.set()
+            elif kind == "leak":
+                c = rec["connection"]
+                with self.lock:
+                    self.leaks[(c["local"], c["remote"])] += 1
+                self.leak_count += 1
+                if self.want and self.leak_count >= self.want and self.first_all_at is None:
+                    self.first_all_at = time.monotonic()
+            elif kind in ("close", "lost"):
+                self.closes += 1
+                c = rec["connection"]
+                with self.lock:
+                    self.closed.setdefault((c["local"], c["remote"]), []).append(
+                        {"type": kind, "exit": c.get("exit"), "cw_age_s": c.get("cw_age_s"),
+                         "pid": c.get("pid"), "accepted": c.get("accepted")})
+            elif kind == "summary":
+                self.summary = rec
+
+    def cpu_s(self) -> float:
+        try:
+            f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        time.sleep(0.5)
+
+
 class Sysctls:
     """Set sysctls for the duration of a `with` block, restoring the old values after."""
 
@@ -259,6 +323,42 @@ class Sysctls:
 
 #: What 10,000+ sockets queued on one listener need (6.18's default somaxconn is 4096).
 SCALE_SYSCTLS = {"net.core.somaxconn": "65535", "net.ipv4.tcp_max_syn_backlog": "65535"}
+
+
+Result = tuple[dict[str, Any], list[str]]
+
+
+def run_command(name: str, ap: argparse.ArgumentParser, argv: Sequence[str] | None,
+                run: Callable[[argparse.Namespace], Result],
+                report: Callable[[dict[str, Any], list[str], Sequence[str]], str]) -> int:
+    """main() of bench.scale and bench.soak: parse, check root, run, write and print the
+    report. Exit codes: 0 every target met, 1 one missed, 2 set-up error."""
+    ap.add_argument("--closewait-trace", metavar="PATH",
+                    help="the tracer to run (default .venv/bin/closewait-trace)")
+    ap.add_argument("-o", "--output", type=Path,
+                    help=f"the report (default bench/results/{name}-<date>.md)")
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(args_list)
+    if os.geteuid() != 0:
+        print(f"bench.{name}: needs root (BPF)", file=sys.stderr)
+        return 2
+    try:
+        res, misses = run(args)
+    except (RuntimeError, OSError) as exc:
+        print(f"bench.{name}: error: {exc}", file=sys.stderr)
+        return 2
+    text = report(res, misses, args_list)
+    out = args.output or (REPO / "bench" / "results" / f"{name}-{dt.date.today().isoformat()}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"report written to {out}", file=sys.stderr)
+    return 1 if misses else 0
+
+
+def find_closewait() -> str:
+    venv = REPO / ".venv" / "bin" / "closewait-trace"
+    return str(venv) if venv.exists() else "closewait-trace"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

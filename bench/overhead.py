@@ -32,8 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -508,7 +507,7 @@ def _short(path: str) -> str:
 # Run by default, in this order (rotated each round).
 DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "floor", "tcpstates", "tcplife")
 # Also available with --only: the timeline of *every* socket (meant for use with filters).
-ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all")
+ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "floor-raw")
 
 
 def find_closewait(explicit: str | None) -> str | None:
@@ -655,10 +654,12 @@ def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
             else:
                 notes.append(f"{name} skipped: this closewait-trace has no --timeline "
                              "option (`closewait-trace --help`)")
-        elif name == "floor":
+        elif name in ("floor", "floor-raw"):
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-            configs.append(Config("floor", "floor", [sys.executable, "-m", "bench.floor"], env))
+            raw = ["--raw"] if name == "floor-raw" else []
+            configs.append(Config(name, "floor", [sys.executable, "-m", "bench.floor", *raw],
+                                  env))
         elif name == "tcpstates":
             configs.append(Config("tcpstates", "bcc", [paths["tcpstates-bpfcc"]], bcc_env))
         elif name == "tcplife":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
-import json
 import os
 import platform
 import pty
@@ -37,12 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .load import REPO, SCALE_SYSCTLS, Role, Sysctls
-
-
-def find_closewait() -> str:
-    venv = REPO / ".venv" / "bin" / "closewait-trace"
-    return str(venv) if venv.exists() else "closewait-trace"
+from .load import SCALE_SYSCTLS, JsonTracer, Role, Sysctls, find_closewait, run_command
 
 
 def status_kb(pid: int, key: str) -> int | None:
@@ -79,43 +73,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class JsonTracer:
-    """closewait-trace --json, its records counted as they arrive."""
-
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
-        self.leaks = 0
-        self.ready = threading.Event()
-        self.summary: dict[str, Any] | None = None
-        self.first_all_at: float | None = None
-        self.want = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            kind = rec.get("type")
-            if kind == "ready":
-                self.ready.set()
-            elif kind == "leak":
-                self.leaks += 1
-                if self.want and self.leaks >= self.want and self.first_all_at is None:
-                    self.first_all_at = time.monotonic()
-            elif kind == "summary":
-                self.summary = rec
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
-        time.sleep(0.5)
 
 
 class LiveTracer:
@@ -328,26 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=5.0, help="leak threshold, s (default 5)")
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="longest wait past the threshold for every flag, s (default 120)")
-    ap.add_argument("--closewait-trace", metavar="PATH")
-    ap.add_argument("-o", "--output", type=Path)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.scale: needs root (BPF, sysctls)", file=sys.stderr)
-        return 2
-    try:
-        res, misses = run(args)
-    except (RuntimeError, OSError) as exc:
-        print(f"bench.scale: error: {exc}", file=sys.stderr)
-        return 2
-    text = report(res, misses, argv)
-    out = args.output or (REPO / "bench" / "results" /
-                          f"scale-{dt.date.today().isoformat()}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"report written to {out}", file=sys.stderr)
-    return 1 if misses else 0
+    return run_command("scale", ap, argv, run, report)
 
 
 if __name__ == "__main__":

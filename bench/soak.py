@@ -16,72 +16,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from .load import REPO, Role
-from .scale import find_closewait, status_kb
-
-
-class Tracer:
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
-        self.ready = threading.Event()
-        self.leaks: Counter[tuple[str, str]] = Counter()
-        self.closes = 0
-        #: close records by 4-tuple (for the report on a leak that was not flagged)
-        self.closed: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self.summary: dict[str, Any] | None = None
-        self.lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            kind = rec.get("type")
-            if kind == "ready":
-                self.ready.set()
-            elif kind == "leak":
-                c = rec["connection"]
-                with self.lock:
-                    self.leaks[(c["local"], c["remote"])] += 1
-            elif kind in ("close", "lost"):
-                self.closes += 1
-                c = rec["connection"]
-                with self.lock:
-                    self.closed.setdefault((c["local"], c["remote"]), []).append(
-                        {"type": kind, "exit": c.get("exit"), "cw_age_s": c.get("cw_age_s"),
-                         "pid": c.get("pid"), "accepted": c.get("accepted")})
-            elif kind == "summary":
-                self.summary = rec
-
-    def cpu_s(self) -> float:
-        try:
-            f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
-        time.sleep(0.5)
+from .load import JsonTracer, Role, find_closewait, run_command
+from .scale import status_kb
 
 
 def one_round(count: int, leak_every: int, threshold: float) -> tuple[list[tuple[str, str]], int]:
@@ -112,7 +57,7 @@ def one_round(count: int, leak_every: int, threshold: float) -> tuple[list[tuple
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     cw = args.closewait_trace or find_closewait()
-    t = Tracer([cw, "--json", "--threshold", f"{args.threshold:g}s"])
+    t = JsonTracer([cw, "--json", "--threshold", f"{args.threshold:g}s"])
     if not t.ready.wait(300):
         t.stop()
         raise RuntimeError("the tracer did not become ready: " +
@@ -154,7 +99,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "minutes": args.minutes, "warmup_s": args.warmup, "threshold_s": args.threshold,
         "rounds": rounds, "connections": conns, "wall_s": wall,
         "cpu_pct": 100 * (cpu1 - cpu0) / wall if wall else 0.0,
-        "leaks_made": sum(expected.values()), "leaks_flagged": sum(t.leaks.values()),
+        "leaks_made": sum(expected.values()), "leaks_flagged": t.leak_count,
         "missed": sorted((expected - t.leaks).elements())[:10],
         "missed_records": {f"{k[0]} {k[1]}": t.closed.get(k, [])
                            for k in sorted((expected - t.leaks).elements())[:10]},
@@ -238,25 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=3.0, help="leak threshold, s (default 3)")
     ap.add_argument("--rss-slack", type=float, default=2.0,
                     help="RSS growth after the warm-up still called flat, MB (default 2)")
-    ap.add_argument("--closewait-trace", metavar="PATH")
-    ap.add_argument("-o", "--output", type=Path)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.soak: needs root (BPF)", file=sys.stderr)
-        return 2
-    try:
-        res, misses = run(args)
-    except (RuntimeError, OSError) as exc:
-        print(f"bench.soak: error: {exc}", file=sys.stderr)
-        return 2
-    text = report(res, misses, argv)
-    out = args.output or (REPO / "bench" / "results" / f"soak-{dt.date.today().isoformat()}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"report written to {out}", file=sys.stderr)
-    return 1 if misses else 0
+    return run_command("soak", ap, argv, run, report)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,28 @@ def test_non_root_is_refused_with_the_privileges_it_lacks() -> None:
     assert len(lines) == 1, r.stderr
     assert "privileges" in lines[0] and "CAP_BPF" in lines[0], lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_writes_no_file_it_was_not_asked_for(tmp_path: Path) -> None:
+    """A run, a flagged leak and a clean exit leave the working directory and HOME empty."""
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    srv = _spawn(NEVER_ACCEPT, "0")
+    try:
+        assert srv.stdout is not None
+        port = int(srv.stdout.readline())
+        r = subprocess.Popen([sys.executable, "-m", "closewait_trace", "--json", "--threshold",
+                              "1s", "--report-min", "100ms", "--port", str(port),
+                              "--duration", "4"], cwd=work, env={**os.environ, "HOME": str(home)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # compiled and attached by now on the host; the leak may come later
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        out, err = r.communicate(timeout=300)
+        assert r.returncode == 0, err
+    finally:
+        os.killpg(srv.pid, 9)
+        srv.wait()
+    assert list(work.iterdir()) == [] and list(home.iterdir()) == []
+    assert '"type": "summary"' in out
