@@ -175,8 +175,10 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
 }
 
 
+@functools.lru_cache(maxsize=8192)
 def format_addr(family: int, raw: bytes) -> str:
-    """Text of an address the kernel stored as IPv6 or IPv4-mapped IPv6."""
+    """Text of an address the kernel stored as IPv6 or IPv4-mapped IPv6 (cached: a busy
+    host has few addresses and many sockets)."""
     addr = ipaddress.IPv6Address(bytes(raw))
     mapped = addr.ipv4_mapped
     if family == socket.AF_INET or mapped is not None:
