@@ -27,6 +27,7 @@ from types import FrameType
 from closewait_trace.attach import import_bcc
 from closewait_trace.headers import candidate_header_dirs
 
+# One body; only the entry point differs (CW_RAW selects the raw tracepoint).
 PROGRAM = r"""
 struct floor_value {
     u64 ts;
@@ -36,37 +37,8 @@ struct floor_value {
 
 BPF_HASH(floor_socks, u64, struct floor_value, 131072);
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+static __always_inline int floor_keep(u64 sk, int newstate)
 {
-    if (args->protocol != 6)
-        return 0;
-    u64 sk = (u64)args->skaddr;
-    if (args->newstate == 7) { /* TCP_CLOSE */
-        floor_socks.delete(&sk);
-        return 0;
-    }
-    struct floor_value v = {};
-    v.ts = bpf_ktime_get_ns();
-    v.state = args->newstate;
-    floor_socks.update(&sk, &v);
-    return 0;
-}
-"""
-
-RAW_PROGRAM = r"""
-struct floor_value {
-    u64 ts;
-    u32 state;
-    u32 pad;
-};
-
-BPF_HASH(floor_socks, u64, struct floor_value, 131072);
-
-RAW_TRACEPOINT_PROBE(inet_sock_set_state)
-{
-    /* args: (const struct sock *sk, int oldstate, int newstate); no protocol here. */
-    u64 sk = ctx->args[0];
-    int newstate = (int)ctx->args[2];
     if (newstate == 7) { /* TCP_CLOSE */
         floor_socks.delete(&sk);
         return 0;
@@ -77,6 +49,21 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     floor_socks.update(&sk, &v);
     return 0;
 }
+
+#ifdef CW_RAW
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    /* args: (const struct sock *sk, int oldstate, int newstate); no protocol here. */
+    return floor_keep(ctx->args[0], (int)ctx->args[2]);
+}
+#else
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != 6)
+        return 0;
+    return floor_keep((u64)args->skaddr, args->newstate);
+}
+#endif
 """
 
 _stop = False
@@ -88,7 +75,7 @@ def _on_signal(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    program = RAW_PROGRAM if "--raw" in sys.argv[1:] else PROGRAM
+    cflags = ["-DCW_RAW"] if "--raw" in sys.argv[1:] else []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     bcc = import_bcc()
@@ -97,7 +84,7 @@ def main() -> int:
     for cand in candidate_header_dirs():
         os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
         try:
-            bpf = bcc.BPF(text=program.encode())
+            bpf = bcc.BPF(text=PROGRAM.encode(), cflags=cflags)
             break
         except Exception as exc:  # BCC raises bare Exception
             errors.append(f"{cand.path}: {exc}")

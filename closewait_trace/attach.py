@@ -242,8 +242,9 @@ class Probes:
 
         While they are attached the kernel keeps passive sockets findable by their peer
         address (the pending map), from ESTABLISHED or from CLOSE_WAIT on. Sockets already
-        in CLOSE_WAIT when the watch begins are put there from the cw map; the map is emptied
-        when the watch ends (nothing reads it then)."""
+        in CLOSE_WAIT when the watch begins are put there from the cw map (the kernel does not
+        know of these entries, so they stay until the watch ends); the map is emptied when the
+        watch ends (nothing reads it then)."""
         if self.settings.backend is not Backend.TRACEPOINT or on == self.accept_watch \
                 or self._closed:
             return
