@@ -34,6 +34,7 @@ from pathlib import Path
 
 from closewait_trace.decode import TcpState  # one definition, shared with the decoder
 from closewait_trace.errors import EnrichError, UsageError
+from . import textsafe
 
 __all__ = [
     "DiagSocket",
@@ -53,6 +54,7 @@ __all__ = [
     "parse_limits_nofile",
     "parse_socket_link",
     "pid_alive",
+    "resolve_target",
 ]
 
 PROC = Path("/proc")
@@ -359,7 +361,7 @@ def _read_comm(path: str) -> str | None:
         return None
     finally:
         os.close(fd)
-    return raw.rstrip(b"\n").decode("utf-8", errors="replace")
+    return textsafe.decode(raw.rstrip(b"\n"))
 
 
 def comm_of(pid: int, proc_root: Path = PROC) -> str | None:
@@ -394,6 +396,49 @@ def pid_alive(pid: int, proc_root: Path = PROC) -> bool:
         return True
     fields = stat[end + 1 :].split()
     return not (fields and fields[0] in (b"Z", b"X"))
+
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+def parse_stat_target(stat: bytes) -> tuple[str, int]:
+    """(state letter, flags) from ``/proc/PID/stat`` text; the comm may hold spaces or ')'."""
+    end = stat.rfind(b")")
+    fields = stat[end + 1 :].split() if end >= 0 else []
+    if len(fields) < 7 or not fields[6].isdigit():
+        raise ValueError("unreadable /proc/PID/stat")
+    return fields[0].decode("ascii", "replace"), int(fields[6])
+
+
+def parse_status_tgid(status: str) -> int | None:
+    """The Tgid (the process id of a thread) from ``/proc/PID/status`` text."""
+    for line in status.splitlines():
+        if line.startswith("Tgid:"):
+            value = line[5:].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def resolve_target(pid: int, proc_root: Path = PROC) -> tuple[int, str | None]:
+    """A PID given with -p, checked: (the process to trace, a notice or None).
+
+    A thread id stands for its process (with a notice); a process that does not exist, a
+    zombie and a kernel thread (it owns no sockets) raise UsageError."""
+    base = proc_root / str(pid)
+    try:
+        state, flags = parse_stat_target((base / "stat").read_bytes())
+        tgid = parse_status_tgid((base / "status").read_text(errors="replace"))
+    except FileNotFoundError:
+        raise UsageError(f"no process with PID {pid}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read process {pid}: {exc}") from None
+    if flags & PF_KTHREAD:
+        raise UsageError(f"PID {pid} is a kernel thread: it owns no sockets to trace")
+    if state in ("Z", "X"):
+        raise UsageError(f"PID {pid} is a zombie (it has exited): nothing left to trace")
+    if tgid is not None and tgid != pid:
+        return tgid, f"PID {pid} is a thread of process {tgid}: tracing process {tgid}"
+    return pid, None
 
 
 def parse_limits_nofile(text: str) -> int | None:

@@ -9,6 +9,7 @@ watch, `--timeline all`) and otherwise from the milestones the kernel keeps for 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .decode import TcpState
+from .errors import OutputError, UsageError
 from .join import Connection, Direction
+from .textsafe import visible
 
 BAR_WIDTH = 48
 
@@ -113,7 +116,7 @@ def table(conn: Connection, now_ns: int) -> Table:
     def pos(ts: int) -> int:
         return min(BAR_WIDTH - 1, max(0, int((ts - t0) / span * (BAR_WIDTH - 1))))
 
-    tbl = Table(title=title(conn), title_justify="left", box=None, header_style="bold",
+    tbl = Table(title=Text(visible(title(conn))), title_justify="left", box=None, header_style="bold",
                 pad_edge=False)
     tbl.add_column("t+", justify="right")
     tbl.add_column("what")
@@ -130,7 +133,7 @@ def table(conn: Connection, now_ns: int) -> Table:
         bar.append("▲", style="bold magenta")
         rows.append((m.ts, m.label, str(m.pid or ""), bar))
     for ts, what, pid, bar in sorted(rows, key=lambda r: r[0]):
-        tbl.add_row(f"{(ts - t0) / 1e9:.3f}s", what, pid, bar)
+        tbl.add_row(f"{(ts - t0) / 1e9:.3f}s", Text(visible(what)), pid, bar)
     return tbl
 
 
@@ -156,10 +159,14 @@ class Exporter:
     """Collects timelines and writes them as one HTML or SVG page."""
 
     def __init__(self, path: Path) -> None:
+        """Checks now, before any tracing, that the file can be written at the end."""
         if path.suffix.lower() not in (".html", ".htm", ".svg"):
-            from .errors import UsageError
-
             raise UsageError(f"--timeline-export {path}: use a .html or .svg file name")
+        folder = path.parent
+        if not folder.is_dir():
+            raise OutputError(f"--timeline-export {path}: no folder {folder}")
+        if not os.access(path if path.exists() else folder, os.W_OK):
+            raise OutputError(f"--timeline-export {path}: not writable")
         self.path = path
         self.tables: list[Table] = []
 
@@ -171,8 +178,11 @@ class Exporter:
             return None
         console = Console(record=True, file=io.StringIO(), width=120, force_terminal=True)
         console.print(Group(*[x for t in self.tables for x in (t, Text(""))]))
-        if self.path.suffix.lower() == ".svg":
-            console.save_svg(str(self.path), title="closewait-trace timelines")
-        else:
-            console.save_html(str(self.path))
+        try:
+            if self.path.suffix.lower() == ".svg":
+                console.save_svg(str(self.path), title="closewait-trace timelines")
+            else:
+                console.save_html(str(self.path))
+        except OSError as exc:
+            raise OutputError(f"--timeline-export {self.path}: {exc.strerror or exc}") from exc
         return self.path
