@@ -9,7 +9,6 @@ watch, `--timeline all`) and otherwise from the milestones the kernel keeps for 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,30 +158,36 @@ class Exporter:
     """Collects timelines and writes them as one HTML or SVG page."""
 
     def __init__(self, path: Path) -> None:
-        """Checks now, before any tracing, that the file can be written at the end."""
+        """Opens the file now, before any tracing: a path that cannot be written fails at once,
+        not after the trace."""
         if path.suffix.lower() not in (".html", ".htm", ".svg"):
             raise UsageError(f"--timeline-export {path}: use a .html or .svg file name")
-        folder = path.parent
-        if not folder.is_dir():
-            raise OutputError(f"--timeline-export {path}: no folder {folder}")
-        if not os.access(path if path.exists() else folder, os.W_OK):
-            raise OutputError(f"--timeline-export {path}: not writable")
+        if not path.parent.is_dir():
+            raise OutputError(f"--timeline-export {path}: no folder {path.parent}")
+        try:
+            self.out = open(path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"--timeline-export {path}: {exc.strerror or exc}") from exc
         self.path = path
         self.tables: list[Table] = []
 
     def add(self, conn: Connection, now_ns: int) -> None:
         self.tables.append(table(conn, now_ns))
 
-    def write(self) -> Path | None:
-        if not self.tables:
-            return None
+    def write(self) -> Path:
+        """The page, with every timeline added (or a line saying there was none)."""
         console = Console(record=True, file=io.StringIO(), width=120, force_terminal=True)
-        console.print(Group(*[x for t in self.tables for x in (t, Text(""))]))
+        if self.tables:
+            console.print(Group(*[x for t in self.tables for x in (t, Text(""))]))
+        else:
+            console.print(Text("closewait-trace: no socket's timeline to show in this run"))
+        if self.path.suffix.lower() == ".svg":
+            page = console.export_svg(title="closewait-trace timelines")
+        else:
+            page = console.export_html()
         try:
-            if self.path.suffix.lower() == ".svg":
-                console.save_svg(str(self.path), title="closewait-trace timelines")
-            else:
-                console.save_html(str(self.path))
+            with self.out:
+                self.out.write(page)
         except OSError as exc:
             raise OutputError(f"--timeline-export {self.path}: {exc.strerror or exc}") from exc
         return self.path
