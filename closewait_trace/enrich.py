@@ -194,12 +194,14 @@ def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSoc
     off, end = 0, len(buf)
     while off + _NLMSGHDR.size <= end:
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
-        if length < _NLMSGHDR.size:
+        if length < _NLMSGHDR.size or off + length > end:
             raise EnrichError(f"sock_diag: malformed netlink message (length {length})")
         body = off + _NLMSGHDR.size
         if mtype == NLMSG_DONE:
             return True
         if mtype == NLMSG_ERROR:
+            if length - _NLMSGHDR.size < 4:
+                raise EnrichError("sock_diag: malformed netlink error message")
             (err,) = struct.unpack_from("=i", buf, body)
             if err:
                 raise EnrichError(f"sock_diag (inet_diag) query failed: "
@@ -783,17 +785,23 @@ def thread_syscalls(pid: int, proc_root: Path = PROC) -> dict[str, int]:
             text = (proc_root / str(pid) / "task" / tid / "syscall").read_text().split()
         except OSError:
             continue
-        if not text:
-            continue
-        if text[0] == "running" or text[0] == "-1":
-            name = "running"
-        else:
-            try:
-                name = syscall_name(int(text[0]))
-            except ValueError:
-                continue
-        out[name] = out.get(name, 0) + 1
+        name = parse_syscall_line(text)
+        if name is not None:
+            out[name] = out.get(name, 0) + 1
     return out
+
+
+def parse_syscall_line(fields: list[str]) -> str | None:
+    """What a thread is doing, from the fields of its /proc/PID/task/TID/syscall: the syscall
+    it is blocked in, "running", or None for text that says neither."""
+    if not fields:
+        return None
+    if fields[0] in ("running", "-1"):
+        return "running"
+    try:
+        return syscall_name(int(fields[0]))
+    except ValueError:
+        return None
 
 
 def parse_epoll_fdinfo(text: str) -> dict[int, int]:
