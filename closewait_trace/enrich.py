@@ -763,7 +763,6 @@ _ARM64_SYSCALLS = {
 }
 
 #: Syscalls in which a thread waits for events rather than works.
-EPOLL_WAITS = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"})
 EPOLLET = 1 << 31
 
 
