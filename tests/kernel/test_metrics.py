@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -25,7 +26,7 @@ def _scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
-def _value(text: str, name: str, **labels: str) -> float | None:
+def _value(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
             continue
@@ -35,7 +36,7 @@ def _value(text: str, name: str, **labels: str) -> float | None:
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
         if all(got.get(k) == v for k, v in labels.items()):
             return float(m.group(4))
-    return None
+    return -1.0  # absent
 
 
 def test_metrics_during_a_real_leak() -> None:
@@ -52,20 +53,31 @@ def test_metrics_during_a_real_leak() -> None:
         text = ""
         while time.monotonic() < deadline:
             text = _scrape(mport)
-            if _value(text, "closewait_leaking_sockets") == 3:
+            if _value(text, "closewait_leaking_sockets", port=str(srv.port)) == 3:
                 break
             time.sleep(0.3)
-        assert _value(text, "closewait_sockets", pid=str(srv.pid), port=str(srv.port),
+        with open(f"/proc/{srv.pid}/comm") as f:
+            comm = f.read().strip()
+        assert _value(text, "closewait_sockets", comm=comm, container="", port=str(srv.port),
                       direction="inbound", accepted="no") == 3, text
-        assert _value(text, "closewait_leaking_sockets") == 3
+        assert _value(text, "closewait_leaking_sockets", comm=comm, container="",
+                      port=str(srv.port), cause="never-accepted") == 3, text
         assert _value(text, "closewait_leaks_flagged_total") == 3
         assert _value(text, "closewait_listener_accept_queue", port=str(srv.port)) == 3
-        assert _value(text, "closewait_listener_backlog", port=str(srv.port)) == 8
-        assert _value(text, "closewait_events_lost_total", reason="ringbuf") == 0
-        # The tracer's own tick times: it has ticked, and well within a second here.
-        assert 0 < _value(text, "closewait_tracer_tick_seconds", which="max") < 1.0
+        assert _value(text, "closewait_listener_accept_queue_limit", port=str(srv.port)) == 8
+        assert _value(text, "closewait_events_lost_total", source="ringbuf") == 0
+        assert _value(text, "closewait_leak_threshold_seconds") == 1.0
+        # The tracer's own health: up, ticking now, well within a second here.
+        ready = t.wait_for(lambda r: r["type"] == "ready", 1)
+        assert _value(text, "closewait_tracer_up") == 1
+        assert _value(text, "closewait_tracer_info", backend=ready["backend"],
+                      kernel=os.uname().release) == 1, text
+        assert abs(_value(text, "closewait_tracer_last_tick_timestamp_seconds")
+                   - time.time()) < 5
+        assert 0 < _value(text, "closewait_tracer_tick_max_seconds") < 1.0
+        assert (_value(text, "process_resident_memory_bytes") or 0) > 10e6
         # No per-socket labels anywhere.
-        assert "rport" not in text and "skaddr" not in text
+        assert "rport" not in text and "skaddr" not in text and "pid=" not in text
         # Bound to loopback by default, and said so.
         notice = t.wait_for(lambda r: r["type"] == "notice" and "metrics" in r["message"], 5)
         assert f"http://127.0.0.1:{mport}/metrics" in notice["message"]
