@@ -202,3 +202,50 @@ def test_health_endpoints_beside_metrics_bound_where_configured() -> None:
         assert health.finished and exp.server is None
     finally:
         exp.stop()
+
+
+# --- Prometheus rules -------------------------------------------------------------------------
+
+RULES = DEPLOY / "prometheus" / "closewait.rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "closewait.rules.test.yml"
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool missing (scripts/setup.sh --dev)")
+
+
+def _yaml(path: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@needs_promtool
+def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
+    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run(["promtool", "test", "rules", RULE_TESTS.name], capture_output=True,
+                          text=True, cwd=RULE_TESTS.parent)
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "SUCCESS" in test.stdout
+
+
+def test_every_alert_is_tested_firing_and_silent() -> None:
+    alerts = {r["alert"] for g in _yaml(RULES)["groups"] for r in g["rules"] if "alert" in r}
+    assert {"CloseWaitSocketsLeaking", "CloseWaitAcceptQueueFull", "CloseWaitAcceptFailing",
+            "CloseWaitTracerEventsLost", "CloseWaitTracerDown",
+            "CloseWaitTracerNotTicking"} <= alerts
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for t in _yaml(RULE_TESTS)["tests"]:
+        for case in t.get("alert_rule_test", []):
+            (firing if case["exp_alerts"] else silent).add(case["alertname"])
+    assert firing == alerts and silent == alerts
+
+
+def test_rules_use_only_metrics_the_tracer_exports() -> None:
+    text = _exposition(_view([_conn(1, flagged_ns=NOW)], accept_errors={(1, 24): 1}),
+                       listeners=[type("D", (), {"lport": 80, "rqueue": 1, "wqueue": 8})()])
+    exported = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))
+    exprs = " ".join(r["expr"] for g in _yaml(RULES)["groups"] for r in g["rules"])
+    used = set(re.findall(r"\b(closewait_[a-z_]+)", exprs))
+    assert used and used <= exported, used - exported
