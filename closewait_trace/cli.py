@@ -503,3 +503,30 @@ def _children_stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@main.command(context_settings={"auto_envvar_prefix": "CLOSEWAIT", "show_default": True})
+@click.option("--node-name", help="Node label of the metrics and records (Kubernetes: set"
+              " CLOSEWAIT_NODE_NAME from spec.nodeName).  [default: the hostname]")
+@click.option("--log", default="-", help="Where the JSON records go: '-' (stdout, for the"
+              " journal or the container log) or a file, rotated by size.")
+@click.option("--log-max-bytes", type=click.IntRange(4096), default=50 << 20)
+@click.option("--log-backups", type=click.IntRange(0, 100), default=3)
+@_tracing_options
+def agent(node_name: str | None, log: str, log_max_bytes: int, log_backups: int,
+          threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
+          as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
+          metrics: str | None, accept_watch: str, max_sockets: int,
+          max_close_wait: int) -> None:
+    """Run as a node agent: JSON records, Prometheus metrics with /healthz and /readyz on
+    --metrics (default 127.0.0.1:9466), no terminal output. Every option can be given as
+    CLOSEWAIT_<OPTION> in the environment (CLOSEWAIT_METRICS=0.0.0.0:9466)."""
+    from .agent import AgentConfig, run_agent
+
+    with _errors():
+        if plain:
+            raise UsageError("the agent writes JSON records only: drop --plain")
+        options = _options((), (), None, threshold, report_min, backend, kernel_headers,
+                           max_sockets, max_close_wait, timeline, timeline_export, accept_watch)
+        sys.exit(run_agent(AgentConfig(options, metrics or "127.0.0.1:9466", node_name, log,
+                                       log_max_bytes, log_backups, timeline_export)))

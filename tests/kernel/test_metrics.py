@@ -7,9 +7,11 @@ import re
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from .agentproc import Agent, http_get
 from .harness import Server, Tracer
 
 pytestmark = pytest.mark.kernel
@@ -87,4 +89,43 @@ def test_metrics_during_a_real_leak() -> None:
         assert mine and all(r[1].startswith("0100007F:") for r in mine)
     finally:
         assert t.stop() == 0
+        srv.stop()
+
+
+def test_agent_serves_health_logs_records_and_restarts_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "records.jsonl"
+    srv = Server(accept=False, backlog=8).start()
+    agent = Agent(log, ["--threshold", "1s", "--report-min", "100ms"])
+    try:
+        agent.start(env={"CLOSEWAIT_NODE_NAME": "node-under-test"})
+        assert http_get(agent.url + "/healthz")[0] == 200
+        ready = agent.wait_record(lambda r: r["type"] == "ready", 5)
+        assert ready["node"] == "node-under-test"
+        clients = [srv.connect() for _ in range(2)]
+        for c in clients:
+            c.close()
+        leak = agent.wait_record(lambda r: r["type"] == "leak"
+                                 and r["connection"]["local"].endswith(f":{srv.port}"), 10)
+        assert leak["connection"]["verdict"]["cause"] == "never-accepted"
+        text = agent.wait_http("/metrics", 200, 5)
+        assert _value(text, "closewait_tracer_info", node="node-under-test") == 1
+        rc, out, err = agent.stop()
+        assert rc == 0 and out == b"", (rc, out, err)  # no terminal output
+        assert http_get(agent.url + "/healthz")[0] == 0  # the endpoint went with it
+        # Restarted on the same port at once: it binds, and the sockets it had reported as
+        # leaking are still there and reported again (their age counted from the restart).
+        agent.start()
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            text = http_get(agent.url + "/metrics")[1]
+            if _value(text, "closewait_leaking_sockets", port=str(srv.port)) == 2:
+                break
+            time.sleep(0.3)
+        assert _value(text, "closewait_leaking_sockets", port=str(srv.port),
+                      cause="never-accepted") == 2, text
+        rc, out, err = agent.stop()
+        assert rc == 0 and out == b"", (rc, out, err)
+    finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()
         srv.stop()

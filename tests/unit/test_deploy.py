@@ -5,6 +5,7 @@ kubernetes-validate)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -202,6 +203,62 @@ def test_health_endpoints_beside_metrics_bound_where_configured() -> None:
         assert health.finished and exp.server is None
     finally:
         exp.stop()
+
+
+# --- agent ------------------------------------------------------------------------------------
+
+
+def test_rotating_log_keeps_whole_lines_under_the_bound(tmp_path: Path) -> None:
+    from closewait_trace.agent import RotatingWriter
+
+    path = tmp_path / "log" / "records.jsonl"
+    w = RotatingWriter(path, 4096, 2)
+    lines = [json.dumps({"n": i, "pad": "x" * 90}) + "\n" for i in range(200)]
+    for line in lines:
+        w.write(line)
+    w.flush()
+    w.close()
+    files = sorted(tmp_path.joinpath("log").iterdir())
+    assert [f.name for f in files] == ["records.jsonl", "records.jsonl.1", "records.jsonl.2"]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    kept = "".join(f.read_text() for f in (files[2], files[1], files[0])).splitlines(True)
+    assert kept == lines[-len(kept):]  # the newest lines, in order, none cut
+    # Reopened (a restart): appends to the current file, within the same bound.
+    w = RotatingWriter(path, 4096, 2)
+    assert w.size == files[0].stat().st_size
+    w.close()
+
+
+def test_rotating_log_without_backups_and_bad_settings(tmp_path: Path) -> None:
+    from closewait_trace.agent import RotatingWriter
+    from closewait_trace.errors import UsageError
+
+    w = RotatingWriter(tmp_path / "r.jsonl", 4096, 0)
+    for i in range(100):
+        w.write(f"{i:0100d}\n")
+    w.close()
+    assert [f.name for f in tmp_path.iterdir()] == ["r.jsonl"]
+    assert (tmp_path / "r.jsonl").stat().st_size <= 4096
+    with pytest.raises(UsageError, match="too small"):
+        RotatingWriter(tmp_path / "x", 100, 1)
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:
+        with pytest.raises(UsageError, match="cannot write the log"):
+            RotatingWriter(tmp_path / "ro" / "x", 4096, 1)
+
+
+def test_agent_options_from_the_environment() -> None:
+    from click.testing import CliRunner
+
+    from closewait_trace.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["agent"], env={"CLOSEWAIT_PLAIN": "1"})
+    assert res.exit_code == 2 and "JSON records only" in res.output
+    res = runner.invoke(main, ["agent"], env={"CLOSEWAIT_THRESHOLD": "soon"})
+    assert res.exit_code == 2 and "--threshold" in res.output
+    res = runner.invoke(main, ["agent"], env={"CLOSEWAIT_METRICS": "0.0.0.0:99999"})
+    assert res.exit_code == 2 and "bad --metrics port" in res.output
 
 
 # --- Prometheus rules -------------------------------------------------------------------------
