@@ -41,17 +41,21 @@ class Agent:
     log: Path
     args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
+    #: runs the agent, e.g. ["setpriv", "--bounding-set=-all,+bpf", "--"]
+    prefix: Sequence[str] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, env: dict[str, str] | None = None) -> Agent:
-        cmd = [sys.executable, "-m", "closewait_trace", "agent", "--backend", BACKEND,
+    def start(self, env: dict[str, str] | None = None, ready: bool = True) -> Agent:
+        cmd = [*self.prefix, sys.executable, "-m", "closewait_trace", "agent", "--backend", BACKEND,
                "--metrics", f"127.0.0.1:{self.port}", "--log", str(self.log), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})})
+        if not ready:
+            return self
         try:
             self.wait_http("/readyz", 200, START_TIMEOUT)
         except BaseException:
@@ -102,3 +106,10 @@ class Agent:
             self.proc.kill()
             out, err = self.proc.communicate()
         return self.proc.returncode, out, err
+
+
+def bounded(caps: Sequence[str]) -> list[str]:
+    """A command prefix: root's uid with only these capabilities (CAP_BPF, ...)."""
+    names = ",".join("+" + c.lower().removeprefix("cap_") for c in caps)
+    return ["setpriv", f"--bounding-set=-all{',' if names else ''}{names}", "--inh-caps=-all",
+            "--"]

@@ -7,11 +7,15 @@ import re
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
 
-from .agentproc import Agent, http_get
+from tests.unit.test_deploy import unit_capabilities
+
+from .agentproc import Agent, bounded, http_get
 from .harness import Server, Tracer
 
 pytestmark = pytest.mark.kernel
@@ -129,3 +133,71 @@ def test_agent_serves_health_logs_records_and_restarts_cleanly(tmp_path: Path) -
         if agent.proc is not None and agent.proc.poll() is None:
             agent.stop()
         srv.stop()
+
+
+def _two_leaks(agent: Agent) -> tuple[dict[str, Any], dict[str, Any], Server, Server]:
+    """A never-accepted and an accepted-but-never-closed leak, as the agent reports them."""
+    never = Server(accept=False, backlog=8).start()
+    kept = Server(accept=True).start()
+    clients = [never.connect(), kept.connect()]
+    for c in clients:
+        c.close()
+
+    def leak_on(port: int) -> Callable[[dict[str, Any]], bool]:
+        return lambda r: (r["type"] == "leak"
+                          and r["connection"]["local"].endswith(f":{port}"))
+
+    return (agent.wait_record(leak_on(never.port), 30),
+            agent.wait_record(leak_on(kept.port), 30), never, kept)
+
+
+def test_the_units_capabilities_are_enough(tmp_path: Path) -> None:
+    """uid 0 with only the systemd unit's CapabilityBoundingSet: everything works."""
+    caps = unit_capabilities()
+    agent = Agent(tmp_path / "r.jsonl", ["--threshold", "1s"], prefix=bounded(caps))
+    servers: list[Server] = []
+    try:
+        agent.start()
+        never, kept, *servers = _two_leaks(agent)
+        assert never["connection"]["verdict"]["cause"] == "never-accepted"
+        assert kept["connection"]["verdict"]["cause"] == "accepted-not-closed"
+        assert kept["connection"]["pid"] == servers[1].pid and kept["connection"]["fd"]
+        assert agent.stop()[0] == 0
+    finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.parametrize("missing", ["CAP_BPF", "CAP_PERFMON"])
+def test_without_bpf_or_perfmon_the_agent_says_so_in_one_line(tmp_path: Path,
+                                                               missing: str) -> None:
+    caps = [c for c in unit_capabilities() if c != missing]
+    agent = Agent(tmp_path / "r.jsonl", prefix=bounded(caps)).start(ready=False)
+    assert agent.proc is not None
+    rc, err = agent.proc.wait(timeout=120), agent.proc.communicate()[1]
+    lines = err.decode().strip().splitlines()
+    # Without CAP_BPF, map creation fails while the header candidates are tried (69); without
+    # CAP_PERFMON, the program load (70). Either way, one line that says EPERM.
+    assert rc in (69, 70) and len(lines) == 1, (rc, err)
+    assert lines[0].startswith("closewait-trace: error: ")
+    assert "Operation not permitted" in lines[0]
+
+
+def test_without_sys_ptrace_owners_of_accepted_sockets_are_unknown(tmp_path: Path) -> None:
+    caps = [c for c in unit_capabilities() if c != "CAP_SYS_PTRACE"]
+    agent = Agent(tmp_path / "r.jsonl", ["--threshold", "1s"], prefix=bounded(caps))
+    servers: list[Server] = []
+    try:
+        agent.start()
+        _never, kept, *servers = _two_leaks(agent)
+        # The owner is still known (from the kernel's side), its descriptor is not: reading
+        # another process's /proc/PID/fd needs CAP_SYS_PTRACE.
+        assert kept["connection"]["pid"] == servers[1].pid
+        assert kept["connection"]["fd"] is None
+    finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()
+        for s in servers:
+            s.stop()
