@@ -274,19 +274,6 @@ def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], Non
     return (lambda cand: None), (lambda: None)
 
 
-def stop_on_signals() -> threading.Event:
-    """The one signal handler: SIGINT, SIGTERM and SIGHUP ask the session to stop after its
-    current tick (before it starts: as soon as it would start)."""
-    stop = threading.Event()
-
-    def _stop(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
-    return stop
-
-
 def _open_recording(path: Path) -> IO[str]:
     try:
         return open(path, "w", encoding="utf-8")
@@ -313,57 +300,24 @@ def run_trace(options: Options, output: Output, *, record_to: Path | None = None
               stop: threading.Event | None = None, notices: Sequence[str] = ()) -> int:
     """Check every output, attach, trace until stopped, render the summary; optionally
     record to a file. Outputs are checked before the (slow) compile, so a typo fails fast."""
-    from .enrich import resolve_target
-    from .record import RecordingWorld
-    from .session import Session
-    from .startup import open_live_world
-    from .world import World
+    from .startup import resolve_targets, stop_on_signals, trace
 
     stop = stop or stop_on_signals()
     renderer = _renderer(output)
     for text in notices:
         renderer.notice(text)
-    pids = set()
-    for pid in options.pids:
-        target, notice = resolve_target(pid)
-        pids.add(target)
-        if notice:
-            renderer.notice(notice)
-    options = _with_pids(options, frozenset(pids))
+    options = resolve_targets(options, renderer.notice)
     out = _open_recording(record_to) if record_to is not None else None
     try:
         if output.metrics is not None:
             renderer = _start_metrics(output.metrics, renderer)
         on_compile, done = _compile_notice(renderer)
-        try:
-            live, info = open_live_world(options, renderer.notice, on_compile)
-        finally:
-            done()
-        world: World = live
-        if out is not None:
-            world = RecordingWorld(live, out, options=options.to_dict(), info=info,
-                                   on_error=renderer.notice)
-        try:
-            session = Session(options, renderer, world, info, stop_event=stop)
-            session.start()
-            if before_run is not None:
-                before_run()
-            session.run()
-        finally:
-            live.close()
-        if isinstance(world, RecordingWorld) and world.error is not None:
-            raise OutputError(f"{record_to}: {world.error}; {world.records_dropped} records"
-                              " not written (the trace above is complete)")
+        trace(options, renderer, stop=stop, record=out, before_run=before_run,
+              on_compile=on_compile, compiled=done)
     finally:
         if out is not None:
             _close_quietly(out)
     return 0
-
-
-def _with_pids(options: Options, pids: frozenset[int]) -> Options:
-    from dataclasses import replace
-
-    return replace(options, pids=pids)
 
 
 def _close_quietly(f: IO[str]) -> None:
@@ -556,6 +510,7 @@ def _run_demo(scenario: str | None, options: Options, output: Output,
 
     from .demo import Workload
     from .scenarios import DEFAULT, SCENARIOS, ScenarioRun, describe
+    from .startup import stop_on_signals
 
     chosen = SCENARIOS[scenario or DEFAULT]
     stop = stop_on_signals()
@@ -574,3 +529,27 @@ def _run_demo(scenario: str | None, options: Options, output: Output,
                   stop=stop, notices=notices)
     finally:
         workload.stop()
+
+
+@main.command(context_settings={"auto_envvar_prefix": "CLOSEWAIT", "show_default": True})
+@click.option("--node-name", help="Node label of the metrics and records (Kubernetes: set"
+              " CLOSEWAIT_NODE_NAME from spec.nodeName).  [default: the hostname]")
+@click.option("--log", default="-", help="Where the JSON records go: '-' (stdout, for the"
+              " journal or the container log) or a file, rotated by size.")
+@click.option("--log-max-bytes", type=click.IntRange(4096), default=50 << 20,
+              help="Rotate the --log file when it would pass this size.")
+@click.option("--log-backups", type=click.IntRange(0, 100), default=3,
+              help="Rotated --log files kept (FILE.1 ... FILE.N).")
+@tracing_command
+def agent(node_name: str | None, log: str, log_max_bytes: int, log_backups: int, *,
+          options: Options, output: Output) -> None:
+    """Run as a node agent: JSON records, Prometheus metrics with /healthz and /readyz on
+    --metrics (default 127.0.0.1:9466), no terminal output. Every option can be given as
+    CLOSEWAIT_<OPTION> in the environment (CLOSEWAIT_METRICS=0.0.0.0:9466)."""
+    from .agent import AgentConfig, run_agent
+
+    with edge():
+        if output.plain:
+            raise UsageError("the agent writes JSON records only: drop --plain")
+        sys.exit(run_agent(AgentConfig(options, output.metrics or "127.0.0.1:9466", node_name,
+                                       log, log_max_bytes, log_backups, output.export)))
