@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from closewait_trace.errors import EnrichError, UsageError
+from closewait_trace.enrich import PROC, _pids  # one /proc pid listing for every stage
+from closewait_trace.errors import UsageError
 
 __all__ = [
     "CgroupLine",
@@ -48,8 +49,6 @@ __all__ = [
     "running_identities",
     "select_containers",
 ]
-
-PROC = Path("/proc")
 
 
 class Runtime(enum.Enum):
@@ -498,14 +497,6 @@ def _match(ident: ContainerIdentity, query: str) -> str | None:
     if ident.container_id and len(query) >= 3 and ident.container_id.startswith(query.lower()):
         return "id"
     return None
-
-
-def _pids(proc_root: Path) -> list[int]:
-    try:
-        with os.scandir(proc_root) as it:
-            return [int(e.name) for e in it if e.name.isdigit()]
-    except OSError as exc:
-        raise EnrichError(f"cannot list {proc_root}: {exc}") from exc
 
 
 def running_identities(proc_root: Path = PROC, resolver: NameResolver | None = None
