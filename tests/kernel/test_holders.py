@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from closewait_trace.holders import Holder, ProcState, Waiting, find_holders, listener_holders
+from tests.kernel.podman import container
 
 pytestmark = pytest.mark.kernel
 
@@ -153,3 +154,13 @@ def test_find_holders_of_several_inodes() -> None:
         found = find_holders([one["listener"], two["listener"], 0])
         assert set(found[one["listener"]]) == {one["master"], *one["workers"]}
         assert set(found[two["listener"]]) == {two["master"], *two["workers"]}
+
+
+def test_prefork_server_in_a_container() -> None:
+    with container(["python3", "-c", PREFORK, "accept,poll"]) as ctr:
+        srv = ctr.first_json_line()
+        h = settled(srv["listener"], 3)
+        assert ctr.pid in h  # host pids, whatever the container's own pid namespace says
+        assert h[ctr.pid].waiting == Waiting.NO
+        workers = sorted(p for p in h if p != ctr.pid)
+        assert {h[p].waiting for p in workers} == {Waiting.ACCEPT, Waiting.POLL}

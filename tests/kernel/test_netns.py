@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from closewait_trace.containers import NameResolver, Runtime, identity_of_pid
+from closewait_trace.containers import (
+    NameResolver,
+    Runtime,
+    cgroup_v2_id,
+    identity_of_pid,
+    select_containers,
+)
 from closewait_trace.enrich import TcpState, diag_sockets
 from closewait_trace.errors import EnrichError
 from closewait_trace.netns import (
@@ -139,6 +145,19 @@ def test_podman_container_identity_and_sockets(diag: NetnsDiag) -> None:
         assert srv["netns"] == inode
         assert _cw_of(diag.diag_sockets(inode, CW), srv["port"]) == set(srv["inodes"])
         assert _cw_of(diag_sockets(CW), srv["port"]) == set()
+
+
+def test_podman_container_selected_by_name_and_id() -> None:
+    with close_wait_server(n=1) as ctr, close_wait_server(n=1) as other:
+        ctr.first_json_line()
+        other.first_json_line()
+        by_name = select_containers(ctr.name)
+        assert ctr.pid in by_name.pids and other.pid not in by_name.pids
+        assert by_name.cgroups == {f"/libpod_parent/libpod-{ctr.id}"}
+        assert [c.container_id for c in by_name.containers] == [ctr.id]
+        assert select_containers(ctr.id[:12]).pids == by_name.pids
+        cgroup_id = cgroup_v2_id(f"/libpod_parent/libpod-{ctr.id}")
+        assert cgroup_id is not None and cgroup_id > 1
 
 
 def test_two_podman_containers_same_port(diag: NetnsDiag) -> None:
