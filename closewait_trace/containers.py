@@ -311,32 +311,34 @@ class NameResolver:
         self._cache: dict[str, tuple[Runtime | None, _Names]] = {}
 
     def forget(self, container_id: str) -> None:
+        """Drop what is cached about a container (or ``pod:UID``)."""
         self._cache.pop(container_id, None)
 
     def resolve(self, ident: ContainerIdentity) -> ContainerIdentity:
         """``ident`` with the names (and, for ``Runtime.CRI``, the runtime) filled in where
         a local file tells them; unchanged otherwise."""
-        if ident.container_id is None:
-            if ident.pod_uid is not None and ident.pod_name is None:
-                pod = self._pod_from_logs(ident.pod_uid)
-                return replace(ident, pod_name=pod.pod, pod_namespace=pod.namespace)
+        if ident.container_id is None and ident.pod_uid is None:
             return ident
-        key = ident.container_id
+        key = ident.container_id or f"pod:{ident.pod_uid}"
         if key not in self._cache:
-            self._cache[key] = self._lookup(ident)
+            self._cache[key] = self._lookup_all(ident)
         runtime, names = self._cache[key]
-        if names.pod_uid is not None and ident.pod_uid is None:
-            ident = replace(ident, pod_uid=names.pod_uid)
-        if ident.pod_uid is not None and names.pod is None:
-            pod = self._pod_from_logs(ident.pod_uid)
-            names = replace(names, pod=pod.pod, namespace=pod.namespace)
         return replace(
             ident,
             runtime=runtime if ident.runtime == Runtime.CRI and runtime else ident.runtime,
             container_name=ident.container_name or names.container,
+            pod_uid=ident.pod_uid or names.pod_uid,
             pod_name=ident.pod_name or names.pod,
             pod_namespace=ident.pod_namespace or names.namespace,
         )
+
+    def _lookup_all(self, ident: ContainerIdentity) -> tuple[Runtime | None, _Names]:
+        runtime, names = self._lookup(ident) if ident.container_id else (None, _Names())
+        uid = ident.pod_uid or names.pod_uid
+        if uid is not None and names.pod is None:
+            pod = self._pod_from_logs(uid)
+            names = replace(names, pod=pod.pod, namespace=pod.namespace, pod_uid=uid)
+        return runtime, names
 
     def _lookup(self, ident: ContainerIdentity) -> tuple[Runtime | None, _Names]:
         """(the runtime when the path left it open, the names) from the runtime's files."""

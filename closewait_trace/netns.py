@@ -151,7 +151,11 @@ def _open_in(path: str, expect_inode: int | None) -> socket.socket:
         _setns(ns_fd, CLONE_NEWNET)
     finally:
         os.close(ns_fd)
-    return open_sock_diag()
+    sock = open_sock_diag()
+    if socket_netns_inode(sock) != inode:  # cannot happen unless setns lied
+        sock.close()
+        raise EnrichError(f"sock_diag socket for {path} is not in network namespace {inode}")
+    return sock
 
 
 def open_sock_diag_in(path: str, expect_inode: int | None = None) -> socket.socket:

@@ -248,6 +248,18 @@ def test_kubelet_log_layout_names_pod_and_container(tmp_path: Path) -> None:
     assert (pod_only.pod_name, pod_only.pod_namespace) == ("web-1", "shop")
 
 
+def test_names_are_cached_until_forgotten(tmp_path: Path) -> None:
+    store = tmp_path / "var/lib/containers/storage/overlay-containers/containers.json"
+    _write(store, [{"id": ID, "names": ["old"]}])
+    resolver = _resolver(tmp_path)
+    ident = parse_cgroup_path(f"/libpod_parent/libpod-{ID}")
+    assert resolver.resolve(ident).container_name == "old"
+    _write(store, [{"id": ID, "names": ["new"]}])
+    assert resolver.resolve(ident).container_name == "old"
+    resolver.forget(ID)
+    assert resolver.resolve(ident).container_name == "new"
+
+
 def test_ids_only_when_no_file_names_them(tmp_path: Path) -> None:
     _write(tmp_path / "var/lib/containers/storage/overlay-containers/containers.json", "junk")
     (tmp_path / f"var/lib/docker/containers/{ID}").mkdir(parents=True)
