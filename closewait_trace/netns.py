@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from closewait_trace.enrich import PROC, DiagSocket, TcpState, _pids, diag_sockets, open_sock_diag
-from closewait_trace.errors import EnrichError
+from closewait_trace.errors import EnrichError, UsageError
 
 __all__ = [
     "NetnsDiag",
@@ -34,6 +34,7 @@ __all__ = [
     "open_sock_diag_in",
     "own_netns_inode",
     "parse_ns_link",
+    "resolve_netns",
     "socket_netns_inode",
 ]
 
@@ -121,6 +122,29 @@ def list_netns(proc_root: Path = PROC, run_netns: Path = RUN_NETNS) -> dict[int,
         out[inode] = NetnsInfo(inode=inode, path=path, names=tuple(n for n, _ in mounts),
                                pids=pids)
     return out
+
+
+def resolve_netns(text: str, run_netns: Path = RUN_NETNS) -> int:
+    """The namespace inode a user's ``--netns`` value names: an inode (``4026532179``),
+    ``net:[INODE]``, a path (``/proc/PID/ns/net``, ``/run/netns/NAME``) or an ``ip netns``
+    name.  Raises :class:`UsageError` for anything else or a path that is no namespace."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    inode = parse_ns_link(text)
+    if inode is not None and text.startswith("net:"):
+        return inode
+    if not text:
+        raise UsageError(f"--netns {text!r}: not a namespace inode, path or name")
+    path = Path(text) if os.sep in text else run_netns / text
+    nsfs_dev = os.stat("/proc/self/ns/net").st_dev
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"--netns {text!r}: {exc.strerror or exc}") from exc
+    if st.st_dev != nsfs_dev:
+        raise UsageError(f"--netns {text!r}: {path} is not a namespace")
+    return st.st_ino
 
 
 # --------------------------------------------------------------------------- entering a namespace

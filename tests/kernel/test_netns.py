@@ -30,6 +30,7 @@ from closewait_trace.netns import (
     netns_inode,
     open_sock_diag_in,
     own_netns_inode,
+    resolve_netns,
     socket_netns_inode,
 )
 from tests.kernel.podman import CLOSE_WAIT_SERVER, close_wait_server
@@ -117,6 +118,7 @@ def test_socket_is_bound_to_the_namespace_it_was_opened_in() -> None:
         with open_sock_diag_in(f"/run/netns/{ns}") as sock:
             assert socket_netns_inode(sock) == info.inode
         assert own_netns_inode() != info.inode  # the caller's thread never moved
+        assert resolve_netns(ns) == resolve_netns(f"/run/netns/{ns}") == info.inode
         with pytest.raises(EnrichError, match="not 1$"):
             open_sock_diag_in(f"/run/netns/{ns}", expect_inode=1)
 
@@ -142,7 +144,7 @@ def test_podman_container_identity_and_sockets(diag: NetnsDiag) -> None:
         assert NameResolver().resolve(ident).container_name == ctr.name
         inode = netns_inode(ctr.pid)
         assert inode is not None and inode != diag.host_inode
-        assert srv["netns"] == inode
+        assert srv["netns"] == inode == resolve_netns(f"/proc/{ctr.pid}/ns/net")
         assert _cw_of(diag.diag_sockets(inode, CW), srv["port"]) == set(srv["inodes"])
         assert _cw_of(diag_sockets(CW), srv["port"]) == set()
 
