@@ -15,15 +15,32 @@ processes (``/proc/*/ns/net``) and those bind-mounted by ``ip netns add`` (``/ru
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
+import ipaddress
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from closewait_trace.enrich import PROC, DiagSocket, TcpState, _pids, diag_sockets, open_sock_diag
+from closewait_trace.enrich import (
+    _NLMSGHDR,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    PROC,
+    SOCK_DIAG_BY_FAMILY,
+    DiagSocket,
+    TcpState,
+    _pids,
+    diag_sockets,
+    find_by_tuple,
+    normalize_addr,
+    open_sock_diag,
+    parse_diag_messages,
+)
 from closewait_trace.errors import EnrichError, UsageError
 
 __all__ = [
@@ -35,6 +52,7 @@ __all__ = [
     "own_netns_inode",
     "parse_ns_link",
     "resolve_netns",
+    "diag_lookup",
     "socket_netns_inode",
 ]
 
@@ -209,6 +227,54 @@ def open_sock_diag_in(path: str, expect_inode: int | None = None) -> socket.sock
     return result
 
 
+# --------------------------------------------------------------------------- one socket, no dump
+
+#: inet_diag_req_v2 with its inet_diag_sockid: family, protocol, ext, pad, states; then
+#: sport, dport (big-endian), src[16], dst[16], if, cookie[2].
+_REQ_HEAD = struct.Struct("=BBBBI")
+_SOCKID_PORTS = struct.Struct("!HH")
+_SOCKID_TAIL = struct.Struct("=III")
+_NOCOOKIE = 0xFFFFFFFF
+_ALL_STATES = frozenset(int(s) for s in TcpState)
+
+
+def _packed(family: int, text: str) -> bytes:
+    addr = ipaddress.ip_address(normalize_addr(text))
+    if family == socket.AF_INET6 and addr.version == 4:
+        return ipaddress.IPv6Address(f"::ffff:{addr}").packed
+    return addr.packed.ljust(16, b"\0")
+
+
+def diag_lookup(nl: socket.socket, family: int, laddr: str, lport: int, raddr: str,
+                rport: int) -> DiagSocket | None:
+    """The connection with this 4-tuple in ``nl``'s namespace, by the kernel's hash lookup
+    (a request without NLM_F_DUMP: the kernel finds the one socket, it walks no table), or
+    None.  An IPv4 connection is found asked either way (AF_INET, or AF_INET6 with mapped
+    addresses), whichever family its socket has.  Not for
+    listeners (the kernel would answer with a listener of the local port).  Raises
+    :class:`EnrichError` when netlink fails; the caller serialises use of ``nl``."""
+    try:
+        src, dst = _packed(family, laddr), _packed(family, raddr)
+    except ValueError:
+        return None  # not an address: no such socket
+    req = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+           + _SOCKID_PORTS.pack(lport, rport) + src + dst
+           + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE))
+    try:
+        nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
+                               0, 0) + req)
+        buf = nl.recv(1 << 16)
+    except OSError as exc:
+        raise EnrichError(f"sock_diag lookup failed: {exc}") from exc
+    if len(buf) >= _NLMSGHDR.size + 4 and _NLMSGHDR.unpack_from(buf)[1] == NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", buf, _NLMSGHDR.size)
+        if err == -errno.ENOENT:
+            return None
+    found: list[DiagSocket] = []
+    parse_diag_messages(buf, _ALL_STATES, found, {})
+    return find_by_tuple(found, family, laddr, lport, raddr, rport)
+
+
 # --------------------------------------------------------------------------- per-namespace queries
 
 
@@ -271,6 +337,17 @@ class NetnsDiag:
         with lock:
             try:
                 return diag_sockets(states, families, nl=sock)
+            except EnrichError:
+                self._drop(netns, sock)
+                raise
+
+    def lookup(self, netns: int, family: int, laddr: str, lport: int, raddr: str,
+               rport: int) -> DiagSocket | None:
+        """One connection of namespace ``netns`` by its 4-tuple (:func:`diag_lookup`)."""
+        sock, lock = self._socket(netns)
+        with lock:
+            try:
+                return diag_lookup(sock, family, laddr, lport, raddr, rport)
             except EnrichError:
                 self._drop(netns, sock)
                 raise

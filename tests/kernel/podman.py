@@ -30,7 +30,7 @@ RUN_OPTIONS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "-
 #: A server that holds accepted CLOSE_WAIT sockets: it listens on 127.0.0.1:PORT (argv[1],
 #: 0 for any), a forked client connects N times (argv[2]) and exits (its FINs), the server
 #: accepts every connection and keeps it open; then one JSON line with its port, pid,
-#: network namespace inode and the accepted sockets' inodes, and it sleeps.
+#: network namespace inode, the accepted sockets' inodes and peer ports, and it sleeps.
 CLOSE_WAIT_SERVER = r"""
 import json, os, socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -51,6 +51,7 @@ time.sleep(0.3)
 print(json.dumps({"port": port, "pid": os.getpid(),
                   "netns": os.stat("/proc/self/ns/net").st_ino,
                   "inodes": [os.fstat(c.fileno()).st_ino for c in accepted],
+                  "peers": [c.getpeername()[1] for c in accepted],
                   "listener": os.fstat(ls.fileno()).st_ino}), flush=True)
 time.sleep(3600)
 """

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -93,6 +96,18 @@ def test_ip_netns_sockets_seen_only_in_their_namespace(diag: NetnsDiag) -> None:
         assert _cw_of(diag.diag_sockets(diag.host_inode, CW), srv["port"]) == set()
         [lst] = [s for s in diag.listeners(inode) if s.lport == srv["port"]]
         assert lst.inode == srv["listener"]
+        for sock_inode, peer in zip(srv["inodes"], srv["peers"]):
+            found = diag.lookup(inode, socket.AF_INET, "127.0.0.1", srv["port"], "127.0.0.1",
+                                peer)
+            assert found is not None and found.inode == sock_inode
+            assert found.state == TcpState.CLOSE_WAIT
+            mapped = diag.lookup(inode, socket.AF_INET6, "::ffff:127.0.0.1", srv["port"],
+                                 "127.0.0.1", peer)  # the kernel looks up IPv4 for mapped
+            assert mapped == found
+            assert diag.lookup(diag.host_inode, socket.AF_INET, "127.0.0.1", srv["port"],
+                               "127.0.0.1", peer) is None
+        assert diag.lookup(inode, socket.AF_INET, "127.0.0.1", srv["port"], "127.0.0.1",
+                           1) is None
         assert diag.cached() == {inode, diag.host_inode}
         assert diag.opened == 2
         diag.diag_sockets(inode, CW)
@@ -169,3 +184,30 @@ def test_two_podman_containers_same_port(diag: NetnsDiag) -> None:
         answers = diag.each(CW)
         assert _cw_of(answers[netns_inode(one.pid) or 0], 8080) == set(a["inodes"])
         assert _cw_of(answers[netns_inode(two.pid) or 0], 8080) == set(b["inodes"])
+
+
+def test_lookup_ipv6_and_dual_stack(diag: NetnsDiag) -> None:
+    with socket.socket(socket.AF_INET6) as ls:
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.bind(("::", 0))
+        ls.listen(8)
+        port = ls.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as c4, \
+                socket.create_connection(("::1", port)) as c6:
+            a4, a6 = ls.accept()[0], ls.accept()[0]
+            peers = {a4.getpeername()[1]: a4, a6.getpeername()[1]: a6}
+            p4, p6 = c4.getsockname()[1], c6.getsockname()[1]
+        try:
+            time.sleep(0.1)  # the clients' FINs
+            v6 = diag.lookup(diag.host_inode, socket.AF_INET6, "::1", port, "::1", p6)
+            assert v6 is not None and v6.inode == os.fstat(peers[p6].fileno()).st_ino
+            assert v6.state == TcpState.CLOSE_WAIT and v6.family == socket.AF_INET6
+            v4 = diag.lookup(diag.host_inode, socket.AF_INET, "127.0.0.1", port, "127.0.0.1", p4)
+            assert v4 is not None and v4.inode == os.fstat(peers[p4].fileno()).st_ino
+            assert v4.family == socket.AF_INET6 and v4.laddr == "127.0.0.1"  # dual-stack
+            assert diag.lookup(diag.host_inode, socket.AF_INET6, "::1", port, "::1", 1) is None
+            assert diag.lookup(diag.host_inode, socket.AF_INET, "no address", port, "::1",
+                               p6) is None
+        finally:
+            a4.close()
+            a6.close()
