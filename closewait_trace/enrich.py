@@ -20,6 +20,7 @@ users' processes without privilege) are skipped silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "listeners_with_owners",
     "listening_ports_of",
     "normalize_addr",
+    "open_sock_diag",
     "open_files",
     "parse_limits_nofile",
     "parse_socket_link",
@@ -237,16 +239,34 @@ def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
             return
 
 
+def open_sock_diag() -> socket.socket:
+    """A bound NETLINK_SOCK_DIAG socket.  It answers for the network namespace of the thread
+    that creates it, for as long as it lives (closewait_trace.netns opens one per namespace)."""
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    try:
+        nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        nl.bind((0, 0))
+    except OSError:
+        nl.close()
+        raise
+    return nl
+
+
 def diag_sockets(
     states: Collection[TcpState],
     families: Collection[int] = (socket.AF_INET, socket.AF_INET6),
+    *,
+    nl: socket.socket | None = None,
 ) -> list[DiagSocket]:
     """Dump the TCP sockets in ``states`` of the given families through sock_diag.
 
     Query both families: an AF_INET6 socket that accepted an IPv4 connection is reported
     only in the AF_INET6 dump.  Request sockets (NEW_SYN_RECV inside the kernel) are
     reported by the kernel as SYN_RECV, so asking for either state returns them as
-    SYN_RECV.  Raises :class:`EnrichError` when netlink fails.
+    SYN_RECV.  ``nl`` is a socket from :func:`open_sock_diag` (made in the namespace to ask
+    about; the caller serialises its use and drops it after an error); without it, a socket
+    is opened in the caller's namespace for this dump.  Raises :class:`EnrichError` when
+    netlink fails.
     """
     wanted = frozenset(int(TcpState(s)) for s in states)
     if not wanted:
@@ -259,19 +279,18 @@ def diag_sockets(
     mask = _state_mask(TcpState(s) for s in wanted)
     result: list[DiagSocket] = []
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
-            nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-            nl.bind((0, 0))
+        with contextlib.nullcontext(nl) if nl is not None else open_sock_diag() as sock:
             for seq, family in enumerate(dict.fromkeys(families), start=1):
-                _dump(nl, family, mask, wanted, result, seq)
+                _dump(sock, family, mask, wanted, result, seq)
     except OSError as exc:
         raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
     return result
 
 
-def listeners(families: Collection[int] = (socket.AF_INET, socket.AF_INET6)) -> list[DiagSocket]:
+def listeners(families: Collection[int] = (socket.AF_INET, socket.AF_INET6), *,
+              nl: socket.socket | None = None) -> list[DiagSocket]:
     """TCP sockets in LISTEN: ``rqueue`` is the accept-queue length, ``wqueue`` the backlog."""
-    return diag_sockets((TcpState.LISTEN,), families)
+    return diag_sockets((TcpState.LISTEN,), families, nl=nl)
 
 
 @functools.lru_cache(maxsize=8192)
