@@ -345,8 +345,8 @@ def doctor(as_json: bool) -> None:
     """Say which backend will run and why; exit non-zero if tracing is impossible."""
     import json
 
-    from .features import backend_reasons, choose_backend, ensure_tracefs, is_privileged, \
-        probe_features
+    from .features import choose_backend, ensure_tracefs, is_privileged, probe_features, \
+        requirements
     from .headers import candidate_header_dirs
 
     checks: list[tuple[str, bool, str]] = []
@@ -365,9 +365,9 @@ def doctor(as_json: bool) -> None:
     checks.append(("kernel", True, feats.release))
     checks.append(("tracefs", feats.tracefs is not None, str(feats.tracefs or "not mounted")))
     checks.append(("btf", feats.btf, "/sys/kernel/btf/vmlinux" if feats.btf else "missing"))
-    for reason in backend_reasons(feats):
-        name, _, text = reason.partition(": ")
-        checks.append((name, not text.startswith(("not", "missing")), text))
+    for req in requirements(feats):  # BCC's version, then what each part needs and has here
+        checks.append((req.name, req.met is not False, f"needs {req.needs}: {req.detail}"))
+        fatal = fatal or (req.required and req.met is False)
     try:
         backend = choose_backend(feats, None)
         checks.append(("backend", True, f"{backend.label} will be used"))
