@@ -18,6 +18,8 @@ class Check:
     #: True: fine; False: missing or broken; None: unknown (could not be looked at)
     ok: bool | None
     detail: str
+    #: tracing is impossible when this one is missing (not just one backend or one feature)
+    required: bool = True
 
 
 #: Exit statuses of `doctor`: tracing possible, impossible, or unknown for lack of privileges.
@@ -36,13 +38,13 @@ def doctor_checks() -> tuple[list[Check], int]:
         checks.append(Check("tracefs, tracepoints, backends", None,
                             "unknown: looking needs root (run `sudo closewait-trace doctor`)"))
     checks += _userspace_checks()
-    if any(c.ok is False for c in checks if c.name != "privileges"):
+    if any(c.ok is False and c.required for c in checks if c.name != "privileges"):
         return checks, IMPOSSIBLE
     return checks, OK if privileged else NEEDS_PRIVILEGES
 
 
 def _kernel_checks() -> list[Check]:
-    from .features import backend_reasons, choose_backend, ensure_tracefs, probe_features
+    from .features import choose_backend, ensure_tracefs, probe_features, requirements
 
     checks: list[Check] = []
     try:
@@ -53,10 +55,11 @@ def _kernel_checks() -> list[Check]:
     checks.append(Check("kernel", True, feats.release))
     checks.append(Check("tracefs", feats.tracefs is not None,
                         str(feats.tracefs or "not mounted")))
-    checks.append(Check("btf", feats.btf, "/sys/kernel/btf/vmlinux" if feats.btf else "missing"))
-    for reason in backend_reasons(feats):
-        name, _, text = reason.partition(": ")
-        checks.append(Check(name, not text.startswith(("not", "missing")), text))
+    checks.append(Check("btf", feats.btf, "/sys/kernel/btf/vmlinux" if feats.btf else "missing",
+                        required=False))
+    for req in requirements(feats):  # BCC's version, then what each part needs and has here
+        checks.append(Check(req.name, req.met, f"needs {req.needs}: {req.detail}",
+                            required=req.required))
     try:
         backend = choose_backend(feats, None)
         checks.append(Check("backend", True, f"{backend.label} will be used"))
