@@ -423,6 +423,9 @@ def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Pat
             session = Session(options, renderer, world, dict(header["info"]))
         except WorldEnded:
             raise RecordFormatError(world.error or f"{file}: no records") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordFormatError(f"{file}:1: bad start information in the header"
+                                    f" ({exc})") from None
         session.start()
         session.run()
         if world.error is not None:

@@ -254,3 +254,19 @@ def test_io_helpers_do_not_hide_other_errors() -> None:
 
     r = CliRunner().invoke(other, [])
     assert isinstance(r.exception, PermissionError)  # not passed off as an output error
+
+
+@pytest.mark.parametrize("key", ["wall_offset_ns", "backend"])
+def test_report_of_a_header_with_bad_start_information(tmp_path: Path, key: str) -> None:
+    """Found by the fuzzer: a null in the header's start information was a TypeError."""
+    import json
+
+    shipped = (Path(__file__).parent.parent / "data" / "demo-6.18-tracepoint.cwt").read_text()
+    first, rest = shipped.split("\n", 1)
+    header = json.loads(first)
+    header["info"][key] = None if key == "wall_offset_ns" else {"not": "text"}
+    p = tmp_path / "bad.cwt"
+    p.write_text(json.dumps(header) + "\n" + rest)
+    r = run("report", str(p))
+    assert r.exit_code in (0, 65), (r.output, repr(r.exception))
+    assert "Traceback" not in r.output
