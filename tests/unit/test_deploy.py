@@ -390,6 +390,7 @@ def test_daemonset_has_what_the_agent_needs_and_nothing_more() -> None:
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["privileged"]
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_PTRACE"]}
+    assert sc["seccompProfile"] == {"type": "Unconfined"}  # as the podman run proved
     assert ["CAP_" + cap for cap in sc["capabilities"]["add"]] == unit_capabilities()
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert set(mounts) == {"/sys/kernel/debug", "/lib/modules", "/usr/src",
