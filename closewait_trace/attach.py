@@ -11,6 +11,7 @@ import ctypes as ct
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +72,36 @@ def bpf_source_dir() -> Path:
         if (candidate / "closewait.bpf.c").is_file():
             return candidate
     raise BpfLoadError(f"the BPF sources are missing (looked in {here / 'bpf'} and {here.parent / 'bpf'})")
+
+
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"/]+)"[ \t]*$')
+
+
+def bpf_source(src_dir: Path, name: str = "closewait.bpf.c") -> str:
+    """The program as one text: BCC rewrites map operations (``socks.lookup(...)``) only in
+    the text it is given, never in the headers that text includes, so every local
+    ``#include "x.h"`` of bpf/ is inlined here where it stands (under the preprocessor
+    conditionals around it; the headers' include guards keep each one defined once), between
+    ``#line`` directives that keep the compiler's messages pointing at the right file and line."""
+
+    def inline(fname: str, stack: tuple[str, ...]) -> list[str]:
+        if fname in stack:
+            raise BpfLoadError(f"the BPF sources include each other: {' -> '.join((*stack, fname))}")
+        try:
+            lines = (src_dir / fname).read_text().splitlines()
+        except OSError as exc:
+            raise BpfLoadError(f"cannot read the BPF source {src_dir / fname}: {exc}") from exc
+        out = [f'#line 1 "{fname}"']
+        for number, line in enumerate(lines, start=1):
+            m = _LOCAL_INCLUDE.match(line)
+            if m is None or not (src_dir / m.group(1)).is_file():
+                out.append(line)
+                continue
+            out.extend(inline(m.group(1), (*stack, fname)))
+            out.append(f'#line {number + 1} "{fname}"')
+        return out
+
+    return "\n".join(inline(name, ())) + "\n"
 
 
 @dataclass(frozen=True)
@@ -158,7 +189,7 @@ class Probes:
         """Compile against the first header set that works, load, attach, configure."""
         bcc = import_bcc()
         src_dir = bpf_source_dir()
-        source = (src_dir / "closewait.bpf.c").read_text()
+        source = bpf_source(src_dir)
         notices: list[str] = []
         failures: list[str] = []
         bpf = None
