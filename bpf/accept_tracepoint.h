@@ -117,7 +117,7 @@ static __always_inline int peer_of(struct cw_sockaddr *sa, struct cw_peer *peer)
 int cwt_sys_enter_accept(struct cw_sys_enter_accept *ctx)
 {
     u64 upeer = ctx->upeer_sockaddr;
-    if (!upeer)
+    if (!upeer || !get_config())
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     accept_args.update(&id, &upeer);

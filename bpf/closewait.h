@@ -71,18 +71,25 @@
 #define CW_STAT_PENDING_FULL 9  /* tracepoint backend: the accept-matching map was full */
 #define CW_STAT_CW_NS_SUM 10    /* total ns spent in CLOSE_WAIT by sockets that left it */
 #define CW_STAT_CW_LEFT 11      /* sockets that left CLOSE_WAIT (the histogram's count) */
+#define CW_STAT_CW_UNDECIDED 12 /* under a pid filter, sockets of an owner the kernel could not
+                                 * know (created before the tracer): sent to userspace, which
+                                 * decides from /proc; not counted in CW_STAT_CW_REPORTED */
 #define CW_STAT_MAX 16
 
 /* Number of log2 buckets of the CLOSE_WAIT duration histogram (microseconds). */
 #define CW_HIST_BUCKETS 40
 
-/* config[0]: settings written by userspace before the programs run. */
+/* config[0]: settings written by userspace. BCC attaches the programs when it loads them,
+ * before any map is written: every program does nothing until ready is set, which userspace
+ * does last, once the filters, this config and the seeds (listeners, pids) are in place. */
 struct cw_config {
     __u64 report_min_ns; /* a socket leaving CLOSE_WAIT sooner is only counted */
     __u32 filter_pids;   /* non-zero: only owners in pid_filter */
     __u32 filter_ports;  /* non-zero: only local or remote ports in port_filter */
     __u32 timeline_all;  /* non-zero: every socket passing the filters gets a timeline */
     __u32 accept_watch;  /* tracepoint backend: the accept syscall tracepoints are attached */
+    __u32 ready;         /* non-zero: everything above and the filter maps are written */
+    __u32 _pad;
 };
 
 /* What the kernel knows of one socket: the value of the socks and cw maps. */

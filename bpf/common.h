@@ -50,10 +50,15 @@ static __always_inline void stat_inc(int idx)
     stat_add(idx, 1);
 }
 
+/* The configuration, or NULL while userspace has not finished writing it: every program
+ * starts with this and does nothing until then. */
 static __always_inline struct cw_config *get_config(void)
 {
     int zero = 0;
-    return config.lookup(&zero);
+    struct cw_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->ready)
+        return 0;
+    return cfg;
 }
 
 /* Does a socket pass the user's -p/--port filters? An unknown owner passes the pid filter:
@@ -113,7 +118,10 @@ static __always_inline void sync_cw(struct cw_config *cfg, u64 sk, struct cw_soc
         if (!passes(cfg, s))
             return;
         s->flags |= CW_F_REPORTED;
-        stat_inc(CW_STAT_CW_REPORTED);
+        if (cfg->filter_pids && !(s->flags & CW_F_OWNER_KNOWN))
+            stat_inc(CW_STAT_CW_UNDECIDED);
+        else
+            stat_inc(CW_STAT_CW_REPORTED);
     }
     if (cw.update(&sk, s))
         stat_inc(CW_STAT_CW_FULL);

@@ -12,11 +12,12 @@ static __always_inline void fill_tuple(struct cw_sock *s, struct cw_tuple *t)
     __builtin_memcpy(s->raddr, t->raddr, CW_ADDR_LEN);
 }
 
-/* The owner of a new socket: a passive child belongs to its listener's process; connect()
- * runs in the connecting process's context. */
+/* The owner of a new socket: a passive child belongs to its listener's process, and so does
+ * a socket first seen in CLOSE_WAIT on a listening port (created before the programs acted);
+ * connect() runs in the connecting process's context. */
 static __always_inline void set_new_owner(struct cw_sock *s, u32 flags)
 {
-    if (flags & CW_F_PASSIVE) {
+    if (flags & (CW_F_PASSIVE | CW_F_PREEXISTING)) {
         u16 lport = s->lport;
         struct cw_listener *l = listeners.lookup(&lport);
         if (l) {
@@ -120,6 +121,8 @@ static __always_inline void count_accept_err(u32 tgid, long ret)
 /* accept() outcomes, for every backend: EMFILE and friends fail before inet_csk_accept runs. */
 static __always_inline void note_accept_result(long ret, u64 now)
 {
+    if (!get_config())
+        return;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct cw_accept_stat *st = accept_stats.lookup(&tgid);
     if (!st) {

@@ -172,6 +172,8 @@ class Probes:
     _batch_ok: bool = True
     #: the accept syscall tracepoints are attached (they tax every syscall: see the C)
     accept_watch: bool = False
+    #: the programs act (config.ready): set by arm() once the filters and seeds are written
+    armed: bool = False
     #: raw cw map value -> decoded record, from the previous poll: a socket sitting in
     #: CLOSE_WAIT is decoded once, not at every poll
     _decoded: dict[bytes, SockInfo] = field(default_factory=dict)
@@ -310,9 +312,18 @@ class Probes:
             pending[peer] = pending.Leaf(key.value)
 
     def _configure(self) -> None:
+        """Filters and settings; the programs stay idle (ready = 0) until arm()."""
         self.set_pids(self.settings.pids)
         self.set_ports(self.settings.ports)
         self._write_config(accept_watch=False)
+
+    def arm(self) -> None:
+        """Let the programs act: written last, after the filters and the seeds, so that no
+        event is counted or reported under settings that are not yet in force."""
+        if self.armed or self._closed:
+            return
+        self.armed = True
+        self._write_config(accept_watch=self.accept_watch)
 
     def _write_config(self, *, accept_watch: bool) -> None:
         cfg = CConfig()
@@ -321,6 +332,7 @@ class Probes:
         cfg.filter_ports = 1 if self.settings.ports else 0
         cfg.timeline_all = 1 if self.settings.timeline_all else 0
         cfg.accept_watch = 1 if accept_watch else 0
+        cfg.ready = 1 if self.armed else 0
         table = self.bpf[b"config"]
         table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 

@@ -78,6 +78,7 @@ class Stat(enum.IntEnum):
     PENDING_FULL = 9
     CW_NS_SUM = 10
     CW_LEFT = 11
+    CW_UNDECIDED = 12
 
 
 #: Stats whose non-zero value means something was missed.
@@ -91,6 +92,8 @@ class CConfig(ct.Structure):
         ("filter_ports", ct.c_uint32),
         ("timeline_all", ct.c_uint32),
         ("accept_watch", ct.c_uint32),
+        ("ready", ct.c_uint32),
+        ("_pad", ct.c_uint32),
     ]
 
 

@@ -198,6 +198,9 @@ class RecordingWorld:
     def set_accept_watch(self, on: bool) -> None:
         self.inner.set_accept_watch(on)
 
+    def arm(self) -> None:
+        self.inner.arm()
+
     def finished(self) -> bool:
         return self.inner.finished()
 
@@ -342,6 +345,9 @@ class ReplayWorld:
         pass
 
     def set_accept_watch(self, on: bool) -> None:
+        pass
+
+    def arm(self) -> None:
         pass
 
     def finished(self) -> bool:

@@ -203,6 +203,7 @@ class Session:
             self._seed()
             if self.options.accept_watch == "always":
                 self.world.set_accept_watch(True)
+            self.world.arm()
         except WorldEnded:
             self._ended = True
         self._started = True
