@@ -25,6 +25,7 @@ from .decode import CConfig, CListener, CSock, SockInfo, Stat
 from .errors import BccMissingError, BpfLoadError, KernelHeadersError
 from .features import Backend
 from .headers import HeaderCandidate
+from .kfields import KernelFields, resolve_kernel_fields
 
 #: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
 DISTRO_BCC_DIRS = (
@@ -117,6 +118,8 @@ class ProbeSettings:
     max_cw: int = 32768
     max_listeners: int = 4096
     ringbuf_pages: int = 64
+    #: kernel struct offsets for the C; None: resolved from the running kernel's BTF at load
+    kernel_fields: KernelFields | None = None
 
     def cflags(self, src_dir: Path) -> list[str]:
         flags = [
@@ -160,6 +163,51 @@ def _log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(useful[-lines:])
 
 
+def _compile(
+    source: str,
+    cflags: list[str],
+    candidates: list[HeaderCandidate],
+    notices: list[str],
+    on_compile: Callable[[HeaderCandidate], None] | None,
+) -> tuple[Any, HeaderCandidate]:
+    """BCC's BPF object from the first header set that compiles the source (notices about the
+    choice appended to ``notices``)."""
+    bcc = import_bcc()
+    if not candidates:
+        raise KernelHeadersError(
+            "no kernel headers found: install linux-headers-$(uname -r)"
+            " (or linux-headers-amd64 on Debian), or pass --kernel-headers DIR"
+        )
+    failures: list[str] = []
+    for cand in candidates:
+        if on_compile is not None:
+            on_compile(cand)
+        os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
+        with _captured_stderr() as log:
+            try:
+                bpf = bcc.BPF(text=source.encode(), cflags=cflags)
+            except Exception as exc:  # BCC raises bare Exception
+                msg = str(exc)
+                if "compile" in msg.lower():
+                    failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
+                    continue
+                raise BpfLoadError(
+                    f"loading the BPF programs failed: {msg}; {_log_tail(log)} (log: {log})"
+                ) from exc
+        if failures:
+            notices.append(
+                f"kernel headers: compiled with {cand.origin} after "
+                f"{len(failures)} header set(s) failed ({failures[0][:160]})"
+            )
+        elif cand.notice:
+            notices.append(cand.notice)
+        return bpf, cand
+    raise KernelHeadersError(
+        "no installed kernel header set compiles the BPF programs: "
+        + "; ".join(f[:200] for f in failures)
+    )
+
+
 @dataclass
 class Probes:
     """The loaded programs and their maps."""
@@ -168,6 +216,8 @@ class Probes:
     settings: ProbeSettings
     header: HeaderCandidate | None
     notices: list[str] = field(default_factory=list)
+    #: the struct offsets compiled in, and the features left out for want of them
+    kernel_fields: KernelFields = field(default_factory=KernelFields)
     _closed: bool = False
     _batch_ok: bool = True
     #: the accept syscall tracepoints are attached (they tax every syscall: see the C)
@@ -189,49 +239,15 @@ class Probes:
         on_compile: Callable[[HeaderCandidate], None] | None = None,
     ) -> Probes:
         """Compile against the first header set that works, load, attach, configure."""
-        bcc = import_bcc()
         src_dir = bpf_source_dir()
-        source = bpf_source(src_dir)
-        notices: list[str] = []
-        failures: list[str] = []
-        bpf = None
-        chosen: HeaderCandidate | None = None
-        candidates = list(headers)
-        if not candidates:
-            raise KernelHeadersError(
-                "no kernel headers found: install linux-headers-$(uname -r)"
-                " (or linux-headers-amd64 on Debian), or pass --kernel-headers DIR"
-            )
-        for cand in candidates:
-            if on_compile is not None:
-                on_compile(cand)
-            os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
-            with _captured_stderr() as log:
-                try:
-                    bpf = bcc.BPF(text=source.encode(), cflags=settings.cflags(src_dir))
-                except Exception as exc:  # BCC raises bare Exception
-                    msg = str(exc)
-                    if "compile" in msg.lower():
-                        failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
-                        continue
-                    raise BpfLoadError(
-                        f"loading the BPF programs failed: {msg}; {_log_tail(log)} (log: {log})"
-                    ) from exc
-            chosen = cand
-            if failures:
-                notices.append(
-                    f"kernel headers: compiled with {cand.origin} after "
-                    f"{len(failures)} header set(s) failed ({failures[0][:160]})"
-                )
-            elif cand.notice:
-                notices.append(cand.notice)
-            break
-        if bpf is None:
-            raise KernelHeadersError(
-                "no installed kernel header set compiles the BPF programs: "
-                + "; ".join(f[:200] for f in failures)
-            )
-        probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices)
+        fields = settings.kernel_fields
+        if fields is None:
+            fields = resolve_kernel_fields()
+        notices: list[str] = fields.notices()
+        bpf, chosen = _compile(bpf_source(src_dir), settings.cflags(src_dir) + fields.cflags(),
+                               list(headers), notices, on_compile)
+        probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices,
+                     kernel_fields=fields)
         try:
             probes._attach()
             probes._configure()
