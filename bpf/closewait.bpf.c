@@ -10,25 +10,29 @@
  * points; each concern lives in a small header beside it:
  *   maps.h          every map, with who inserts and who deletes
  *   common.h        the per-transition context, config, filters, counters, events
+ *   task.h          fields of the current task, at offsets from the kernel's BTF
  *   sockets.h       per-socket records: creation, accept, close, accept() outcomes
  *   accept_*.h      one per backend: how accept() and the application's close() are seen
  *   transitions.h   one handler per kind of state change, and the dispatcher
  * BCC rewrites map operations only in the text it is given, so userspace (attach.py) inlines
  * these local headers into one text, with #line directives, before compiling.
  *
- * No kernel struct field is read anywhere: the program compiles against any kernel's headers
- * and runs on any kernel that has the tracepoint (4.16+) and BPF ring buffers (5.8+).
+ * No kernel struct definition is used: the few fields read (task.h) are read at offsets
+ * userspace takes from the running kernel's BTF, so the program compiles against any kernel's
+ * headers and runs on any kernel that has the tracepoint (4.16+) and BPF ring buffers (5.8+).
  *
  * Set at compile time with -D:
  *   CW_BACKEND        CW_BACKEND_KPROBE | CW_BACKEND_FENTRY | CW_BACKEND_TRACEPOINT
  *   CW_ACCEPT_NARGS   fentry only: parameters of inet_csk_accept in the kernel's BTF (4 or 2)
  *   CW_MAX_SOCKS, CW_MAX_CW, CW_MAX_LISTENERS, CW_RINGBUF_PAGES   map sizes
+ *   CW_OFF_<FIELD>, CW_HAVE_<FEATURE>   kernel struct offsets and what they enable (kfields.py)
  * Everything else is set at run time through the config, pid_filter and port_filter maps.
  */
 #include <uapi/linux/ptrace.h>
 #include "closewait.h"
 #include "maps.h"
 #include "common.h"
+#include "task.h"
 #include "sockets.h"
 
 #if CW_BACKEND == CW_BACKEND_TRACEPOINT

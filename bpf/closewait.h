@@ -57,6 +57,8 @@
 #define CW_EXIT_APP_ABORT 2       /* CLOSE_WAIT -> CLOSE by the application (unread data: RST sent) */
 #define CW_EXIT_RESET 3           /* CLOSE_WAIT -> CLOSE outside the owner: RST received, timeout */
 #define CW_EXIT_LISTENER_CLOSED 4 /* never accepted, its listener was closed */
+#define CW_EXIT_PROCESS_EXIT 5    /* closed because its holder's process ended (killed or exited):
+                                   * cw_event.exit_code says how */
 
 /* Indices of the per-CPU stats array. */
 #define CW_STAT_RINGBUF_LOST 0  /* bpf_ringbuf_reserve failed: an event was lost */
@@ -122,6 +124,9 @@ struct cw_event {
     __s32 oldstate;
     __s32 newstate;
     __u32 exit_how; /* CW_EXIT_* for CW_EV_CW_EXIT */
+    __u32 exit_code; /* CW_EXIT_PROCESS_EXIT: the task's exit_code (signal = code & 0x7f,
+                      * status = (code >> 8) & 0xff), else 0 */
+    __u32 _pad;
     char comm[CW_COMM_LEN];
     struct cw_sock sock;
 };

@@ -82,7 +82,7 @@ static __always_inline int passes(struct cw_config *cfg, struct cw_sock *s)
 }
 
 static __always_inline void emit(u32 type, struct cw_sock *s, u64 now, int oldstate, int newstate,
-                                 u32 how)
+                                 u32 how, u32 exit_code)
 {
     struct cw_event *ev = events.ringbuf_reserve(sizeof(struct cw_event));
     if (!ev) {
@@ -97,6 +97,7 @@ static __always_inline void emit(u32 type, struct cw_sock *s, u64 now, int oldst
     ev->oldstate = oldstate;
     ev->newstate = newstate;
     ev->exit_how = how;
+    ev->exit_code = exit_code;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
     __builtin_memcpy(&ev->sock, s, sizeof(ev->sock));
     events.ringbuf_submit(ev, 0);
@@ -106,7 +107,7 @@ static __always_inline void emit(u32 type, struct cw_sock *s, u64 now, int oldst
 static __always_inline void emit_state(struct cw_ctx *c, struct cw_sock *s)
 {
     if (s->flags & CW_F_TIMELINE)
-        emit(CW_EV_STATE, s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE);
+        emit(CW_EV_STATE, s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
 }
 
 /* Push the socks entry of a CLOSE_WAIT socket to the cw map if userspace should see it. */

@@ -77,7 +77,7 @@ static __always_inline void note_accept(u64 sk, u64 now)
         sync_cw(cfg, sk, s);
     }
     if (s->flags & CW_F_TIMELINE)
-        emit(CW_EV_ACCEPT, s, now, 0, 0, CW_EXIT_NONE);
+        emit(CW_EV_ACCEPT, s, now, 0, 0, CW_EXIT_NONE, 0);
 }
 
 /* The application closed this socket (tcp_close), in its context. */
@@ -95,7 +95,7 @@ static __always_inline void note_close(u64 sk, u64 now)
     if ((s->flags & CW_F_IN_CW) && (s->flags & CW_F_REPORTED))
         cw.update(&sk, s);
     if (s->flags & CW_F_TIMELINE)
-        emit(CW_EV_APP_CLOSE, s, now, 0, 0, CW_EXIT_NONE);
+        emit(CW_EV_APP_CLOSE, s, now, 0, 0, CW_EXIT_NONE, 0);
 }
 
 /* The layout of a syscalls:sys_exit_* tracepoint (stable): common fields, the syscall

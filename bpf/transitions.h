@@ -72,7 +72,7 @@ static __always_inline void on_listen(struct cw_ctx *c)
     else
         on_listen_end(c, &s);
     if (passes(c->cfg, &s))
-        emit(type, &s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE);
+        emit(type, &s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
 }
 
 /* -> CLOSE_WAIT: the peer's FIN arrived (softirq: the current task is nobody's owner). */
@@ -110,6 +110,20 @@ static __always_inline u32 exit_how(struct cw_sock *s, int newstate, u32 tgid)
     return CW_EXIT_RESET;
 }
 
+/* exit_how, told apart from a close() of the application when the close ran because the
+ * holder's process is ending: then *code is its exit code. */
+static __always_inline u32 classify_exit(struct cw_sock *s, int newstate, u32 tgid, u32 *code)
+{
+    u32 how = exit_how(s, newstate, tgid);
+    if (how != CW_EXIT_APP_CLOSE && how != CW_EXIT_APP_ABORT)
+        return how;
+    s32 exit_code = exiting_code();
+    if (exit_code < 0)
+        return how;
+    *code = exit_code;
+    return CW_EXIT_PROCESS_EXIT;
+}
+
 /* Left CLOSE_WAIT, in CLOSE_WAIT since before the tracer started: userspace knows it from
  * its sock_diag snapshot and matches this exit by address. */
 static __always_inline void on_untracked_cw_exit(struct cw_ctx *c)
@@ -119,8 +133,11 @@ static __always_inline void on_untracked_cw_exit(struct cw_ctx *c)
     u.skaddr = c->sk;
     u.flags = CW_F_PREEXISTING;
     fill_tuple(&u, &c->t);
-    if (passes(c->cfg, &u))
-        emit(CW_EV_CW_EXIT, &u, c->now, c->oldstate, c->newstate, exit_how(&u, c->newstate, 0));
+    if (!passes(c->cfg, &u))
+        return;
+    u32 code = 0;
+    u32 how = classify_exit(&u, c->newstate, 0, &code);
+    emit(CW_EV_CW_EXIT, &u, c->now, c->oldstate, c->newstate, how, code);
 }
 
 static __always_inline void count_cw_duration(u64 dur)
@@ -141,8 +158,9 @@ static __always_inline void on_cw_exit(struct cw_ctx *c, struct cw_sock *s)
     u64 dur = c->now - s->ts_cw_enter;
     count_cw_duration(dur);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 how = exit_how(s, c->newstate, tgid);
-    if (how == CW_EXIT_APP_CLOSE || how == CW_EXIT_APP_ABORT) {
+    u32 code = 0;
+    u32 how = classify_exit(s, c->newstate, tgid, &code);
+    if (how != CW_EXIT_RESET && how != CW_EXIT_LISTENER_CLOSED) {
         s->flags |= CW_F_APP_CLOSED;
         if (!s->ts_close)
             s->ts_close = c->now;
@@ -154,7 +172,7 @@ static __always_inline void on_cw_exit(struct cw_ctx *c, struct cw_sock *s)
         return;
     cw.delete(&c->sk);
     if (dur >= c->cfg->report_min_ns || (s->flags & CW_F_TIMELINE))
-        emit(CW_EV_CW_EXIT, s, c->now, c->oldstate, c->newstate, how);
+        emit(CW_EV_CW_EXIT, s, c->now, c->oldstate, c->newstate, how, code);
     else
         stat_inc(CW_STAT_CW_SHORT);
 }

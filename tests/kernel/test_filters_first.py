@@ -7,15 +7,12 @@ nothing of port A may ever be reported, nor counted as matching."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from .harness import Record, Tracer
+from .harness import Record, Tracer, kill_groups, spawn_script
 
 pytestmark = pytest.mark.kernel
 
@@ -54,27 +51,17 @@ time.sleep(3600)
 CLIENTS = 3
 
 
-def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
 @pytest.fixture
 def churn() -> Iterator[tuple[int, int, int]]:
     """(port A under churn, port B of a quiet listener, the quiet process's pid)."""
-    procs = [_spawn(CHURN_SERVER), _spawn(QUIET)]
+    procs = [spawn_script(CHURN_SERVER), spawn_script(QUIET)]
     try:
         port_a, port_b = (int(p.stdout.readline()) for p in procs if p.stdout)
-        procs += [_spawn(CHURN_CLIENT, str(port_a)) for _ in range(CLIENTS)]
+        procs += [spawn_script(CHURN_CLIENT, str(port_a)) for _ in range(CLIENTS)]
         time.sleep(1.0)  # the churn is under way before the tracer starts
         yield port_a, port_b, procs[1].pid
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, 9)
-            except ProcessLookupError:
-                pass
-            p.wait()
+        kill_groups(procs)
 
 
 def _mentions(rec: Record, port: int) -> bool:

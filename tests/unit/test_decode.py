@@ -216,9 +216,9 @@ def test_header_parses_to_the_expected_structs(header_text: str) -> None:
     assert structs["cw_config"].size == 32
     assert structs["cw_sock"].size == 120
     assert [f.offset for f in structs["cw_sock"].fields][-3:] == [72, 88, 104]
-    assert structs["cw_event"].size == 168
+    assert structs["cw_event"].size == 176
     ev = {f.name: f for f in structs["cw_event"].fields}
-    assert (ev["comm"].offset, ev["sock"].offset, ev["sock"].ctype) == (32, 48, "struct cw_sock")
+    assert (ev["comm"].offset, ev["sock"].offset, ev["sock"].ctype) == (40, 56, "struct cw_sock")
     assert structs["cw_peer"].size == 24
     assert structs["cw_accept_stat"].size == 40
     assert structs["cw_accept_err"].size == 8
@@ -399,8 +399,8 @@ def test_round_trip_bytes(family: int, laddr: bytes, raddr: bytes) -> None:
     assert len(raw) == ct.sizeof(CEvent)
     again = encode_event(decode_event(raw))
     assert again == raw
-    # the address bytes sit where the header says: cw_event.sock (48) + cw_sock.laddr (72)
-    assert again[48 + 72 : 48 + 88] == laddr
+    # the address bytes sit where the header says: cw_event.sock (56) + cw_sock.laddr (72)
+    assert again[56 + 72 : 56 + 88] == laddr
 
 
 def test_round_trip_records() -> None:
@@ -431,3 +431,24 @@ def test_decode_of_a_longer_buffer_reads_the_record_only() -> None:
 def test_decode_short_buffer_raises(length: int) -> None:
     with pytest.raises(ValueError, match=f"{length} bytes, expected {ct.sizeof(CEvent)}"):
         decode_event(b"\0" * length)
+
+
+@pytest.mark.parametrize("code, text", [
+    (9, "killed by signal 9 (SIGKILL)"),
+    (15, "killed by signal 15 (SIGTERM)"),
+    (0x86, "killed by signal 6 (SIGABRT), core dumped"),
+    (3 << 8, "exited with status 3"),
+    (0, "exited with status 0"),
+    (0x7E, "killed by signal 126"),
+])
+def test_exit_code_text(code: int, text: str) -> None:
+    assert D.exit_code_text(code) == text
+
+
+def test_process_exit_event_carries_its_exit_code() -> None:
+    raw = bytearray(_raw_event(family=socket.AF_INET, laddr=V4_MAPPED_L, raddr=V4_MAPPED_R))
+    c = CEvent.from_buffer(raw)
+    c.exit_how, c.exit_code = int(ExitHow.PROCESS_EXIT), 9
+    ev = decode_event(bytes(raw))
+    assert (ev.exit_how, ev.exit_code) == (ExitHow.PROCESS_EXIT, 9)
+    assert encode_event(ev) == bytes(raw)
