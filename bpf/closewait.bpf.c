@@ -14,6 +14,7 @@
  *   sockets.h       per-socket records: creation, accept, close, accept() outcomes
  *   accept_*.h      one per backend: how accept() and the application's close() are seen
  *   transitions.h   one handler per kind of state change, and the dispatcher
+ *   follow.h        -p follows the processes a traced process starts (with CW_FOLLOW_PIDS)
  * BCC rewrites map operations only in the text it is given, so userspace (attach.py) inlines
  * these local headers into one text, with #line directives, before compiling.
  *
@@ -24,7 +25,8 @@
  * Set at compile time with -D:
  *   CW_BACKEND        CW_BACKEND_KPROBE | CW_BACKEND_FENTRY | CW_BACKEND_TRACEPOINT
  *   CW_ACCEPT_NARGS   fentry only: parameters of inet_csk_accept in the kernel's BTF (4 or 2)
- *   CW_MAX_SOCKS, CW_MAX_CW, CW_MAX_LISTENERS, CW_RINGBUF_PAGES   map sizes
+ *   CW_FOLLOW_PIDS    a pid filter is set: follow forks and exits
+ *   CW_MAX_SOCKS, CW_MAX_CW, CW_MAX_LISTENERS, CW_MAX_PIDS, CW_RINGBUF_PAGES   map sizes
  *   CW_OFF_<FIELD>, CW_HAVE_<FEATURE>   kernel struct offsets and what they enable (kfields.py)
  * Everything else is set at run time through the config, pid_filter and port_filter maps.
  */
@@ -46,6 +48,7 @@
 #endif
 
 #include "transitions.h"
+#include "follow.h"
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
@@ -68,3 +71,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     on_transition(&c);
     return 0;
 }
+
+#ifdef CW_FOLLOW_PIDS
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    follow_new_task(args->pid, args->clone_flags);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    forget_exited_task();
+    return 0;
+}
+#endif

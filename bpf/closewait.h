@@ -76,7 +76,13 @@
 #define CW_STAT_CW_UNDECIDED 12 /* under a pid filter, sockets of an owner the kernel could not
                                  * know (created before the tracer): sent to userspace, which
                                  * decides from /proc; not counted in CW_STAT_CW_REPORTED */
+#define CW_STAT_PIDS_FULL 13    /* pid_filter was full: a new process of a traced one went
+                                 * unfollowed */
 #define CW_STAT_MAX 16
+
+/* pid_filter values: who put the PID there. */
+#define CW_PID_USER 1     /* userspace: a -p PID, or a descendant found in /proc at start */
+#define CW_PID_FOLLOWED 2 /* the kernel: created by a traced process (bpf/follow.h) */
 
 /* Number of log2 buckets of the CLOSE_WAIT duration histogram (microseconds). */
 #define CW_HIST_BUCKETS 40

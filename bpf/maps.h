@@ -12,6 +12,9 @@
 #ifndef CW_MAX_LISTENERS
 #define CW_MAX_LISTENERS 4096
 #endif
+#ifndef CW_MAX_PIDS
+#define CW_MAX_PIDS 16384
+#endif
 #ifndef CW_RINGBUF_PAGES
 #define CW_RINGBUF_PAGES 64
 #endif
@@ -30,8 +33,13 @@ BPF_HASH(cw, u64, struct cw_sock, CW_MAX_CW);
  * Inserted: -> LISTEN (process context). Deleted: LISTEN -> CLOSE of the same socket. */
 BPF_HASH(listeners, u16, struct cw_listener, CW_MAX_LISTENERS);
 
-/* Filters, written by userspace only. */
-BPF_HASH(pid_filter, u32, u8, 4096);
+/* Processes that pass -p: value CW_PID_USER or CW_PID_FOLLOWED.
+ * Inserted: by userspace (the -p PIDs and their descendants, CW_PID_USER); with -p, at
+ * task:task_newtask for a new process of a traced one (CW_PID_FOLLOWED).
+ * Deleted: by userspace (its own entries, when not wanted any more); at sched_process_exit
+ * of a followed process. */
+BPF_HASH(pid_filter, u32, u8, CW_MAX_PIDS);
+/* Ports that pass --port. Written by userspace only. */
 BPF_HASH(port_filter, u16, u8, 4096);
 BPF_ARRAY(config, struct cw_config, 1);
 

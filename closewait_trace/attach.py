@@ -131,6 +131,8 @@ class ProbeSettings:
             f"-DCW_RINGBUF_PAGES={self.ringbuf_pages}",
             "-Wno-macro-redefined",
         ]
+        if self.pids:
+            flags.append("-DCW_FOLLOW_PIDS")
         if self.backend is Backend.FENTRY:
             flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
             if self.sys_accept4_nargs == 4:
@@ -355,13 +357,17 @@ class Probes:
     # --- filters and seeds --------------------------------------------------------------
 
     def set_pids(self, pids: Iterable[int]) -> None:
+        """The PIDs userspace wants traced (the -p PIDs and the descendants it found). The
+        kernel's own entries (processes it saw a traced process create) are left to it: it
+        adds them at creation and forgets them at exit."""
         table = self.bpf[b"pid_filter"]
         wanted = set(pids)
-        for key in list(table.keys()):
-            if key.value not in wanted:
-                del table[key]
-        for pid in wanted:
-            table[ct.c_uint32(pid)] = ct.c_uint8(1)
+        present: dict[int, int] = {int(k.value): int(v.value) for k, v in table.items()}
+        for pid, mark in present.items():
+            if mark == decode.PidMark.USER and pid not in wanted:
+                del table[ct.c_uint32(pid)]
+        for pid in wanted - set(present):
+            table[ct.c_uint32(pid)] = ct.c_uint8(decode.PidMark.USER)
 
     def set_ports(self, ports: Iterable[int]) -> None:
         table = self.bpf[b"port_filter"]

@@ -49,6 +49,13 @@ class SockFlag(enum.IntFlag):
     PENDING = 1 << 10
 
 
+class PidMark(enum.IntEnum):
+    """pid_filter values: who put the PID there."""
+
+    USER = 1  # userspace: a -p PID or a descendant it found
+    FOLLOWED = 2  # the kernel: a process created by a traced one
+
+
 class EventType(enum.IntEnum):
     CW_EXIT = 1
     LISTEN = 2
@@ -94,10 +101,12 @@ class Stat(enum.IntEnum):
     CW_NS_SUM = 10
     CW_LEFT = 11
     CW_UNDECIDED = 12
+    PIDS_FULL = 13
 
 
 #: Stats whose non-zero value means something was missed.
-LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL)
+LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL,
+              Stat.PIDS_FULL)
 
 
 class CConfig(ct.Structure):

@@ -287,6 +287,7 @@ def _prefixed(defines: dict[str, int], prefix: str, exclude: tuple[str, ...] = (
         ("CW_EXIT_", ExitHow, ()),
         ("CW_STAT_", Stat, ("CW_STAT_MAX",)),
         ("CW_TCP_", TcpState, ()),
+        ("CW_PID_", D.PidMark, ()),
     ],
 )
 def test_enum_constants_mirror_the_header(
