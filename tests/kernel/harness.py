@@ -195,3 +195,21 @@ def kprobe_events() -> str:
         except OSError:
             continue
     return ""
+
+
+def spawn_script(code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+    """A python snippet in its own process group (so kill_groups ends it and its children),
+    stdout piped for what it prints."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE if stdin else None, text=True,
+                            start_new_session=True)
+
+
+def kill_groups(procs: Sequence[subprocess.Popen[str]]) -> None:
+    """SIGKILL every process group spawn_script started, and reap the leaders."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
