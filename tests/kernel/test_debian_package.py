@@ -14,7 +14,7 @@ import pytest
 
 from .harness import Server
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/closewait-trace/container")
