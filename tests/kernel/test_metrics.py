@@ -114,6 +114,10 @@ def test_agent_serves_health_logs_records_and_restarts_cleanly(tmp_path: Path) -
         assert leak["connection"]["verdict"]["cause"] == "never-accepted"
         text = agent.wait_http("/metrics", 200, 5)
         assert _value(text, "closewait_tracer_info", node="node-under-test") == 1
+        with open("/proc/net/tcp") as f:  # listening where configured, and only there
+            rows = [line.split() for line in f.readlines()[1:]]
+        mine = [r for r in rows if r[1].endswith(f":{agent.port:04X}") and r[3] == "0A"]
+        assert mine and all(r[1].startswith("0100007F:") for r in mine)
         rc, out, err = agent.stop()
         assert rc == 0 and out == b"", (rc, out, err)  # no terminal output
         assert http_get(agent.url + "/healthz")[0] == 0  # the endpoint went with it
