@@ -17,7 +17,7 @@ import pytest
 from .agentproc import free_port, http_get
 from .test_metrics import _value
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "localhost/closewait-trace:test"
