@@ -203,20 +203,26 @@ class CpuTimes:
         raise BenchError("cannot read /proc/stat")
 
 
+def fds_of(pid: int, target: str) -> int | None:
+    """How many of a process's fds point to `target` (an anon inode such as
+    "anon_inode:bpf-prog"); None once the process is gone."""
+    try:
+        fds = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    n = 0
+    for fd in fds:
+        try:
+            n += os.readlink(fd.path) == target
+        except OSError:
+            continue
+    return n
+
+
 def perf_event_fds(pid: int) -> int | None:
     """Number of perf_event fds a process holds (BCC: one per attached tracepoint and one per
     CPU of an open perf buffer); None once the process is gone."""
-    try:
-        n = 0
-        for fd in os.scandir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(fd.path) == "anon_inode:[perf_event]":
-                    n += 1
-            except OSError:
-                continue
-        return n
-    except OSError:
-        return None
+    return fds_of(pid, "anon_inode:[perf_event]")
 
 
 def bpf_prog_stats(pid: int) -> tuple[int, int]:
@@ -244,17 +250,7 @@ TRACER_PATTERNS = ("closewait_trace", "closewait-trace", "-bpfcc", "bpftrace", "
 
 
 def _bpf_prog_fds(pid: int) -> int:
-    n = 0
-    try:
-        for fd in os.scandir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(fd.path) == "anon_inode:bpf-prog":
-                    n += 1
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return n
+    return fds_of(pid, "anon_inode:bpf-prog") or 0
 
 
 def foreign_processes(own: set[int]) -> list[str]:
@@ -1227,34 +1223,33 @@ def _run_notes(r: Run) -> str:
     return "; ".join(parts)
 
 
-# The per-run table: header, alignment, cell.
-_RUN_COLUMNS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
-    ("round", "r", lambda r: str(r.round)),
-    ("#", "r", lambda r: str(r.position)),
-    ("config", "l", lambda r: r.config),
-    ("conn/s", "r", lambda r: _num(r.conn_s, ",.0f")),
-    ("tracer CPU %", "r", lambda r: _num(r.tracer_cpu_pct, ".1f")),
-    ("BPF ns/conn", "r", lambda r: _num(r.bpf_ns_per_conn, ",.0f")),
-    ("peak RSS MB", "r", lambda r: _num(r.tracer_rss_mb, ".0f")),
-    ("steady RSS MB", "r", lambda r: _num(r.tracer_rss_steady_mb, ".0f")),
-    ("BPF progs", "r", lambda r: _int(r.tracer_bpf_progs)),
-    ("events lost", "r", lambda r: _int(r.events_lost)),
-    ("ready (s)", "r", lambda r: _num(r.ready_s, ".1f")),
-    ("stop (s)", "r", lambda r: _num(r.stop_s, ".1f")),
-    ("CW seen", "r", lambda r: _int(r.cw_entered)),
-    ("machine busy %", "r", lambda r: _num(r.machine_busy_pct, ".0f")),
-    ("steal %", "r", lambda r: _num(r.steal_pct, ".1f")),
-    ("nginx CPU %", "r", lambda r: _num(r.nginx_cpu_pct, ".0f")),
-    ("wrk CPU %", "r", lambda r: _num(r.wrk_cpu_pct, ".0f")),
-    ("load1", "r", lambda r: _num(r.load1, ".2f")),
-    ("others", "r", lambda r: _others(r.foreign)),
-    ("notes", "l", _run_notes),
+# The per-run table: header, then the Run field and its format ("," alone: an integer with
+# thousands separators; a callable: the cell itself).
+_RUN_COLUMNS: tuple[tuple[str, str | Callable[[Run], str], str], ...] = (
+    ("round", "round", "d"), ("#", "position", "d"), ("config", "config", "s"),
+    ("conn/s", "conn_s", ",.0f"), ("tracer CPU %", "tracer_cpu_pct", ".1f"),
+    ("BPF ns/conn", "bpf_ns_per_conn", ",.0f"), ("peak RSS MB", "tracer_rss_mb", ".0f"),
+    ("steady RSS MB", "tracer_rss_steady_mb", ".0f"), ("BPF progs", "tracer_bpf_progs", ","),
+    ("events lost", "events_lost", ","), ("ready (s)", "ready_s", ".1f"),
+    ("stop (s)", "stop_s", ".1f"), ("CW seen", "cw_entered", ","),
+    ("machine busy %", "machine_busy_pct", ".0f"), ("steal %", "steal_pct", ".1f"),
+    ("nginx CPU %", "nginx_cpu_pct", ".0f"), ("wrk CPU %", "wrk_cpu_pct", ".0f"),
+    ("load1", "load1", ".2f"), ("others", lambda r: _others(r.foreign), ""),
+    ("notes", _run_notes, ""),
 )
 
 
+def _cell(r: Run, field_: str | Callable[[Run], str], fmt: str) -> str:
+    if callable(field_):
+        return field_(r)
+    value = getattr(r, field_)
+    return "–" if value is None else format(value, fmt)
+
+
 def _per_run(runs: list[Run]) -> list[str]:
-    cols = [(h, a) for h, a, _ in _RUN_COLUMNS]
-    body = [[cell(r) for _, _, cell in _RUN_COLUMNS] for r in runs]
+    cols = [(h, "l" if fmt in ("s", "") and h != "others" else "r")
+            for h, _, fmt in _RUN_COLUMNS]
+    body = [[_cell(r, f, fmt) for _, f, fmt in _RUN_COLUMNS] for r in runs]
     return ["## Per-run raw numbers\n", *_table(cols, body),
             "ready: seconds from start until the tracer was attached. stop: seconds from "
             "SIGTERM to exit. BPF progs: BPF programs the tracer held when the load started "
