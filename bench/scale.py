@@ -116,13 +116,13 @@ class LiveTracer:
                 text = r.read().decode()
         except OSError:
             return None
-        vals = {"sockets": 0.0}
+        vals = {"sockets": 0.0, "leaking": 0.0}
         for line in text.splitlines():
             if line.startswith("closewait_sockets{"):
                 vals["sockets"] += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("closewait_leaking_sockets "):
-                vals["leaking"] = float(line.rsplit(" ", 1)[1])
-            elif line.startswith('closewait_tracer_tick_seconds{which="max"}'):
+            elif line.startswith("closewait_leaking_sockets{"):
+                vals["leaking"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("closewait_tracer_tick_max_seconds "):
                 vals["tick_max"] = float(line.rsplit(" ", 1)[1])
         return vals
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import IO, Any
 
 from . import decode
 from .decode import CConfig, CListener, CSock, SockInfo, Stat
@@ -143,24 +143,25 @@ class ProbeSettings:
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator[Path]:
-    """Send fd 2 to a file while BCC compiles: its compiler and verifier write there."""
-    fd, name = tempfile.mkstemp(prefix="closewait-trace-bcc-", suffix=".log")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        os.dup2(fd, 2)
-        yield Path(name)
-    finally:
+def _captured_stderr() -> Iterator[IO[bytes]]:
+    """Send fd 2 to an unnamed temporary file while BCC compiles: its compiler and verifier
+    write there. The file has no name, so nothing is left behind however the run ends."""
+    with tempfile.TemporaryFile(prefix="closewait-trace-bcc-") as log:
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(fd)
+        saved = os.dup(2)
+        try:
+            os.dup2(log.fileno(), 2)
+            yield log
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
+def _log_tail(log: IO[bytes], lines: int = 3) -> str:
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        log.seek(0)
+        text = log.read().decode("utf-8", "replace").strip().splitlines()
     except OSError:
         return ""
     useful = [line for line in text if line.strip() and not line.startswith(("In file included", "      "))]
@@ -196,7 +197,7 @@ def _compile(
                     failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
                     continue
                 raise BpfLoadError(
-                    f"loading the BPF programs failed: {msg}; {_log_tail(log)} (log: {log})"
+                    f"loading the BPF programs failed: {msg}; {_log_tail(log, 8)}"
                 ) from exc
         if failures:
             notices.append(

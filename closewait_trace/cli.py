@@ -1,41 +1,66 @@
 """CLI stage: options in, one clear line and an exit code out on any error.
 
-`closewait-trace [OPTIONS]` traces live; `doctor` says what will run and why; `demo` starts a
-built-in workload and traces it.
+`closewait-trace [OPTIONS]` traces live; `record` traces and records; `report` replays a
+recording; `snapshot` looks once without BPF; `doctor` says what will run and why; `demo`
+starts a built-in workload and traces it. Every option is declared once below and shared by
+the commands that take it; the tracing ones become one typed `Options` (options.py).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import io
 import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from rich.console import Console
 
 from . import __version__
-from .errors import CloseWaitError, UsageError
+from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
 from .headers import HeaderCandidate
+from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, AcceptWatch, Options, \
+    TimelineMode
 from .render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
+from .textsafe import visible
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Exit status when whoever reads our output has gone (`closewait-trace --json | head -1`):
+#: 128 + SIGPIPE, as if the default SIGPIPE action had ended the process; nothing printed.
+EXIT_BROKEN_PIPE = 141
+#: The output the user asked for could not be written (stdout on a full disk).
+EXIT_OUTPUT = 74
+
 _UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
           "h": 3_600_000_000_000}
+#: Longest duration any option takes: ten years.
+MAX_DURATION_NS = 10 * 365 * 24 * _UNITS["h"]
+#: Largest PID Linux allows (PID_MAX_LIMIT on 64-bit).
+PID_MAX_LIMIT = 4_194_304
 
 
 def parse_duration(text: str) -> int:
     """'10s', '500ms', '2m', '1h', '1.5' (seconds) -> nanoseconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*(ns|us|ms|s|m|h)?\s*", text)
     if not m:
-        raise UsageError(f"bad duration {text!r}: use e.g. 500ms, 10s, 2m")
-    value = int(float(m.group(1)) * _UNITS[m.group(2) or "s"])
-    if value <= 0:
+        raise UsageError(f"bad duration {visible(text)!r}: use e.g. 500ms, 10s, 2m")
+    try:
+        value = Decimal(m.group(1)) * _UNITS[m.group(2) or "s"]
+    except InvalidOperation:
+        raise UsageError(f"bad duration {text!r}: use e.g. 500ms, 10s, 2m") from None
+    if value > MAX_DURATION_NS:
+        raise UsageError(f"bad duration {text!r}: longer than ten years")
+    if int(value) <= 0:
         raise UsageError(f"bad duration {text!r}: must be greater than zero")
     return int(value)
 
@@ -53,69 +78,184 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = DurationType()
+_PATH = click.Path(path_type=Path, dir_okay=False)
 
 
-def _tracing_options(fn: F) -> F:
-    opts = [
-        click.option("--threshold", type=DURATION, default="10s", show_default=True,
-                     help="Age in CLOSE_WAIT at which a socket is flagged as a leak."),
-        click.option("--report-min", type=DURATION, default="200ms", show_default=True,
-                     help="Stays in CLOSE_WAIT shorter than this are only counted, not listed."),
-        click.option("--backend", type=click.Choice(["auto", "kprobe", "fentry", "tracepoint"]),
-                     default="auto", show_default=True,
-                     help="How accept() and close() are seen; auto picks the best available."),
-        click.option("--kernel-headers", type=click.Path(path_type=Path),
-                     help="Kernel header tree to compile against (default: found automatically)."),
-        click.option("--json", "as_json", is_flag=True, help="One JSON object per line "
-                     "(docs/json-schema.md)."),
-        click.option("--plain", is_flag=True, help="Plain lines even on a terminal."),
-        click.option("--timeline", "timeline", type=click.Choice(["flagged", "all"]),
-                     is_flag=False, flag_value="flagged", default=None,
-                     help="Print the lifecycle timeline of each flagged socket; `--timeline all`:"
-                     " of every socket matching the filters (the kernel then sends their"
-                     " transitions)."),
-        click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
-                     help="Also write the timelines shown to this .html or .svg file."),
-        click.option("--metrics", metavar="[ADDR:]PORT",
-                     help="Serve Prometheus metrics on this port (bound to 127.0.0.1 unless an"
-                     " address is given)."),
-        click.option("--accept-watch", type=click.Choice(["auto", "always"]), default="auto",
-                     show_default=True,
-                     help="Tracepoint backend only: trace accept() through the syscall"
-                     " tracepoints only while never-accepted sockets need explaining (auto),"
-                     " or all the time (they slow every syscall a little)."),
-        click.option("--max-sockets", type=click.IntRange(1024, 1 << 22), default=131072,
-                     show_default=True, help="Size of the kernel's per-socket map."),
-        click.option("--max-close-wait", type=click.IntRange(256, 1 << 22), default=32768,
-                     show_default=True, help="Size of the kernel's CLOSE_WAIT map."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+# --- options, each declared once --------------------------------------------------------------
+
+_PID = click.option("-p", "--pid", "pids", type=click.IntRange(1, PID_MAX_LIMIT), multiple=True,
+                    help="Trace only sockets of this process and the processes it starts."
+                    " Repeatable.")
+_PORT = click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+                     help="Trace only sockets with this local or remote port. Repeatable.")
+_DURATION = click.option("--duration", type=DURATION, default=None,
+                         help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
+_THRESHOLD = click.option("--threshold", type=DURATION, default="10s", show_default=True,
+                          help="Age in CLOSE_WAIT at which a socket is flagged as a leak.")
+_REPORT_MIN = click.option("--report-min", type=DURATION, default="200ms", show_default=True,
+                           help="Stays in CLOSE_WAIT shorter than this are only counted, not"
+                           " listed.")
+_BACKEND = click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto",
+                        show_default=True,
+                        help="How accept() and close() are seen; auto picks the best available.")
+_HEADERS = click.option("--kernel-headers", type=click.Path(path_type=Path),
+                        help="Kernel header tree to compile against (default: found"
+                        " automatically).")
+_ACCEPT_WATCH = click.option(
+    "--accept-watch", type=click.Choice([w.value for w in AcceptWatch]), default="auto",
+    show_default=True,
+    help="Tracepoint backend only: trace accept() through the syscall tracepoints only while"
+    " never-accepted sockets need explaining (auto), or all the time (they slow every syscall"
+    " a little).")
+_MAX_SOCKETS = click.option("--max-sockets", type=click.IntRange(1024, 1 << 22),
+                            default=DEFAULT_MAX_SOCKS, show_default=True,
+                            help="Size of the kernel's per-socket map.")
+_MAX_CW = click.option("--max-close-wait", type=click.IntRange(256, 1 << 22),
+                       default=DEFAULT_MAX_CW, show_default=True,
+                       help="Size of the kernel's CLOSE_WAIT map.")
+_JSON = click.option("--json", "as_json", is_flag=True,
+                     help="One JSON object per line (docs/json-schema.md).")
+_PLAIN = click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+_TIMELINE = click.option(
+    "--timeline", type=click.Choice([m.value for m in TimelineMode]), is_flag=False,
+    flag_value="flagged", default=None,
+    help="Print the lifecycle timeline of each flagged socket; `--timeline all`: of every socket"
+    " matching the filters (the kernel then sends their transitions).")
+_EXPORT = click.option("--timeline-export", type=_PATH,
+                       help="Also write the timelines shown to this .html or .svg file.")
+_METRICS = click.option("--metrics", metavar="[ADDR:]PORT",
+                        help="Serve Prometheus metrics on this port (bound to 127.0.0.1 unless"
+                        " an address is given).")
 
 
-def _renderer(as_json: bool, plain: bool, timelines: str | None = None,
-              export: Path | None = None) -> Renderer:
-    from .timeline import Exporter
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(fn: F) -> F:
+        for deco in reversed(decorators):
+            fn = deco(fn)
+        return fn
 
-    exporter = Exporter(export) if export is not None else None
+    return apply
+
+
+_TRACE_OPTIONS = (_PID, _PORT, _DURATION, _THRESHOLD, _REPORT_MIN, _BACKEND, _HEADERS,
+                  _ACCEPT_WATCH, _MAX_SOCKETS, _MAX_CW, _JSON, _PLAIN, _TIMELINE, _EXPORT,
+                  _METRICS)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where and how the session's results go."""
+
+    as_json: bool = False
+    plain: bool = False
+    timelines: TimelineMode | None = None
+    export: Path | None = None
+    metrics: str | None = None
+
+
+def _pop_output(params: dict[str, Any]) -> Output:
+    timelines = params.pop("timeline")
+    export = params.pop("timeline_export")
     if export is not None and timelines is None:
         timelines = "flagged"
-    if as_json:
-        return JsonRenderer(sys.stdout, timelines, exporter)
-    if plain or not sys.stdout.isatty():
-        return PlainRenderer(sys.stdout, timelines, exporter)
-    return LiveRenderer(Console(), timelines, exporter)
+    return Output(as_json=params.pop("as_json"), plain=params.pop("plain"),
+                  timelines=TimelineMode(timelines) if timelines else None, export=export,
+                  metrics=params.pop("metrics"))
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Library errors become one line on stderr and the error's exit code."""
+def _pop_options(params: dict[str, Any], output: Output) -> Options:
+    threshold, report_min = params.pop("threshold"), params.pop("report_min")
+    if threshold < report_min:
+        raise UsageError("--threshold must not be shorter than --report-min")
+    duration = params.pop("duration")
+    return Options(
+        pids=frozenset(params.pop("pids")), ports=frozenset(params.pop("ports")),
+        threshold_ns=threshold, report_min_ns=report_min, backend=params.pop("backend"),
+        kernel_headers=params.pop("kernel_headers"),
+        duration_s=duration / 1e9 if duration else None, max_socks=params.pop("max_sockets"),
+        max_cw=params.pop("max_close_wait"), timelines=output.timelines,
+        accept_watch=AcceptWatch(params.pop("accept_watch")),
+    )
+
+
+def tracing_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Give a command every tracing option; it receives them as `options` and `output`."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **params: Any) -> None:
+        with edge():
+            output = _pop_output(params)
+            options = _pop_options(params, output)
+            fn(*args, options=options, output=output, **params)
+
+    return _options(*_TRACE_OPTIONS)(run)
+
+
+# --- the edge: one line and an exit status --------------------------------------------------
+
+
+#: Errors of writing to an output (standard output on a full disk, a dead terminal).
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class edge:
+    """Library errors become one line on stderr and the error's exit code; a reader that
+    went away (broken pipe) ends the program quietly with EXIT_BROKEN_PIPE."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 _tb: object) -> None:
+        if isinstance(exc, CloseWaitError):
+            fail(str(exc), exc.exit_code)
+        if isinstance(exc, BrokenPipeError):
+            _quiet_exit(EXIT_BROKEN_PIPE)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and exc.filename is None:
+            fail(f"cannot write the output: {exc.strerror or exc}", EXIT_OUTPUT)
+
+
+def fail(message: str, status: int) -> None:
+    click.echo(f"closewait-trace: error: {visible(message)}", err=True)
+    sys.exit(status)
+
+
+def _quiet_exit(status: int) -> None:
+    """Exit now without flushing stdout again (its reader is gone); cleanup already ran on
+    the way here (the World and probes close in `finally` blocks)."""
     try:
-        yield
-    except CloseWaitError as exc:
-        click.echo(f"closewait-trace: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+# --- running a session ----------------------------------------------------------------------
+
+
+def _json_stream() -> IO[str]:
+    """Standard output for the JSON lines alone: the stream gets its own descriptor and fd 1
+    becomes stderr, so whatever BCC, its compiler or the kernel prints can never land in the
+    JSON stream."""
+    try:
+        if sys.stdout.fileno() != 1:
+            return sys.stdout
+    except (AttributeError, io.UnsupportedOperation, ValueError):
+        return sys.stdout  # not a real descriptor (a test's runner): nothing else writes there
+    sys.stdout.flush()
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    return stream
+
+
+def _renderer(output: Output) -> Renderer:
+    from .timeline import Exporter
+
+    exporter = Exporter(output.export) if output.export is not None else None
+    if output.as_json:
+        return JsonRenderer(_json_stream(), output.timelines, exporter)
+    if output.plain or not sys.stdout.isatty():
+        return PlainRenderer(sys.stdout, output.timelines, exporter)
+    return LiveRenderer(Console(), output.timelines, exporter)
 
 
 def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], None], Callable[[], None]]:
@@ -125,7 +265,7 @@ def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], Non
         started = [False]
 
         def on_compile(cand: HeaderCandidate) -> None:
-            status.update(f"compiling BPF programs against {cand.origin} ({cand.path})")
+            status.update(visible(f"compiling BPF programs against {cand.origin} ({cand.path})"))
             if not started[0]:
                 status.start()
                 started[0] = True
@@ -134,78 +274,67 @@ def _compile_notice(renderer: Renderer) -> tuple[Callable[[HeaderCandidate], Non
     return (lambda cand: None), (lambda: None)
 
 
-def run_trace(options: Any, renderer: Renderer, *, record_to: Path | None = None,
-              before_run: Callable[[], None] | None = None, metrics: str | None = None) -> int:
-    """Attach, trace until stopped, render the summary; optionally record to a file."""
-    from .record import RecordingWorld
-    from .session import Session, open_live_world
-    from .world import World
-
-    stop = {"now": False}
-
-    def _early_stop(signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _early_stop)
-    on_compile, done = _compile_notice(renderer)
+def _open_recording(path: Path) -> IO[str]:
     try:
-        live, info = open_live_world(options, renderer.notice, on_compile)
-    finally:
-        done()
-    world: World = live
-    if metrics is not None:
-        from . import enrich
-        from .metrics import MetricsExporter, TeeRenderer, parse_listen
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
 
-        try:
-            host, port = parse_listen(metrics)
-            exporter = MetricsExporter(host, port, listeners=enrich.listeners)
-            exporter.start()
-        except BaseException:
-            live.close()
-            raise
-        renderer.notice(f"Prometheus metrics on http://{host}:{port}/metrics")
-        renderer = TeeRenderer(renderer, exporter)
-    out = None
-    if record_to is not None:
-        try:
-            out = open(record_to, "w", encoding="utf-8")
-        except OSError as exc:
-            live.close()
-            raise UsageError(f"cannot write {record_to}: {exc.strerror}") from exc
-        world = RecordingWorld(live, out, options=options.to_dict(), info=info)
+
+def _start_metrics(address: str, renderer: Renderer) -> Renderer:
+    from . import enrich
+    from .metrics import MetricsExporter, TeeRenderer, parse_listen
+
+    host, port = parse_listen(address)
+    exporter = MetricsExporter(host, port, listeners=enrich.listeners)
     try:
-        session = Session(options, renderer, world, info)
-        session.install_signal_handlers()
-        if stop["now"]:
-            session.stop_event.set()
-        session.start()
-        if before_run is not None:
-            before_run()
-        session.run()
+        exporter.start()
+    except OSError as exc:
+        raise OutputError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from exc
+    renderer.notice(f"Prometheus metrics on http://{host}:{port}/metrics")
+    return TeeRenderer(renderer, exporter)
+
+
+def run_trace(options: Options, output: Output, *, record_to: Path | None = None,
+              before_run: Callable[[], None] | None = None,
+              stop: threading.Event | None = None, notices: Sequence[str] = ()) -> int:
+    """Check every output, attach, trace until stopped, render the summary; optionally
+    record to a file. Outputs are checked before the (slow) compile, so a typo fails fast."""
+    from .startup import resolve_targets, stop_on_signals, trace
+
+    stop = stop or stop_on_signals()
+    renderer = _renderer(output)
+    for text in notices:
+        renderer.notice(text)
+    options = resolve_targets(options, renderer.notice)
+    out = _open_recording(record_to) if record_to is not None else None
+    try:
+        if output.metrics is not None:
+            renderer = _start_metrics(output.metrics, renderer)
+        on_compile, done = _compile_notice(renderer)
+        trace(options, renderer, stop=stop, record=out, before_run=before_run,
+              on_compile=on_compile, compiled=done)
     finally:
-        live.close()
         if out is not None:
-            out.close()
+            _close_quietly(out)
     return 0
+
+
+def _close_quietly(f: IO[str]) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass  # a write error already reported by the recording
+
+
+# --- commands -------------------------------------------------------------------------------
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="closewait-trace")
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
-              help="Trace only sockets owned by this process (and its children). Repeatable.")
-@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-              help="Trace only sockets with this local or remote port. Repeatable.")
-@click.option("--duration", type=DURATION, default=None,
-              help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
-@_tracing_options
+@tracing_command
 @click.pass_context
-def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
-         threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
-         as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
-         metrics: str | None, accept_watch: str, max_sockets: int,
-         max_close_wait: int) -> None:
+def main(ctx: click.Context, *, options: Options, output: Output) -> None:
     """Trace TCP sockets in CLOSE_WAIT live: who owns them, whether they were accepted,
     whether they were closed, and why they leak.
 
@@ -216,73 +345,28 @@ def main(ctx: click.Context, pids: tuple[int, ...], ports: tuple[int, ...], dura
                  if p.name and ctx.get_parameter_source(p.name)
                  is not click.core.ParameterSource.DEFAULT]
         if given:
-            click.echo(f"closewait-trace: error: put {given[0]} after the command name"
-                       f" ({ctx.invoked_subcommand})", err=True)
-            sys.exit(2)
+            fail(f"put {given[0]} after the command name ({ctx.invoked_subcommand})", 2)
         return
-    with _errors():
-        options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
-                           max_sockets, max_close_wait, timeline, timeline_export,
-                           accept_watch)
-        sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
-                                              timeline_export), metrics=metrics))
-
-
-def _options(pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
-             threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
-             max_sockets: int, max_close_wait: int, timeline: str | None = None,
-             timeline_export: Path | None = None, accept_watch: str = "auto") -> Any:
-    from .session import Options
-
-    if timeline_export is not None and timeline is None:
-        timeline = "flagged"
-
-    for pid in pids:
-        if pid <= 0:
-            raise UsageError(f"bad PID {pid}")
-    if threshold < report_min:
-        raise UsageError("--threshold must not be shorter than --report-min")
-    return Options(
-        pids=frozenset(pids), ports=frozenset(ports), threshold_ns=threshold,
-        report_min_ns=report_min, backend=backend, kernel_headers=kernel_headers,
-        duration_s=duration / 1e9 if duration else None, max_socks=max_sockets,
-        max_cw=max_close_wait, timelines=timeline, timeline_all=timeline == "all",
-        accept_watch=accept_watch,
-    )
+    with edge():
+        sys.exit(run_trace(options, output))
 
 
 @main.command()
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+@click.option("-o", "--output", "path", type=_PATH, required=True,
               help="File to write the recording to.")
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
-              help="Trace only sockets owned by this process (and its children). Repeatable.")
-@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-              help="Trace only sockets with this local or remote port. Repeatable.")
-@click.option("--duration", type=DURATION, default=None,
-              help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
-@_tracing_options
-def record(output: Path, pids: tuple[int, ...], ports: tuple[int, ...], duration: int | None,
-           threshold: int, report_min: int, backend: str, kernel_headers: Path | None,
-           as_json: bool, plain: bool, timeline: str | None, timeline_export: Path | None,
-           metrics: str | None, accept_watch: str, max_sockets: int,
-           max_close_wait: int) -> None:
+@tracing_command
+def record(path: Path, *, options: Options, output: Output) -> None:
     """Trace live as the main command does, and record the trace to a file that
     `closewait-trace report` reads back on any machine, without root or BPF."""
-    with _errors():
-        options = _options(pids, ports, duration, threshold, report_min, backend, kernel_headers,
-                           max_sockets, max_close_wait, timeline, timeline_export,
-                           accept_watch)
-        sys.exit(run_trace(options, _renderer(as_json, plain, options.timelines,
-                                              timeline_export), record_to=output,
-                           metrics=metrics))
+    with edge():
+        sys.exit(run_trace(options, output, record_to=path))
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
+@click.option("-p", "--pid", "pids", type=click.IntRange(1, PID_MAX_LIMIT), multiple=True,
               help="Only sockets owned by this process. Repeatable.")
-@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-              help="Only sockets with this local or remote port. Repeatable.")
+@_PORT
 @click.option("-v", "--verbose", is_flag=True, help="List every socket too.")
 def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
              verbose: bool) -> None:
@@ -290,37 +374,46 @@ def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
     a single look can tell (no BPF needed: sock_diag and /proc only)."""
     import json
 
+    from .features import is_privileged
     from .snapshot import render_lines, take
 
-    with _errors():
+    with edge():
+        privileged, why = is_privileged()
+        if not privileged:
+            raise PrivilegeError("snapshot needs root to see which process holds each socket"
+                                 f" ({why})")
         snap = take(ports=frozenset(ports), pids=frozenset(pids))
         if as_json:
             click.echo(json.dumps(snap.as_dict()))
         else:
             for line in render_lines(snap, verbose):
-                click.echo(line)
+                click.echo(visible(line))
     sys.exit(0)
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--timeline", type=click.Choice(["flagged", "all"]), is_flag=False,
+@click.argument("file", type=_PATH)
+@_JSON
+@click.option("--timeline", type=click.Choice([m.value for m in TimelineMode]), is_flag=False,
               flag_value="flagged", default=None,
               help="Timelines to show (default: those the recording was made with).")
-@click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also write the timelines shown to this .html or .svg file.")
+@_EXPORT
 def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Path | None) -> None:
     """Rebuild the summary, leaks, diagnoses and timelines of a recording (no root needed)."""
     from .record import RecordFormatError, open_replay
-    from .session import Options, Session
+    from .session import Session
     from .world import WorldEnded
 
-    with _errors():
+    with edge():
         world = open_replay(file)
         header = world.header
-        options = Options.from_dict(header["options"])
-        renderer = _renderer(as_json, True, timeline or options.timelines, timeline_export)
+        try:
+            options = Options.from_dict(header["options"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordFormatError(f"{file}:1: bad options in the header ({exc})") from None
+        chosen = TimelineMode(timeline) if timeline else options.timelines
+        renderer = _renderer(Output(as_json=as_json, plain=True, timelines=chosen,
+                                    export=timeline_export))
         if not as_json:
             renderer.notice(
                 f"report of {file}: recorded {header.get('created')} on {header.get('host')}"
@@ -330,12 +423,13 @@ def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Pat
             session = Session(options, renderer, world, dict(header["info"]))
         except WorldEnded:
             raise RecordFormatError(world.error or f"{file}: no records") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordFormatError(f"{file}:1: bad start information in the header"
+                                    f" ({exc})") from None
         session.start()
         session.run()
         if world.error is not None:
-            click.echo(f"closewait-trace: error: {world.error}; the report above covers"
-                       " everything before it", err=True)
-            sys.exit(65)
+            fail(f"{world.error}; the report above covers everything before it", 65)
     sys.exit(0)
 
 
@@ -345,60 +439,19 @@ def doctor(as_json: bool) -> None:
     """Say which backend will run and why; exit non-zero if tracing is impossible."""
     import json
 
-    from .features import backend_reasons, choose_backend, ensure_tracefs, is_privileged, \
-        probe_features
-    from .headers import candidate_header_dirs
+    from .doctor import doctor_checks
 
-    checks: list[tuple[str, bool, str]] = []
-    fatal = False
-    ok, why = is_privileged()
-    checks.append(("privileges", ok, why if not ok else "ok (" + (why or "root") + ")"))
-    if ok:
-        try:
-            for notice in ensure_tracefs():
-                checks.append(("tracefs", True, notice))
-        except CloseWaitError as exc:
-            checks.append(("tracefs", False, str(exc)))
-    else:
-        fatal = True
-    feats = probe_features()
-    checks.append(("kernel", True, feats.release))
-    checks.append(("tracefs", feats.tracefs is not None, str(feats.tracefs or "not mounted")))
-    checks.append(("btf", feats.btf, "/sys/kernel/btf/vmlinux" if feats.btf else "missing"))
-    for reason in backend_reasons(feats):
-        name, _, text = reason.partition(": ")
-        checks.append((name, not text.startswith(("not", "missing")), text))
-    try:
-        backend = choose_backend(feats, None)
-        checks.append(("backend", True, f"{backend.label} will be used"))
-    except CloseWaitError as exc:
-        checks.append(("backend", False, str(exc)))
-        fatal = True
-    try:
-        cands = candidate_header_dirs()
-        checks.append(("headers", bool(cands),
-                       "; ".join(f"{c.origin}: {c.path}" for c in cands[:3]) or "none found"))
-        fatal = fatal or not cands
-    except CloseWaitError as exc:
-        checks.append(("headers", False, str(exc)))
-        fatal = True
-    try:
-        from .attach import import_bcc
-
-        bcc = import_bcc()
-        checks.append(("bcc", True, f"python module at {os.path.dirname(bcc.__file__ or '')}"))
-    except CloseWaitError as exc:
-        checks.append(("bcc", False, str(exc)))
-        fatal = True
+    with edge():
+        checks, status = doctor_checks()
     if as_json:
-        click.echo(json.dumps({"ok": not fatal, "checks": [
-            {"check": n, "ok": o, "detail": d} for n, o, d in checks]}))
+        click.echo(json.dumps({"ok": status == 0, "checks": [
+            {"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks]}))
     else:
-        for name, good, detail in checks:
-            mark = "ok " if good else "-- "
-            click.echo(f"{mark} {name:<28} {detail}")
-        click.echo("tracing is possible" if not fatal else "tracing is NOT possible here")
-    sys.exit(1 if fatal else 0)
+        for c in checks:
+            mark = "ok " if c.ok else ("?  " if c.ok is None else "-- ")
+            click.echo(visible(f"{mark} {c.name:<28} {c.detail}"))
+        click.echo("tracing is possible" if status == 0 else "tracing is NOT possible here")
+    sys.exit(status)
 
 
 def _scenario_names() -> list[str]:
@@ -418,23 +471,12 @@ def _scenario_names() -> list[str]:
 @click.option("--threshold", type=DURATION, default=None,
               help="Leak threshold for the demo.  [default: the scenario's; 3s for the mixed"
               " demo]")
-@click.option("--backend", type=click.Choice(["auto", "kprobe", "fentry", "tracepoint"]),
-              default="auto", show_default=True,
-              help="How accept() and close() are seen; auto picks the best available.")
-@click.option("--kernel-headers", type=click.Path(path_type=Path),
-              help="Kernel header tree to compile against (default: found automatically).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
-@click.option("-o", "--record", type=click.Path(path_type=Path, dir_okay=False),
+@_options(_BACKEND, _HEADERS, _JSON, _PLAIN)
+@click.option("-o", "--record", type=_PATH,
               help="Also record the trace to this file (see `report`).")
-@click.option("--timeline", type=click.Choice(["none", "flagged", "all"]), default="flagged",
-              show_default=True, help="Which lifecycle timelines to print.")
-@click.option("--timeline-export", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also write the timelines shown to this .html or .svg file.")
-@click.option("--accept-watch", type=click.Choice(["auto", "always"]), default="auto",
-              show_default=True,
-              help="Tracepoint backend only: trace accept() all the time (always), or only"
-              " while never-accepted sockets need explaining (auto).")
+@click.option("--timeline", type=click.Choice(["none"] + [m.value for m in TimelineMode]),
+              default="flagged", show_default=True, help="Which lifecycle timelines to print.")
+@_options(_EXPORT, _ACCEPT_WATCH)
 def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
          threshold: int | None, backend: str, kernel_headers: Path | None, as_json: bool,
          plain: bool, record: Path | None, timeline: str, timeline_export: Path | None,
@@ -446,60 +488,71 @@ def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
     case instead (a process at its open-files limit, a forgotten close(), an edge-triggered
     epoll accept loop, a slow handler, a large backlog, a client pool).
     """
-    from .demo import Workload
-    from .scenarios import DEFAULT, SCENARIOS, ScenarioRun, describe, listing
-    from .session import Options
+    from .scenarios import DEFAULT, SCENARIOS, listing
 
     if list_scenarios:
         for line in listing():
             click.echo(line)
         sys.exit(0)
     chosen = SCENARIOS[scenario or DEFAULT]
-    if duration is None:
-        duration = int(chosen.duration_s * 1e9)
-    if threshold is None:
-        threshold = int(chosen.threshold_s * 1e9)
-    timelines = None if timeline == "none" else timeline
-    with _errors(), _children_stop_on_signals():
-        renderer = _renderer(as_json, plain, timelines, timeline_export)
-        if scenario is not None:
-            renderer.notice(chosen.notice)
-        workload: Workload | ScenarioRun = (
-            ScenarioRun(chosen) if chosen.roles else Workload())
-        try:
-            workload.start_servers()
-            if isinstance(workload, Workload):
-                renderer.notice(
-                    "demo: " + ", ".join(f"{n} pid {p} port {workload.ports.get(n, '-')}"
-                                          for n, p in workload.pids().items())
-                )
-            else:
-                renderer.notice(describe(workload.pids(), workload.ports))
-            options = Options(
-                ports=frozenset(workload.ports.values()),
-                threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
-                backend=backend, kernel_headers=kernel_headers, duration_s=duration / 1e9,
-                timelines=timelines, timeline_all=timelines == "all", accept_watch=accept_watch,
-            )
-            run_trace(options, renderer, before_run=workload.start_clients, record_to=record)
-        finally:
-            workload.stop()
+    threshold = threshold or int(chosen.threshold_s * 1e9)
+    timelines = None if timeline == "none" else TimelineMode(timeline)
+    options = Options(threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
+                      backend=backend, kernel_headers=kernel_headers,
+                      duration_s=(duration or int(chosen.duration_s * 1e9)) / 1e9,
+                      timelines=timelines, accept_watch=AcceptWatch(accept_watch))
+    output = Output(as_json=as_json, plain=plain, timelines=timelines, export=timeline_export)
+    with edge():
+        _run_demo(scenario, options, output, record)
     sys.exit(0)
 
 
-@contextmanager
-def _children_stop_on_signals() -> Iterator[None]:
-    """Until the tracer takes over the signals (it then stops cleanly on them), SIGINT,
-    SIGTERM and SIGHUP raise SystemExit, so that the demo's children are stopped on the way
-    out."""
+def _run_demo(scenario: str | None, options: Options, output: Output,
+              record: Path | None) -> None:
+    from dataclasses import replace
 
-    def _raise(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+    from .demo import Workload
+    from .scenarios import DEFAULT, SCENARIOS, ScenarioRun, describe
+    from .startup import stop_on_signals
 
-    saved = {sig: signal.signal(sig, _raise)
-             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    chosen = SCENARIOS[scenario or DEFAULT]
+    stop = stop_on_signals()
+    notices = [chosen.notice] if scenario is not None else []
+    workload: Workload | ScenarioRun = ScenarioRun(chosen) if chosen.roles else Workload()
     try:
-        yield
+        workload.start_servers()
+        if isinstance(workload, Workload):
+            notices.append("demo: " + ", ".join(
+                f"{n} pid {p} port {workload.ports.get(n, '-')}"
+                for n, p in workload.pids().items()))
+        else:
+            notices.append(describe(workload.pids(), workload.ports))
+        options = replace(options, ports=frozenset(workload.ports.values()))
+        run_trace(options, output, before_run=workload.start_clients, record_to=record,
+                  stop=stop, notices=notices)
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        workload.stop()
+
+
+@main.command(context_settings={"auto_envvar_prefix": "CLOSEWAIT", "show_default": True})
+@click.option("--node-name", help="Node label of the metrics and records (Kubernetes: set"
+              " CLOSEWAIT_NODE_NAME from spec.nodeName).  [default: the hostname]")
+@click.option("--log", default="-", help="Where the JSON records go: '-' (stdout, for the"
+              " journal or the container log) or a file, rotated by size.")
+@click.option("--log-max-bytes", type=click.IntRange(4096), default=50 << 20,
+              help="Rotate the --log file when it would pass this size.")
+@click.option("--log-backups", type=click.IntRange(0, 100), default=3,
+              help="Rotated --log files kept (FILE.1 ... FILE.N).")
+@tracing_command
+def agent(node_name: str | None, log: str, log_max_bytes: int, log_backups: int, *,
+          options: Options, output: Output) -> None:
+    """Run as a node agent: JSON records, Prometheus metrics with /healthz and /readyz on
+    --metrics (default 127.0.0.1:9466), no terminal output. Every option can be given as
+    CLOSEWAIT_<OPTION> in the environment (CLOSEWAIT_METRICS=0.0.0.0:9466)."""
+    from .agent import AgentConfig, run_agent
+
+    with edge():
+        if output.plain:
+            raise UsageError("the agent writes JSON records only: drop --plain")
+        sys.exit(run_agent(AgentConfig(options, output.metrics or "127.0.0.1:9466", node_name,
+                                       log, log_max_bytes, log_backups, output.export)))

@@ -13,6 +13,7 @@ import ipaddress
 import signal
 import socket
 from dataclasses import dataclass
+from . import textsafe
 
 COMM_LEN = 16
 ADDR_LEN = 16
@@ -217,7 +218,7 @@ def format_addr(family: int, raw: bytes) -> str:
 
 
 def _comm(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return textsafe.decode(raw.split(b"\0", 1)[0])
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ users' processes without privilege) are skipped silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from closewait_trace.decode import TcpState  # one definition, shared with the decoder
 from closewait_trace.errors import EnrichError, UsageError
+from . import textsafe
 
 __all__ = [
     "DiagSocket",
@@ -49,10 +51,12 @@ __all__ = [
     "listeners_with_owners",
     "listening_ports_of",
     "normalize_addr",
+    "open_sock_diag",
     "open_files",
     "parse_limits_nofile",
     "parse_socket_link",
     "pid_alive",
+    "resolve_target",
 ]
 
 PROC = Path("/proc")
@@ -192,12 +196,14 @@ def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSoc
     off, end = 0, len(buf)
     while off + _NLMSGHDR.size <= end:
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
-        if length < _NLMSGHDR.size:
+        if length < _NLMSGHDR.size or off + length > end:
             raise EnrichError(f"sock_diag: malformed netlink message (length {length})")
         body = off + _NLMSGHDR.size
         if mtype == NLMSG_DONE:
             return True
         if mtype == NLMSG_ERROR:
+            if length - _NLMSGHDR.size < 4:
+                raise EnrichError("sock_diag: malformed netlink error message")
             (err,) = struct.unpack_from("=i", buf, body)
             if err:
                 raise EnrichError(f"sock_diag (inet_diag) query failed: "
@@ -233,16 +239,34 @@ def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
             return
 
 
+def open_sock_diag() -> socket.socket:
+    """A bound NETLINK_SOCK_DIAG socket.  It answers for the network namespace of the thread
+    that creates it, for as long as it lives (closewait_trace.netns opens one per namespace)."""
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    try:
+        nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        nl.bind((0, 0))
+    except OSError:
+        nl.close()
+        raise
+    return nl
+
+
 def diag_sockets(
     states: Collection[TcpState],
     families: Collection[int] = (socket.AF_INET, socket.AF_INET6),
+    *,
+    nl: socket.socket | None = None,
 ) -> list[DiagSocket]:
     """Dump the TCP sockets in ``states`` of the given families through sock_diag.
 
     Query both families: an AF_INET6 socket that accepted an IPv4 connection is reported
     only in the AF_INET6 dump.  Request sockets (NEW_SYN_RECV inside the kernel) are
     reported by the kernel as SYN_RECV, so asking for either state returns them as
-    SYN_RECV.  Raises :class:`EnrichError` when netlink fails.
+    SYN_RECV.  ``nl`` is a socket from :func:`open_sock_diag` (made in the namespace to ask
+    about; the caller serialises its use and drops it after an error); without it, a socket
+    is opened in the caller's namespace for this dump.  Raises :class:`EnrichError` when
+    netlink fails.
     """
     wanted = frozenset(int(TcpState(s)) for s in states)
     if not wanted:
@@ -255,19 +279,18 @@ def diag_sockets(
     mask = _state_mask(TcpState(s) for s in wanted)
     result: list[DiagSocket] = []
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
-            nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-            nl.bind((0, 0))
+        with contextlib.nullcontext(nl) if nl is not None else open_sock_diag() as sock:
             for seq, family in enumerate(dict.fromkeys(families), start=1):
-                _dump(nl, family, mask, wanted, result, seq)
+                _dump(sock, family, mask, wanted, result, seq)
     except OSError as exc:
         raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
     return result
 
 
-def listeners(families: Collection[int] = (socket.AF_INET, socket.AF_INET6)) -> list[DiagSocket]:
+def listeners(families: Collection[int] = (socket.AF_INET, socket.AF_INET6), *,
+              nl: socket.socket | None = None) -> list[DiagSocket]:
     """TCP sockets in LISTEN: ``rqueue`` is the accept-queue length, ``wqueue`` the backlog."""
-    return diag_sockets((TcpState.LISTEN,), families)
+    return diag_sockets((TcpState.LISTEN,), families, nl=nl)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -359,7 +382,7 @@ def _read_comm(path: str) -> str | None:
         return None
     finally:
         os.close(fd)
-    return raw.rstrip(b"\n").decode("utf-8", errors="replace")
+    return textsafe.decode(raw.rstrip(b"\n"))
 
 
 def comm_of(pid: int, proc_root: Path = PROC) -> str | None:
@@ -394,6 +417,49 @@ def pid_alive(pid: int, proc_root: Path = PROC) -> bool:
         return True
     fields = stat[end + 1 :].split()
     return not (fields and fields[0] in (b"Z", b"X"))
+
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+def parse_stat_target(stat: bytes) -> tuple[str, int]:
+    """(state letter, flags) from ``/proc/PID/stat`` text; the comm may hold spaces or ')'."""
+    end = stat.rfind(b")")
+    fields = stat[end + 1 :].split() if end >= 0 else []
+    if len(fields) < 7 or not fields[6].isdigit():
+        raise ValueError("unreadable /proc/PID/stat")
+    return fields[0].decode("ascii", "replace"), int(fields[6])
+
+
+def parse_status_tgid(status: str) -> int | None:
+    """The Tgid (the process id of a thread) from ``/proc/PID/status`` text."""
+    for line in status.splitlines():
+        if line.startswith("Tgid:"):
+            value = line[5:].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def resolve_target(pid: int, proc_root: Path = PROC) -> tuple[int, str | None]:
+    """A PID given with -p, checked: (the process to trace, a notice or None).
+
+    A thread id stands for its process (with a notice); a process that does not exist, a
+    zombie and a kernel thread (it owns no sockets) raise UsageError."""
+    base = proc_root / str(pid)
+    try:
+        state, flags = parse_stat_target((base / "stat").read_bytes())
+        tgid = parse_status_tgid((base / "status").read_text(errors="replace"))
+    except FileNotFoundError:
+        raise UsageError(f"no process with PID {pid}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read process {pid}: {exc}") from None
+    if flags & PF_KTHREAD:
+        raise UsageError(f"PID {pid} is a kernel thread: it owns no sockets to trace")
+    if state in ("Z", "X"):
+        raise UsageError(f"PID {pid} is a zombie (it has exited): nothing left to trace")
+    if tgid is not None and tgid != pid:
+        return tgid, f"PID {pid} is a thread of process {tgid}: tracing process {tgid}"
+    return pid, None
 
 
 def parse_limits_nofile(text: str) -> int | None:
@@ -716,7 +782,6 @@ _ARM64_SYSCALLS = {
 }
 
 #: Syscalls in which a thread waits for events rather than works.
-EPOLL_WAITS = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"})
 EPOLLET = 1 << 31
 
 
@@ -738,17 +803,23 @@ def thread_syscalls(pid: int, proc_root: Path = PROC) -> dict[str, int]:
             text = (proc_root / str(pid) / "task" / tid / "syscall").read_text().split()
         except OSError:
             continue
-        if not text:
-            continue
-        if text[0] == "running" or text[0] == "-1":
-            name = "running"
-        else:
-            try:
-                name = syscall_name(int(text[0]))
-            except ValueError:
-                continue
-        out[name] = out.get(name, 0) + 1
+        name = parse_syscall_line(text)
+        if name is not None:
+            out[name] = out.get(name, 0) + 1
     return out
+
+
+def parse_syscall_line(fields: list[str]) -> str | None:
+    """What a thread is doing, from the fields of its /proc/PID/task/TID/syscall: the syscall
+    it is blocked in, "running", or None for text that says neither."""
+    if not fields:
+        return None
+    if fields[0] in ("running", "-1"):
+        return "running"
+    try:
+        return syscall_name(int(fields[0]))
+    except ValueError:
+        return None
 
 
 def parse_epoll_fdinfo(text: str) -> dict[int, int]:

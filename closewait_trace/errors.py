@@ -49,3 +49,10 @@ class EnrichError(CloseWaitError):
     """Userspace enrichment failed: the sock_diag netlink query, or a process's /proc entries."""
 
     exit_code = 74
+
+
+class OutputError(CloseWaitError):
+    """An output the user asked for cannot be written (a recording, an export, the metrics
+    address)."""
+
+    exit_code = 73

@@ -43,6 +43,12 @@ __all__ = [
     "backend_status",
     "backend_reasons",
     "choose_backend",
+    "Requirement",
+    "requirement_rows",
+    "requirements",
+    "ringbuf_probe",
+    "kernel_symbol",
+    "bcc_version",
 ]
 
 SYS_KERNEL = Path("/sys/kernel")
@@ -609,3 +615,128 @@ def choose_backend(f: KernelFeatures, forced: str | None) -> Backend:
     raise TracingUnavailableError(
         "no tracing backend is usable: " + "; ".join(status[b][1] for b in _PREFERENCE)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# What each part needs, and whether this machine has it (``closewait-trace doctor``)
+# --------------------------------------------------------------------------------------------
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_RINGBUF = 27
+KALLSYMS = Path("/proc/kallsyms")
+
+
+class BpfMapCreateAttr(ctypes.Structure):
+    """``union bpf_attr``, the head of the BPF_MAP_CREATE member (the kernel zero-fills the rest)."""
+
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    ]
+
+
+def ringbuf_probe() -> tuple[bool | None, str]:
+    """Create (and close) a one-page BPF ring buffer map: (True/False, or None if unknown; why)."""
+    attr = BpfMapCreateAttr()
+    attr.map_type = BPF_MAP_TYPE_RINGBUF
+    attr.max_entries = os.sysconf("SC_PAGE_SIZE")
+    try:
+        fd = _bpf_syscall(BPF_MAP_CREATE, attr)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # an unknown map type
+            return False, f"BPF_MAP_TYPE_RINGBUF refused: {_errno_name(e)}"
+        return None, f"could not tell: creating a ring buffer map failed with {_errno_name(e)}"
+    os.close(fd)
+    return True, "a ring buffer map was created"
+
+
+def kernel_symbol(name: str, *, kallsyms: Path = KALLSYMS) -> bool | None:
+    """Whether the kernel has function ``name`` (/proc/kallsyms); None when unreadable or hidden."""
+    try:
+        with open(kallsyms, encoding="ascii", errors="replace") as f:
+            hidden = True
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == name:
+                    return True
+                if hidden and not line.startswith("0000000000000000"):
+                    hidden = False
+    except OSError:
+        return None
+    return None if hidden else False
+
+
+def bcc_version() -> str | None:
+    """BCC's version from its Python module (without loading libbcc), None when absent."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for d in spec.submodule_search_locations:
+        try:
+            text = (Path(d) / "version.py").read_text()
+        except OSError:
+            continue
+        m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
+        if m:
+            return m.group(1)
+    return "unknown version"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One thing closewait-trace needs, since which kernel, and whether it is here."""
+
+    name: str  # "BPF ring buffer", "kprobe backend"
+    used_by: str  # "every backend", "the kprobe backend"
+    needs: str  # "Linux 5.8+"
+    met: bool | None  # None: could not tell
+    detail: str  # what was seen on this machine
+    required: bool = False  # tracing is impossible without it (not just one backend)
+
+
+def requirement_rows(
+    f: KernelFeatures,
+    *,
+    bcc: str | None,
+    ringbuf: tuple[bool | None, str],
+    probe_read_kernel: bool | None,
+) -> list[Requirement]:
+    """The rows of :func:`requirements` from probed facts (pure: no probing here)."""
+    status = {b: (ok, why.partition(": ")[2]) for b, (ok, why) in backend_status(f).items()}
+    tp = f.has(REQUIRED_TRACEPOINT)
+    read = {True: "bpf_probe_read_kernel is in the kernel", False: "bpf_probe_read_kernel is not in the kernel",
+            None: "could not tell (/proc/kallsyms unreadable or hidden)"}[probe_read_kernel]
+    return [
+        Requirement("BCC", "compiling the programs", "python3-bpfcc; proven with 0.26 (Debian 12)",
+                    bcc is not None, f"BCC {bcc}" if bcc else "the bcc Python module is not importable", required=True),
+        Requirement(REQUIRED_TRACEPOINT, "every backend", "Linux 4.16+", tp,
+                    "present" if tp else "missing" + ("" if f.tracefs else " (tracefs not mounted)"), required=True),
+        Requirement("bpf_probe_read_kernel/_user", "every backend", "Linux 5.5+", probe_read_kernel, read, required=True),
+        Requirement("BPF ring buffer", "every backend (events)", "Linux 5.8+", ringbuf[0], ringbuf[1], required=True),
+        Requirement("kprobe backend", "kprobe tcp_close, kretprobe inet_csk_accept",
+                    "CONFIG_KPROBES", status[Backend.KPROBE][0], status[Backend.KPROBE][1]),
+        Requirement("fentry backend", "fentry tcp_close, fexit inet_csk_accept",
+                    "Linux 5.5+ with BTF (CONFIG_DEBUG_INFO_BTF) and BPF trampolines",
+                    status[Backend.FENTRY][0], status[Backend.FENTRY][1]),
+        Requirement("tracepoint backend", "syscalls:sys_{enter,exit}_accept4",
+                    "CONFIG_FTRACE_SYSCALLS", status[Backend.TRACEPOINT][0], status[Backend.TRACEPOINT][1]),
+    ]
+
+
+def requirements(f: KernelFeatures | None = None) -> list[Requirement]:
+    """BCC's version and each kernel need of the tracer and its backends, checked here.
+
+    The kernel versions are those of the upstream features (ring buffer 5.8, fentry 5.5,
+    bpf_probe_read_kernel 5.5, sock:inet_sock_set_state 4.16); what is *met* is probed on the
+    running kernel, not inferred from its version (distributions backport)."""
+    feats = f if f is not None else probe_features()
+    return requirement_rows(feats, bcc=bcc_version(), ringbuf=ringbuf_probe(),
+                            probe_read_kernel=kernel_symbol("bpf_probe_read_kernel"))

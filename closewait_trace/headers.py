@@ -11,6 +11,12 @@ architecture-independent part) and ``linux-headers-V-FLAVOUR`` (generated header
 ``arch/ARCH``); BCC needs both in one tree.  Such pairs are merged into a tree of symlinks
 (the common half, then the flavour half over it, like ``cp -as`` then ``cp -asf``) under a
 cache directory, built in a temporary directory and renamed into place, then reused.
+
+Layouts recognised (each laid out by tests/unit/test_headers.py): Debian's split pairs,
+including PREEMPT_RT's ``-rt-amd64`` + ``-common-rt`` and pairs unpacked outside /usr/src;
+Ubuntu's ``linux-headers-V-generic`` (complete through symlinks into ``linux-headers-V``);
+RHEL/Fedora's kernel-devel in ``/usr/src/kernels/RELEASE``; and any complete tree at
+``/lib/modules/RELEASE/build`` (or ``source``), e.g. a kernel built and installed by hand.
 """
 
 from __future__ import annotations
@@ -140,34 +146,44 @@ def _release_of(d: Path, fallback: str) -> str:
     return fallback
 
 
-def _common_for(flavour: Path) -> Path | None:
-    """Find the common half of a Debian/Ubuntu split header package."""
-    # Debian's flavour Makefile is one line: "include /usr/src/linux-headers-V-common/Makefile".
+def _makefile_common(flavour: Path) -> Path | None:
+    """The common half named by the flavour's Makefile ("include /usr/src/X-common/Makefile").
+
+    A tree unpacked elsewhere (``dpkg-deb -x`` into a cache, a copied /usr/src) still names
+    the packaged path: then the same directory name next to the flavour half is used.
+    """
     try:
         makefile = (flavour / "Makefile").read_text(errors="replace")
     except OSError:
-        makefile = ""
+        return None
     for line in makefile.splitlines():
         m = re.match(r"\s*-?include\s+(\S+)/Makefile\s*$", line)
-        if m:
-            target = Path(m.group(1))
-            if not target.is_absolute():
-                target = flavour / target
-            if _has_kconfig(target):
-                return target
-    # By name: linux-headers-6.1.0-56-cloud-amd64 -> linux-headers-6.1.0-56-common
-    # (Debian) or linux-headers-5.15.0-91 (Ubuntu).
-    name = flavour.name
-    parent = flavour.parent
-    for _ in range(3):
-        if "-" not in name:
-            break
-        name = name.rsplit("-", 1)[0]
-        if name in ("linux", "linux-headers"):
-            break
-        for cand in (parent / f"{name}-common", parent / name):
+        if not m:
+            continue
+        target = Path(m.group(1))
+        if not target.is_absolute():
+            target = flavour / target
+        for cand in (target, flavour.parent / target.name):
             if cand != flavour and _has_kconfig(cand):
                 return cand
+    return None
+
+
+def _common_for(flavour: Path) -> Path | None:
+    """Find the common half of a Debian/Ubuntu split header package."""
+    found = _makefile_common(flavour)
+    if found is not None:
+        return found
+    # By name: linux-headers-6.1.0-56-cloud-amd64 -> linux-headers-6.1.0-56-common (Debian),
+    # linux-headers-6.1.0-57-rt-amd64 -> linux-headers-6.1.0-57-common-rt (Debian's
+    # PREEMPT_RT), linux-headers-5.15.0-91-generic -> linux-headers-5.15.0-91 (Ubuntu).
+    parts = flavour.name.split("-")
+    for cut in range(1, min(4, len(parts) - 2)):  # keep at least "linux-headers-VERSION"
+        name, variant = "-".join(parts[:-cut]), parts[-cut]
+        for cand in (f"{name}-common-{variant}", f"{name}-common", name):
+            d = flavour.parent / cand
+            if d != flavour and _has_kconfig(d):
+                return d
     return None
 
 
@@ -301,8 +317,8 @@ def _other_kernel_note(version: str, release: str) -> str:
 
 
 def _package_name(d: Path) -> str:
-    name = d.name
-    return name[: -len("-common")] if name.endswith("-common") else name
+    """linux-headers-6.1.0-56-common -> linux-headers-6.1.0-56; -common-rt -> ...-rt."""
+    return re.sub(r"-common(?=-[a-z0-9]+$|$)", "", d.name)
 
 
 @dataclass

@@ -1,33 +1,58 @@
 """Prometheus metrics: one more renderer of the session's Views, served over HTTP.
 
 Every scrape builds its series afresh from the latest View, so a socket that left CLOSE_WAIT
-leaves no stale series behind. Label cardinality is bounded: no per-socket labels, at most
-MAX_SERIES process/port series (the rest add up under pid="other"), listeners capped alike.
-The server binds to 127.0.0.1 unless an address is given.
+leaves no stale series behind. One prefix (``closewait_``), base units (seconds), ``_total`` on
+counters. Labels are bounded: no per-socket or per-PID labels (a restarted server keeps its
+series); at most MAX_SERIES series per family, the rest summed under comm="other"; listeners
+capped alike. Every label value read from the traced system (process names, container names)
+goes through :func:`textsafe.visible`. The table of metrics is in docs/deploy.md.
+
+The same server answers ``/healthz`` (the tracer is alive: compiling, or ticking within
+``stale_s``) and ``/readyz`` (attached and tracing). It binds to 127.0.0.1 unless an address is
+given, and only there.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+import os
+import re
+import socket
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
-    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import __version__
 from .decode import HIST_BUCKETS, Stat
 from .errors import UsageError
-from .join import Change, ChangeKind
+from .join import Change, ChangeKind, Connection
 from .render import View
+from .textsafe import visible
 
 MAX_SERIES = 100
 MAX_LISTENERS = 200
+PREFIX = "closewait_"
+
+#: Lost events by source: the kernel's counters, then the exit events the tracker missed.
+LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
+                ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
+                ("accept_map_full", Stat.PENDING_FULL))
+
+# The last cgroup path component of a container, for the runtimes of docs/deploy.md.
+_CONTAINER_RE = re.compile(
+    r"(?:^|[-/])(?:docker|libpod|cri-containerd|crio)-([0-9a-f]{64})(?:\.scope)?$"
+    r"|^/(?:docker|kubepods(?:/[a-z]+)?/pod[0-9a-f-]+)/([0-9a-f]{64})$")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -45,39 +70,116 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, n
 
 
+def container_of_cgroup(path: str) -> str:
+    """The short (12 hex) container id in a cgroup path, '' for none (the host)."""
+    m = _CONTAINER_RE.search(path.rstrip("/"))
+    if not m:
+        return ""
+    return (m.group(1) or m.group(2))[:12]
+
+
+class CgroupContainers:
+    """PID -> container id from /proc/PID/cgroup (v2 line first), cached per PID."""
+
+    def __init__(self, proc: str = "/proc", limit: int = 4096) -> None:
+        self.proc = proc
+        self.limit = limit
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, pid: int) -> str:
+        got = self.cache.get(pid)
+        if got is None:
+            got = self._read(pid)
+            if len(self.cache) >= self.limit:
+                self.cache.clear()
+            self.cache[pid] = got
+        return got
+
+    def _read(self, pid: int) -> str:
+        try:
+            with open(f"{self.proc}/{pid}/cgroup", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        lines.sort(key=lambda line: not line.startswith("0::"))
+        for line in lines:
+            found = container_of_cgroup(line.split(":", 2)[-1])
+            if found:
+                return found
+        return ""
+
+
 @dataclass(frozen=True)
 class _Values:
     """Plain values taken from one View at once: a scrape never mixes two moments."""
 
-    groups: tuple[tuple[tuple[str, str, str, str, str], int], ...]
-    leaking: int
+    groups: tuple[tuple[tuple[str, ...], int], ...]
+    leaks: tuple[tuple[tuple[str, ...], int], ...]
     flagged: int
     stats: dict[Stat, int]
     lost_exits: int
     hist: tuple[int, ...]
-    accept_errors: dict[tuple[int, int], int]
+    accept_errors: dict[int, int]
     listeners: tuple[tuple[int, int, int], ...]
+    threshold_s: float
+    ticks: int = 0
+    slow_ticks: int = 0
     tick_last_s: float = 0.0
     tick_max_s: float = 0.0
+    wall_s: float = field(default_factory=time.time)
 
     @classmethod
-    def of(cls, view: View, listeners: Sequence[tuple[int, int, int]]) -> _Values:
-        groups: Counter[tuple[str, str, str, str, str]] = Counter(
-            (str(c.owner_pid) if c.owner_pid is not None else "unknown", c.owner_comm or "",
-             str(c.service_port), c.direction.value, c.accepted.value)
+    def of(cls, view: View, listeners: Sequence[tuple[int, int, int]],
+           container_of: Callable[[int], str]) -> _Values:
+        def who(c: Connection) -> tuple[str, str]:
+            container = container_of(c.owner_pid) if c.owner_pid is not None else ""
+            return visible(c.owner_comm or ""), visible(container)
+
+        groups: Counter[tuple[str, ...]] = Counter(
+            (*who(c), str(c.service_port), c.direction.value, c.accepted.value)
             for c in view.open)
+        leaks: Counter[tuple[str, ...]] = Counter()
+        for c in view.open:
+            if c.flagged_ns is not None:
+                verdict = view.verdicts.get(c.key)
+                leaks[(*who(c), str(c.service_port),
+                       verdict.cause.value if verdict else "unknown")] += 1
+        errs: Counter[int] = Counter()
+        for (_pid, err), n in view.accept_errors.items():
+            errs[err] += n
+        tick = view.tick
         return cls(
-            groups=tuple(groups.most_common()),
-            leaking=sum(1 for c in view.open if c.flagged_ns is not None),
-            flagged=view.flagged_total,
-            stats=dict(view.stats),
-            lost_exits=view.lost_exits,
-            hist=tuple(view.hist),
-            accept_errors=dict(view.accept_errors),
-            listeners=tuple(listeners),
-            tick_last_s=view.tick.last_ns / 1e9 if view.tick else 0.0,
-            tick_max_s=view.tick.max_ns / 1e9 if view.tick else 0.0,
+            groups=tuple(groups.most_common()), leaks=tuple(leaks.most_common()),
+            flagged=view.flagged_total, stats=dict(view.stats), lost_exits=view.lost_exits,
+            hist=tuple(view.hist), accept_errors=dict(errs), listeners=tuple(listeners),
+            threshold_s=view.threshold_ns / 1e9,
+            ticks=tick.ticks if tick else 0, slow_ticks=tick.over_1s if tick else 0,
+            tick_last_s=tick.last_ns / 1e9 if tick else 0.0,
+            tick_max_s=tick.max_ns / 1e9 if tick else 0.0,
         )
+
+
+@dataclass
+class Health:
+    """What /healthz, /readyz and the tracer's own series say."""
+
+    node: str = field(default_factory=socket.gethostname)
+    backend: str = ""
+    kernel: str = field(default_factory=lambda: os.uname().release)
+    ready: bool = False
+    finished: bool = False
+    started_s: float = field(default_factory=time.time)
+    stale_s: float = 30.0
+
+    def alive(self, last_tick_s: float | None, now_s: float) -> tuple[bool, str]:
+        if self.finished:
+            return False, "tracer stopped"
+        if not self.ready:
+            return True, "starting (compiling and attaching the BPF programs)"
+        if last_tick_s is None or now_s - last_tick_s > self.stale_s:
+            return False, f"no tick for more than {self.stale_s:g}s"
+        return True, "ticking"
 
 
 class _Collector(Collector):
@@ -87,114 +189,205 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self.exporter.lock:
             values = self.exporter.values
-        if values is None:
-            return
-        yield from _series(values)
+        yield from _health_series(self.exporter.health, values)
+        if values is not None:
+            yield from _series(values)
+
+
+def _m(name: str) -> str:
+    return PREFIX + name
+
+
+def _capped(family: GaugeMetricFamily, rows: Sequence[tuple[tuple[str, ...], int]]) -> None:
+    """At most MAX_SERIES series; the rest summed under comm="other", other labels empty."""
+    other = 0
+    for i, (labels, n) in enumerate(rows):
+        if i < MAX_SERIES:
+            family.add_metric(list(labels), n)
+        else:
+            other += n
+    if other and rows:
+        family.add_metric(["other"] + [""] * (len(rows[0][0]) - 1), other)
+
+
+def _health_series(health: Health, v: _Values | None) -> Iterator[Metric]:
+    info = InfoMetricFamily(_m("tracer"), "The tracer: version, node, backend, kernel.",
+                            labels=["version", "node", "backend", "kernel"])
+    info.add_metric([__version__, visible(health.node), health.backend or "starting",
+                     visible(health.kernel)], {})
+    yield info
+    up = GaugeMetricFamily(_m("tracer_up"), "1 while the tracer is attached and tracing.")
+    up.add_metric([], 1 if health.ready and not health.finished else 0)
+    yield up
+    if v is None:
+        return
+    last = GaugeMetricFamily(_m("tracer_last_tick_timestamp_seconds"),
+                             "Unix time of the tracer's last completed tick.")
+    last.add_metric([], v.wall_s)
+    yield last
+    ticks = CounterMetricFamily(_m("tracer_ticks"), "The tracer's ticks (poll, join, "
+                                "diagnose, render) since start.")
+    ticks.add_metric([], v.ticks)
+    yield ticks
+    slow = CounterMetricFamily(_m("tracer_slow_ticks"), "Ticks that took longer than 1 s.")
+    slow.add_metric([], v.slow_ticks)
+    yield slow
+    for which, value in (("last", v.tick_last_s), ("max", v.tick_max_s)):
+        g = GaugeMetricFamily(_m(f"tracer_tick_{which}_seconds"),
+                              f"Duration of the tracer's {which} tick"
+                              + (" since start." if which == "max" else "."))
+        g.add_metric([], value)
+        yield g
+    thr = GaugeMetricFamily(_m("leak_threshold_seconds"),
+                            "Age in CLOSE_WAIT at which a socket is flagged as a leak.")
+    thr.add_metric([], v.threshold_s)
+    yield thr
 
 
 def _series(v: _Values) -> Iterator[Metric]:
     now = GaugeMetricFamily(
-        "closewait_sockets", "Sockets now in CLOSE_WAIT, by owner process and service port.",
-        labels=["pid", "comm", "port", "direction", "accepted"])
-    other = 0
-    for i, (labels, n) in enumerate(v.groups):
-        if i < MAX_SERIES:
-            now.add_metric(list(labels), n)
-        else:
-            other += n
-    if other:
-        now.add_metric(["other", "", "", "", ""], other)
+        _m("sockets"), "Sockets now in CLOSE_WAIT (matching the filters), by owner process"
+        " name, container, service port, direction and whether they were accepted.",
+        labels=["comm", "container", "port", "direction", "accepted"])
+    _capped(now, v.groups)
     yield now
 
-    leaking = GaugeMetricFamily("closewait_leaking_sockets",
-                                "Sockets now in CLOSE_WAIT for longer than the leak threshold.")
-    leaking.add_metric([], v.leaking)
+    leaking = GaugeMetricFamily(
+        _m("leaking_sockets"), "Sockets now in CLOSE_WAIT for longer than the leak threshold,"
+        " by owner process name, container, service port and diagnosed cause.",
+        labels=["comm", "container", "port", "cause"])
+    _capped(leaking, v.leaks)
     yield leaking
 
-    total = CounterMetricFamily("closewait_leaks_flagged",
+    total = CounterMetricFamily(_m("leaks_flagged"),
                                 "Sockets flagged as leaking since the tracer started.")
     total.add_metric([], v.flagged)
     yield total
 
-    entered = CounterMetricFamily("closewait_entered",
+    entered = CounterMetricFamily(_m("entered"),
                                   "Sockets that entered CLOSE_WAIT on this host (all, unfiltered).")
     entered.add_metric([], v.stats.get(Stat.CW_ENTERED, 0))
     yield entered
 
-    hist = v.hist
-    if hist:
-        buckets: list[tuple[str, float]] = []
-        acc = 0
-        for i in range(HIST_BUCKETS):
-            acc += hist[i] if i < len(hist) else 0
-            # bucket i holds durations with floor(log2(us)) == i, i.e. below 2**(i+1) us
-            buckets.append((repr((2 ** (i + 1)) / 1e6), acc))
-        buckets.append(("+Inf", acc))
-        h = HistogramMetricFamily(
-            "closewait_duration_seconds",
-            "Time sockets matching the filters spent in CLOSE_WAIT before leaving it.",
-            buckets=buckets, sum_value=v.stats.get(Stat.CW_NS_SUM, 0) / 1e9)
-        yield h
+    yield from _histogram(v)
+    yield from _accept_series(v)
 
-    errs = CounterMetricFamily("closewait_accept_errors",
+    lost = CounterMetricFamily(_m("events_lost"), "Events the tracer missed, by source:"
+                               " non-zero means its counts are incomplete.", labels=["source"])
+    for source, stat in LOSS_SOURCES:
+        lost.add_metric([source], v.stats.get(stat, 0))
+    lost.add_metric(["exit_events"], v.lost_exits)
+    yield lost
+
+
+def _histogram(v: _Values) -> Iterator[Metric]:
+    buckets: list[tuple[str, float]] = []
+    acc = 0
+    for i in range(HIST_BUCKETS):
+        acc += v.hist[i] if i < len(v.hist) else 0
+        # bucket i holds durations with floor(log2(us)) == i, i.e. below 2**(i+1) us
+        buckets.append((repr((2 ** (i + 1)) / 1e6), acc))
+    buckets.append(("+Inf", acc))
+    yield HistogramMetricFamily(
+        _m("duration_seconds"),
+        "Time sockets matching the filters spent in CLOSE_WAIT before leaving it.",
+        buckets=buckets, sum_value=v.stats.get(Stat.CW_NS_SUM, 0) / 1e9)
+
+
+def _accept_series(v: _Values) -> Iterator[Metric]:
+    errs = CounterMetricFamily(_m("accept_errors"),
                                "Failed accept()/accept4() calls by errno (EAGAIN excluded).",
                                labels=["errno"])
-    by_errno: Counter[int] = Counter()
-    for (_pid, err), n in v.accept_errors.items():
-        by_errno[err] += n
-    for err, n in sorted(by_errno.items()):
+    for err, n in sorted(v.accept_errors.items()):
         errs.add_metric([errno_mod.errorcode.get(err, str(err))], n)
     yield errs
-
-    q = GaugeMetricFamily("closewait_listener_accept_queue",
+    q = GaugeMetricFamily(_m("listener_accept_queue"),
                           "Connections waiting in a listener's accept queue.", labels=["port"])
-    b = GaugeMetricFamily("closewait_listener_backlog", "A listener's accept queue limit.",
-                          labels=["port"])
+    b = GaugeMetricFamily(_m("listener_accept_queue_limit"),
+                          "A listener's accept queue limit (its backlog).", labels=["port"])
     for port, queue, backlog in v.listeners[:MAX_LISTENERS]:
         q.add_metric([str(port)], queue)
         b.add_metric([str(port)], backlog)
     yield q
     yield b
 
-    lost = CounterMetricFamily("closewait_events_lost",
-                               "Events the tracer missed, by reason: non-zero means incomplete.",
-                               labels=["reason"])
-    for reason, stat in (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
-                         ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
-                         ("accept_map_full", Stat.PENDING_FULL)):
-        lost.add_metric([reason], v.stats.get(stat, 0))
-    lost.add_metric(["exit_events"], v.lost_exits)
-    yield lost
 
-    tick = GaugeMetricFamily("closewait_tracer_tick_seconds",
-                             "The tracer's own ticks (poll, join, diagnose, render): the last "
-                             "and the longest since start.", labels=["which"])
-    tick.add_metric(["last"], v.tick_last_s)
-    tick.add_metric(["max"], v.tick_max_s)
-    yield tick
+class _Handler(BaseHTTPRequestHandler):
+    exporter: MetricsExporter
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(self.exporter.registry), CONTENT_TYPE_LATEST)
+        elif path in ("/healthz", "/readyz"):
+            ok, why = (self.exporter.alive() if path == "/healthz"
+                       else self.exporter.readiness())
+            self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+        else:
+            self._send(404, b"try /metrics, /healthz or /readyz\n", "text/plain")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # scrapes every few seconds would flood the journal
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class MetricsExporter:
     """A renderer that keeps the latest View for the HTTP server's scrapes."""
 
-    def __init__(self, host: str, port: int, *, listeners: Any = None) -> None:
+    def __init__(self, host: str, port: int, *, listeners: Any = None,
+                 health: Health | None = None,
+                 container_of: Callable[[int], str] | None = None) -> None:
         self.host = host
         self.port = port
         self.lock = threading.Lock()
         self.values: _Values | None = None
         self.listeners: list[tuple[int, int, int]] = []
+        self.health = health or Health()
         self._listeners_fn = listeners
+        self._container_of = container_of or CgroupContainers()
         self._last_listeners_ns = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
-        self.server: Any = None
+        ProcessCollector(registry=self.registry)
+        self.server: _Server | None = None
 
     def start(self) -> None:
+        handler = type("Handler", (_Handler,), {"exporter": self})
+        server_cls = _Server6 if ":" in self.host else _Server
         try:
-            self.server, _thread = start_http_server(self.port, addr=self.host,
-                                                     registry=self.registry)
+            self.server = server_cls((self.host, self.port), handler)
         except OSError as exc:
-            raise UsageError(f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror}")
+            raise UsageError(f"cannot serve metrics on {self.host}:{self.port}:"
+                             f" {exc.strerror}") from None
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="metrics",
+                         daemon=True).start()
+
+    def alive(self) -> tuple[bool, str]:
+        with self.lock:
+            last = self.values.wall_s if self.values is not None else None
+        return self.health.alive(last, time.time())
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.health.finished:
+            return False, "tracer stopped"
+        if not self.health.ready:
+            return False, "not ready: compiling and attaching the BPF programs"
+        return self.alive()
 
     def _update(self, view: View) -> None:
         listeners = self.listeners
@@ -204,7 +397,7 @@ class MetricsExporter:
                 listeners = [(d.lport, d.rqueue, d.wqueue) for d in self._listeners_fn()]
             except Exception:
                 listeners = []
-        values = _Values.of(view, listeners)
+        values = _Values.of(view, listeners, self._container_of)
         with self.lock:
             self.values = values
             self.listeners = listeners
@@ -214,7 +407,10 @@ class MetricsExporter:
         pass
 
     def ready(self, view: View, info: dict[str, Any]) -> None:
+        self.health.backend = str(info.get("backend", ""))
+        self.health.kernel = str(info.get("kernel", self.health.kernel))
         self._update(view)
+        self.health.ready = True
 
     def changes(self, changes: Sequence[Change], view: View) -> None:
         if any(ch.kind is ChangeKind.FLAGGED for ch in changes):
@@ -228,8 +424,13 @@ class MetricsExporter:
 
     def finish(self, view: View) -> None:
         self._update(view)
+        self.health.finished = True
+        self.stop()
+
+    def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
             self.server = None
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -25,6 +27,9 @@ from .world import AcceptCounters, Counters, ListenerInfo, ProcessInfo, World, W
 
 FORMAT = "closewait-trace-record"
 FORMAT_VERSION = 1
+#: The longest line `report` reads (a tick with 20,000 sockets in CLOSE_WAIT writes ~5 MB):
+#: a longer one is a corrupt file, not a reason to read without end.
+MAX_LINE = 64 << 20
 
 T = TypeVar("T")
 
@@ -105,12 +110,23 @@ def listener_from_json(d: dict[str, Any]) -> ListenerInfo:
 
 
 class RecordingWorld:
-    """A World that answers from `inner` and writes every answer to `out`."""
+    """A World that answers from `inner` and writes every answer to `out`.
+
+    Durable: what a tick wrote is flushed at the next checkpoint (every tick) and synced to
+    disk at most once a second, so a recording cut by SIGKILL or a power cut reads back up to
+    its last tick. A write that fails (a full disk, an I/O error) stops the recording, not the
+    tracing: `on_error` is told once, and `error` says why for the summary."""
+
+    SYNC_INTERVAL_NS = 1_000_000_000
 
     def __init__(self, inner: World, out: IO[str], *, options: dict[str, Any],
-                 info: dict[str, Any]) -> None:
+                 info: dict[str, Any], on_error: Callable[[str], None] | None = None) -> None:
         self.inner = inner
         self.out = out
+        self.on_error = on_error
+        self.error: str | None = None
+        self.records_dropped = 0
+        self._synced_ns = 0
         self._cw: dict[tuple[int, int], SockInfo] = {}
         header = {
             "format": FORMAT,
@@ -124,7 +140,34 @@ class RecordingWorld:
         self._write(header)
 
     def _write(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        if self.error is not None:
+            self.records_dropped += 1
+            return
+        try:
+            self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.records_dropped += 1
+        self.error = f"recording stopped: {exc.strerror or exc}"
+        if self.on_error is not None:
+            self.on_error(f"{self.error}; tracing goes on without it")
+
+    def _sync(self, force: bool = False) -> None:
+        """The tick's records to the file, and to the disk once a second."""
+        if self.error is not None:
+            return
+        try:
+            self.out.flush()
+            now = time.monotonic_ns()
+            if force or now - self._synced_ns >= self.SYNC_INTERVAL_NS:
+                self._synced_ns = now
+                os.fsync(self.out.fileno())
+        except OSError as exc:
+            self._failed(exc)
+        except io.UnsupportedOperation:
+            pass  # not a file (a pipe, a test's buffer): flushed is all there is
 
     def _put(self, kind: str, value: Any) -> None:
         self._write({"k": kind, "v": value})
@@ -137,6 +180,7 @@ class RecordingWorld:
     def checkpoint(self, stop: bool) -> bool:
         v = self.inner.checkpoint(stop)
         self._put("stop", v)
+        self._sync()
         return v
 
     def events(self, timeout_ms: int) -> list[Event]:
@@ -208,14 +252,27 @@ class RecordingWorld:
         try:
             self.inner.close()
         finally:
-            self.out.flush()
+            self._sync(force=True)
 
 
 # --- the replayer ---------------------------------------------------------------------------
 
 
+def read_line(f: IO[str]) -> str:
+    """One line, at most MAX_LINE characters; longer raises ValueError."""
+    line = f.readline(MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise ValueError(f"line longer than {MAX_LINE >> 20} MiB (not a recording?)")
+    return line
+
+
 def read_header(f: IO[str], path: str) -> dict[str, Any]:
-    line = f.readline()
+    try:
+        line = read_line(f)
+    except ValueError as exc:
+        raise RecordFormatError(f"{path}:1: {exc}") from exc
+    except OSError as exc:
+        raise RecordFormatError(f"cannot read {path}: {exc.strerror}") from exc
     if not line:
         raise RecordFormatError(f"{path}: empty file, not a closewait-trace recording")
     try:
@@ -262,8 +319,11 @@ class ReplayWorld:
     def _next(self, kind: str) -> Any:
         if self._done:
             raise WorldEnded(self.error or "end of recording")
-        line = self.f.readline()
         self.lineno += 1
+        try:
+            line = read_line(self.f)
+        except (ValueError, OSError) as exc:
+            raise self._fail(str(exc)) from exc
         if not line:
             raise self._fail("the recording ends early (truncated?)")
         try:
@@ -282,7 +342,8 @@ class ReplayWorld:
         raw = self._next(kind)
         try:
             return convert(raw)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                OverflowError) as exc:
             raise self._fail(f"unreadable {kind!r} record: {exc!r}") from exc
 
     def now_ns(self) -> int:

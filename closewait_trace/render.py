@@ -27,6 +27,8 @@ from .decode import LOSS_STATS, ExitHow, Stat, exit_code_text
 from .diagnose import Verdict, group_verdicts
 from . import timeline as tl
 from .join import Change, ChangeKind, Connection, Direction, Listener
+from .options import TimelineMode
+from .textsafe import visible
 
 SCHEMA_VERSION = 1
 
@@ -230,7 +232,7 @@ def tracer_dict(view: View) -> dict[str, Any]:
     }
 
 
-def timeline_wanted(ch: Change, mode: str | None) -> bool:
+def timeline_wanted(ch: Change, mode: TimelineMode | None) -> bool:
     """Whether this change shows a timeline: every watched socket's end with --timeline all,
     and every flag with --timeline (flagged or all)."""
     if ch.conn is None or mode is None:
@@ -244,7 +246,7 @@ def timeline_wanted(ch: Change, mode: str | None) -> bool:
 class JsonRenderer:
     """One JSON object per line: see docs/json-schema.md."""
 
-    def __init__(self, out: IO[str], timelines: str | None = None,
+    def __init__(self, out: IO[str], timelines: TimelineMode | None = None,
                  exporter: tl.Exporter | None = None) -> None:
         self.out = out
         self.timelines = timelines
@@ -330,14 +332,18 @@ class PlainRenderer:
         ChangeKind.LOST: "LOST",
     }
 
-    def __init__(self, out: IO[str], timelines: str | None = None,
+    def __init__(self, out: IO[str], timelines: TimelineMode | None = None,
                  exporter: tl.Exporter | None = None) -> None:
         self.out = out
         self.timelines = timelines
         self.exporter = exporter
 
     def _line(self, text: str) -> None:
-        self.out.write(text + "\n")
+        """One line: whatever it quotes from the traced system is shown, never acted on."""
+        self._write(visible(text))
+
+    def _write(self, safe: str) -> None:
+        self.out.write(safe + "\n")
         self.out.flush()
 
     def notice(self, message: str) -> None:
@@ -357,7 +363,7 @@ class PlainRenderer:
                 self._line(conn_line(kind, ch.conn, view))
             if timeline_wanted(ch, self.timelines):
                 assert ch.conn is not None
-                self._line(tl.as_text(ch.conn, view.now_ns).rstrip("\n"))
+                self._write(tl.as_text(ch.conn, view.now_ns).rstrip("\n"))
                 if self.exporter is not None:
                     self.exporter.add(ch.conn, view.now_ns)
             elif ch.listener is not None:
@@ -432,7 +438,7 @@ class LiveRenderer:
     MAX_ROWS = 15
     RECENT = 8
 
-    def __init__(self, console: Console, timelines: str | None = None,
+    def __init__(self, console: Console, timelines: TimelineMode | None = None,
                  exporter: tl.Exporter | None = None) -> None:
         self.console = console
         self.timelines = timelines
@@ -442,7 +448,7 @@ class LiveRenderer:
         self.info: dict[str, Any] = {}
 
     def notice(self, message: str) -> None:
-        self.console.print(f"[dim]closewait-trace:[/] {message}")
+        self.console.print(Text.assemble(("closewait-trace: ", "dim"), visible(message)))
 
     def ready(self, view: View, info: dict[str, Any]) -> None:
         self.info = info
@@ -461,7 +467,8 @@ class LiveRenderer:
                                                   ChangeKind.LOST):
                 continue
             style = {"leak": "bold red", "close": "green", "lost": "yellow"}[ch.kind.value]
-            line = Text(conn_line(PlainRenderer.KINDS[ch.kind], ch.conn, view), style=style)
+            line = Text(visible(conn_line(PlainRenderer.KINDS[ch.kind], ch.conn, view)),
+                        style=style)
             self.recent.append(line)
         del self.recent[: -self.RECENT]
 
@@ -479,18 +486,19 @@ class LiveRenderer:
             self.live.stop()
             self.live = None
         for line in summary_lines(view):
-            self.console.print(line, highlight=False)
+            self.console.print(Text(visible(line)), highlight=False)
         exported = self.exporter.write() if self.exporter is not None else None
         if exported is not None:
-            self.console.print(f"  timelines: [link=file://{exported.resolve()}]{exported}[/link]")
+            self.console.print(Text.assemble(
+                "  timelines: ", (visible(exported), f"link file://{exported.resolve()}")))
 
     def _render(self, view: View) -> Group:
         lost = view.events_lost
         head = Text.assemble(
             ("closewait-trace ", "bold"),
-            f"{self.info.get('target', 'all processes')} | {view.backend} backend | "
+            visible(f"{self.info.get('target', 'all processes')} | {view.backend} backend | "
             f"threshold {fmt_duration(view.threshold_ns)} | up "
-            f"{fmt_duration(view.now_ns - view.started_ns)} | ",
+            f"{fmt_duration(view.now_ns - view.started_ns)} | "),
             (f"{len(view.open)} in CLOSE_WAIT", "bold"),
             " | ",
             (f"{sum(1 for c in view.open if c.flagged_ns is not None)} leaking",
@@ -505,15 +513,10 @@ class LiveRenderer:
         for conn in rows[: self.MAX_ROWS]:
             verdict = view.verdicts.get(conn.key)
             flagged = conn.flagged_ns is not None
-            table.add_row(
-                conn_age(conn, view.now_ns),
-                endpoint(conn.laddr, conn.lport),
-                endpoint(conn.raddr, conn.rport),
-                owner_text(conn),
-                accepted_text(conn),
-                verdict.summary if verdict else "",
-                style="red" if flagged else None,
-            )
+            cells = (conn_age(conn, view.now_ns), endpoint(conn.laddr, conn.lport),
+                     endpoint(conn.raddr, conn.rport), owner_text(conn), accepted_text(conn),
+                     verdict.summary if verdict else "")
+            table.add_row(*(Text(visible(c)) for c in cells), style="red" if flagged else None)
         parts: list[Any] = [head, table]
         if len(rows) > self.MAX_ROWS:
             parts.append(Text(f"... {len(rows) - self.MAX_ROWS} more; grouped below", style="dim"))
@@ -526,7 +529,7 @@ class LiveRenderer:
             (owner_text(c), c.service_port, accepted_text(c)) for c in view.open
         )
         for (owner, port, state), n in grouped.most_common(8):
-            groups.add_row(owner, str(port), state, str(n))
+            groups.add_row(Text(visible(owner)), str(port), state, str(n))
         if grouped:
             parts.append(Panel(groups, title="by process and service", expand=False))
         if self.recent:

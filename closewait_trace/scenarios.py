@@ -39,7 +39,7 @@ class Role:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    seed: str  # the seed case(s) it reproduces
+    seed: str  # which seed post(s) it comes from: for us, never shown to users
     title: str  # one line, for --list-scenarios
     description: str  # shown when the scenario starts
     roles: tuple[Role, ...]
@@ -51,7 +51,7 @@ class Scenario:
 
     @property
     def notice(self) -> str:
-        return (f"scenario {self.name} ({self.seed}): {self.description}"
+        return (f"scenario {self.name}: {self.description}"
                 f" Expected cause: {' / '.join(self.expected)}.")
 
 
@@ -236,7 +236,7 @@ DEFAULT = "mixed"
 def listing() -> list[str]:
     """One line per scenario, for `demo --list-scenarios`."""
     width = max(len(n) for n in SCENARIOS)
-    return [f"{s.name:<{width}}  {s.title} [{s.seed}; expect {', '.join(s.expected)}]"
+    return [f"{s.name:<{width}}  {s.title} [expect {', '.join(s.expected)}]"
             for s in SCENARIOS.values()]
 
 

@@ -9,151 +9,21 @@ CLOSE_WAIT. All inputs come from a World (world.py), live or replayed from a rec
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from .attach import ProbeSettings, Probes
 from .diagnose import (
     AcceptStats, Confidence, DurationStats, Facts, ListenerFacts, ProcessFacts, Verdict,
     diagnose,
 )
 from .enrich import DiagSocket, TupleIndex
-from . import btf
-from .errors import CloseWaitError, PrivilegeError, UsageError
-from .features import Backend, choose_backend, ensure_tracefs, is_privileged, probe_features
-from .headers import HeaderCandidate, candidate_header_dirs, user_header_dir
 from .join import Accepted, Change, ChangeKind, Connection, Direction, Listener, Tracker
 from .render import EXIT_WORDS, Renderer, TickStats, View
-from .world import Counters, ListenerInfo, LiveWorld, ProcessInfo, World, WorldEnded
-
-
-@dataclass(frozen=True)
-class Options:
-    pids: frozenset[int] = frozenset()
-    ports: frozenset[int] = frozenset()
-    threshold_ns: int = 10_000_000_000
-    report_min_ns: int = 200_000_000
-    backend: str | None = None  # None or "auto": the best the kernel allows
-    kernel_headers: Path | None = None
-    duration_s: float | None = None
-    poll_interval_s: float = 0.2
-    timeline_all: bool = False  # the kernel sends every transition of matching sockets
-    timelines: str | None = None  # None, "flagged" or "all": which timelines are shown
-    max_socks: int = 131072
-    max_cw: int = 32768
-    keep_closed: int = 10000
-    #: tracepoint backend: "auto" attaches the accept syscall tracepoints only while
-    #: never-accepted sockets are to be explained; "always" keeps them attached
-    accept_watch: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pids": sorted(self.pids),
-            "ports": sorted(self.ports),
-            "threshold_ns": self.threshold_ns,
-            "report_min_ns": self.report_min_ns,
-            "backend": self.backend,
-            "poll_interval_s": self.poll_interval_s,
-            "timeline_all": self.timeline_all,
-            "timelines": self.timelines,
-            "max_socks": self.max_socks,
-            "max_cw": self.max_cw,
-            "keep_closed": self.keep_closed,
-            "accept_watch": self.accept_watch,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Options:
-        return cls(
-            pids=frozenset(d.get("pids", ())),
-            ports=frozenset(d.get("ports", ())),
-            threshold_ns=int(d["threshold_ns"]),
-            report_min_ns=int(d["report_min_ns"]),
-            backend=d.get("backend"),
-            poll_interval_s=float(d.get("poll_interval_s", 0.2)),
-            timeline_all=bool(d.get("timeline_all", False)),
-            timelines=d.get("timelines"),
-            max_socks=int(d.get("max_socks", 131072)),
-            max_cw=int(d.get("max_cw", 32768)),
-            keep_closed=int(d.get("keep_closed", 10000)),
-            accept_watch=str(d.get("accept_watch", "auto")),
-        )
-
-
-def open_live_world(
-    options: Options,
-    notice: Callable[[str], None],
-    on_compile: Callable[[HeaderCandidate], None] | None = None,
-) -> tuple[LiveWorld, dict[str, Any]]:
-    """Check the targets and privileges, pick a backend, compile, attach."""
-    for pid in options.pids:
-        if not os.path.exists(f"/proc/{pid}"):
-            raise UsageError(f"no process with PID {pid}")
-    privileged, why = is_privileged()
-    if not privileged:
-        raise PrivilegeError(f"closewait-trace needs privileges to load BPF programs: {why}")
-    for text in ensure_tracefs():
-        notice(text)
-    features = probe_features()
-    backend = choose_backend(features, options.backend)
-    if options.kernel_headers is not None:
-        headers = [user_header_dir(options.kernel_headers)]
-    else:
-        headers = candidate_header_dirs()
-    accept_nargs = features.inet_csk_accept_args
-    forced = os.environ.get("CLOSEWAIT_ACCEPT_NARGS")
-    if forced:
-        # A testing aid: declare another inet_csk_accept signature than the kernel's BTF
-        # says, to show that the VM matrix catches a wrong fexit program.
-        accept_nargs = int(forced)
-        notice(f"CLOSEWAIT_ACCEPT_NARGS={forced}: inet_csk_accept declared with {forced}"
-               f" arguments (BTF says {features.inet_csk_accept_args})")
-    try:
-        sys_accept4_nargs = btf.func_arg_count("__sys_accept4") if features.btf else None
-    except CloseWaitError:
-        sys_accept4_nargs = None
-    settings = ProbeSettings(
-        backend=backend,
-        accept_nargs=accept_nargs,
-        sys_accept4_nargs=sys_accept4_nargs,
-        report_min_ns=options.report_min_ns,
-        pids=frozenset(options.pids),
-        ports=frozenset(options.ports),
-        timeline_all=options.timeline_all,
-        max_socks=options.max_socks,
-        max_cw=options.max_cw,
-    )
-    probes = Probes.load(settings, headers, on_compile=on_compile)
-    for text in probes.notices:
-        notice(text)
-    target = (
-        "pid " + ",".join(str(p) for p in sorted(options.pids)) if options.pids else "all processes"
-    )
-    if options.ports:
-        target += " port " + ",".join(str(p) for p in sorted(options.ports))
-    info: dict[str, Any] = {
-        "target": target,
-        "backend": backend.label,
-        "pids": sorted(options.pids),
-        "ports": sorted(options.ports),
-        "threshold_s": options.threshold_ns / 1e9,
-        "report_min_s": options.report_min_ns / 1e9,
-        "headers": str(probes.header.path) if probes.header else None,
-        "kernel": os.uname().release,
-        "tracer_pid": os.getpid(),
-        "wall_offset_ns": time.time_ns() - time.monotonic_ns(),
-        "accept_watch": options.accept_watch if backend is Backend.TRACEPOINT else "always",
-        "features_off": dict(probes.kernel_fields.disabled),
-    }
-    return LiveWorld(probes), info
+from .options import AcceptWatch, Options
+from .world import Counters, ListenerInfo, ProcessInfo, World, WorldEnded
 
 
 @dataclass
@@ -165,7 +35,7 @@ class _PidWatch:
 
 class Session:
     def __init__(self, options: Options, renderer: Renderer, world: World,
-                 info: dict[str, Any]) -> None:
+                 info: dict[str, Any], stop_event: threading.Event | None = None) -> None:
         self.options = options
         self.renderer = renderer
         self.world = world
@@ -185,7 +55,8 @@ class Session:
         self.max_closed_ns = 0
         self.closed_total = 0
         self.watch = _PidWatch(set(options.pids))
-        self.stop_event = threading.Event()
+        #: set (by the CLI's signal handler) to end the session after its current tick
+        self.stop_event = stop_event or threading.Event()
         self._last_slow_ns = 0
         self._started = False
         self._ended = False
@@ -203,7 +74,7 @@ class Session:
         try:
             self._seed()
             self._watch_pids(self._now)  # descendants that exist now, before the programs act
-            if self.options.accept_watch == "always":
+            if self.options.accept_watch is AcceptWatch.ALWAYS:
                 self.world.set_accept_watch(True)
             self.world.arm()
         except WorldEnded:
@@ -244,13 +115,6 @@ class Session:
             )
 
     # --- loop -----------------------------------------------------------------------------
-
-    def install_signal_handlers(self) -> None:
-        def _stop(signum: int, _frame: FrameType | None) -> None:
-            self.stop_event.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _stop)
 
     def run(self) -> View:
         """Trace until stopped (signal, --duration, end of a recording); render the summary."""
@@ -385,7 +249,7 @@ class Session:
         """Keep the accept syscall tracepoints (tracepoint backend) attached while sockets
         that were never accepted are open, and 30 s after: their accept() failures and late
         accepts are the evidence. They tax every syscall, so they are off otherwise."""
-        if self.options.accept_watch != "auto":
+        if self.options.accept_watch is not AcceptWatch.AUTO:
             return
         if any(c.accepted is Accepted.NO for c in self.tracker.open.values()):
             self._accept_watch_until = now + self.ACCEPT_WATCH_LINGER_NS
@@ -564,4 +428,4 @@ class Session:
         )
 
 
-__all__ = ["Options", "Session", "open_live_world"]
+__all__ = ["Session"]

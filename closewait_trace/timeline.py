@@ -18,7 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .decode import TcpState
+from .errors import OutputError, UsageError
 from .join import Connection, Direction
+from .textsafe import visible
 
 BAR_WIDTH = 48
 
@@ -113,7 +115,7 @@ def table(conn: Connection, now_ns: int) -> Table:
     def pos(ts: int) -> int:
         return min(BAR_WIDTH - 1, max(0, int((ts - t0) / span * (BAR_WIDTH - 1))))
 
-    tbl = Table(title=title(conn), title_justify="left", box=None, header_style="bold",
+    tbl = Table(title=Text(visible(title(conn))), title_justify="left", box=None, header_style="bold",
                 pad_edge=False)
     tbl.add_column("t+", justify="right")
     tbl.add_column("what")
@@ -130,7 +132,7 @@ def table(conn: Connection, now_ns: int) -> Table:
         bar.append("▲", style="bold magenta")
         rows.append((m.ts, m.label, str(m.pid or ""), bar))
     for ts, what, pid, bar in sorted(rows, key=lambda r: r[0]):
-        tbl.add_row(f"{(ts - t0) / 1e9:.3f}s", what, pid, bar)
+        tbl.add_row(f"{(ts - t0) / 1e9:.3f}s", Text(visible(what)), pid, bar)
     return tbl
 
 
@@ -156,23 +158,36 @@ class Exporter:
     """Collects timelines and writes them as one HTML or SVG page."""
 
     def __init__(self, path: Path) -> None:
+        """Opens the file now, before any tracing: a path that cannot be written fails at once,
+        not after the trace."""
         if path.suffix.lower() not in (".html", ".htm", ".svg"):
-            from .errors import UsageError
-
             raise UsageError(f"--timeline-export {path}: use a .html or .svg file name")
+        if not path.parent.is_dir():
+            raise OutputError(f"--timeline-export {path}: no folder {path.parent}")
+        try:
+            self.out = open(path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"--timeline-export {path}: {exc.strerror or exc}") from exc
         self.path = path
         self.tables: list[Table] = []
 
     def add(self, conn: Connection, now_ns: int) -> None:
         self.tables.append(table(conn, now_ns))
 
-    def write(self) -> Path | None:
-        if not self.tables:
-            return None
+    def write(self) -> Path:
+        """The page, with every timeline added (or a line saying there was none)."""
         console = Console(record=True, file=io.StringIO(), width=120, force_terminal=True)
-        console.print(Group(*[x for t in self.tables for x in (t, Text(""))]))
-        if self.path.suffix.lower() == ".svg":
-            console.save_svg(str(self.path), title="closewait-trace timelines")
+        if self.tables:
+            console.print(Group(*[x for t in self.tables for x in (t, Text(""))]))
         else:
-            console.save_html(str(self.path))
+            console.print(Text("closewait-trace: no socket's timeline to show in this run"))
+        if self.path.suffix.lower() == ".svg":
+            page = console.export_svg(title="closewait-trace timelines")
+        else:
+            page = console.export_html()
+        try:
+            with self.out:
+                self.out.write(page)
+        except OSError as exc:
+            raise OutputError(f"--timeline-export {self.path}: {exc.strerror or exc}") from exc
         return self.path

@@ -3,8 +3,9 @@
 # virtual environment that sees the distro's bcc module, with the package installed in it.
 #
 #   scripts/setup.sh [--dev] [--vm] [--bench]
-#     --dev    test tools (pytest, hypothesis, mypy) into the venv, and nginx and wrk (the
-#              tests run the benchmarks' short versions)
+#     --dev    test tools (pytest, hypothesis, mypy, kubernetes-validate) into the venv, nginx
+#              and wrk (the tests run the benchmarks' short versions), and the deployment
+#              tools (prometheus/promtool, podman, runc, debootstrap, debhelper)
 #     --vm     what the kernel x backend VM matrix needs (QEMU, Debian kernels, virtme-ng)
 #     --bench  what the overhead benchmark needs (nginx, wrk)
 # Safe to run again: it installs only what is missing. Needs root for apt-get.
@@ -48,6 +49,10 @@ esac
 # against them, so the 6.12 guests go through the tracer's header fallback as a user would.
 [ "$vm" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 linux-headers-6.12-amd64 busybox-static python3-pytest vagrant)
 { [ "$bench" = 1 ] || [ "$dev" = 1 ]; } && pkgs+=(nginx-light wrk)
+# Fleet deployment (deploy/, docs/deploy.md): promtool and a real Prometheus for the rules and
+# the end-to-end test, systemd-analyze for the unit, podman + runc + debootstrap for the image
+# (no registry here: the base is built from Debian's packages), dpkg-dev + debhelper for the .deb.
+[ "$dev" = 1 ] && pkgs+=(prometheus systemd podman runc debootstrap dpkg-dev debhelper)
 
 missing=()
 for p in "${pkgs[@]}"; do

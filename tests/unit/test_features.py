@@ -352,3 +352,60 @@ def test_ret0_program_encoding() -> None:
     assert len(prog) == 16
     assert prog[0] == 0xB7  # BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0
     assert prog[8] == 0x95  # BPF_JMP | BPF_EXIT
+
+
+# --- requirements (doctor) --------------------------------------------------------------------
+def rows(f: KernelFeatures, **kw: object) -> dict[str, F.Requirement]:
+    args: dict[str, object] = {"bcc": "0.26.0", "ringbuf": (True, "created"), "probe_read_kernel": True}
+    args.update(kw)
+    return {r.name: r for r in F.requirement_rows(f, **args)}  # type: ignore[arg-type]
+
+
+def test_requirements_name_each_kernel_need() -> None:
+    r = rows(feats())
+    assert [(x.name, x.needs) for x in r.values()] == [
+        ("BCC", "python3-bpfcc; proven with 0.26 (Debian 12)"),
+        ("sock:inet_sock_set_state", "Linux 4.16+"),
+        ("bpf_probe_read_kernel/_user", "Linux 5.5+"),
+        ("BPF ring buffer", "Linux 5.8+"),
+        ("kprobe backend", "CONFIG_KPROBES"),
+        ("fentry backend", "Linux 5.5+ with BTF (CONFIG_DEBUG_INFO_BTF) and BPF trampolines"),
+        ("tracepoint backend", "CONFIG_FTRACE_SYSCALLS"),
+    ]
+    assert all(x.met for x in r.values())
+    assert r["BCC"].detail == "BCC 0.26.0"
+    assert [x.name for x in r.values() if x.required] == [
+        "BCC", "sock:inet_sock_set_state", "bpf_probe_read_kernel/_user", "BPF ring buffer"]
+
+
+def test_requirements_unmet_and_unknown() -> None:
+    """A 5.4-like kernel without kprobes: what is missing is said, not inferred from a version."""
+    r = rows(feats(kprobes=False, btf=False, tracepoints=frozenset()), bcc=None,
+             ringbuf=(False, "BPF_MAP_TYPE_RINGBUF refused: EINVAL"), probe_read_kernel=None)
+    assert r["BCC"].met is False and "not importable" in r["BCC"].detail
+    assert r["sock:inet_sock_set_state"].met is False
+    assert r["bpf_probe_read_kernel/_user"].met is None and "could not tell" in r["bpf_probe_read_kernel/_user"].detail
+    assert r["BPF ring buffer"].met is False and "EINVAL" in r["BPF ring buffer"].detail
+    assert r["kprobe backend"].met is False and r["kprobe backend"].detail.startswith("not available (CONFIG_KPROBES")
+    assert r["fentry backend"].met is False and "BTF" in r["fentry backend"].detail
+    assert r["tracepoint backend"].met is False
+
+
+def test_kernel_symbol(tmp_path: Path) -> None:
+    ks = tmp_path / "kallsyms"
+    ks.write_text("ffffffff81000000 T _stext\nffffffff8120d5a0 t bpf_probe_read_kernel\n")
+    assert F.kernel_symbol("bpf_probe_read_kernel", kallsyms=ks) is True
+    assert F.kernel_symbol("bpf_probe_read_user", kallsyms=ks) is False
+    ks.write_text("0000000000000000 T _stext\n0000000000000000 t other\n")  # kptr_restrict: hidden
+    assert F.kernel_symbol("bpf_probe_read_kernel", kallsyms=ks) is None
+    assert F.kernel_symbol("x", kallsyms=tmp_path / "missing") is None
+
+
+def test_bcc_version_of_an_importable_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "bcc"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('not loaded by bcc_version')\n")
+    (pkg / "version.py").write_text("__version__ = '0.31.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "bcc", raising=False)
+    assert F.bcc_version() == "0.31.0"

@@ -306,3 +306,98 @@ def test_symlinked_duplicate_listed_once(roots: tuple[Path, Path, Path]) -> None
     os.symlink(tree, src / "linux")
     [c] = candidates(roots)
     assert c.path.resolve() == tree and c.version == "6.6.1"
+
+
+# --- layouts of other distributions -------------------------------------------------------------
+def make_ubuntu(src: Path, version: str, flavour: str = "generic") -> tuple[Path, Path]:
+    """Ubuntu: linux-headers-V (common) and linux-headers-V-FLAVOUR, whose top-level entries
+    and include/* are symlinks into the common half next to its own generated files."""
+    common = make_common(src, f"linux-headers-{version}")
+    d = src / f"linux-headers-{version}-{flavour}"
+    (d / "include" / "generated").mkdir(parents=True)
+    (d / "include" / "generated" / "autoconf.h").write_text("#define CONFIG_X 1\n")
+    (d / "include" / "generated" / "utsrelease.h").write_text(f'#define UTS_RELEASE "{version}-{flavour}"\n')
+    (d / "arch" / "x86" / "include" / "generated").mkdir(parents=True)
+    os.symlink(f"../../../../linux-headers-{version}/arch/x86/include/asm", d / "arch" / "x86" / "include" / "asm")
+    os.symlink(f"../../linux-headers-{version}/include/linux", d / "include" / "linux")
+    os.symlink(f"../linux-headers-{version}/scripts", d / "scripts")
+    (d / "Makefile").write_text("# the real kernel Makefile, copied\n")
+    (d / ".config").write_text("CONFIG_X=y\n")
+    return common, d
+
+
+def test_ubuntu_running_kernel_build_link(roots: tuple[Path, Path, Path]) -> None:
+    src, mods, _ = roots
+    _, generic = make_ubuntu(src, "5.15.0-91")
+    make_ubuntu(src, "5.15.0-88")
+    (mods / "5.15.0-91-generic").mkdir()
+    os.symlink(generic, mods / "5.15.0-91-generic" / "build")
+    cs = candidates(roots, release="5.15.0-91-generic")
+    assert [(c.version, c.origin) for c in cs] == [
+        ("5.15.0-91-generic", "running kernel"),
+        ("5.15.0-88-generic", "installed linux-headers-5.15.0-88-generic"),
+    ]
+    assert cs[0].path == mods / "5.15.0-91-generic" / "build"  # complete through its links: no merge
+    assert (cs[0].path / "include" / "linux" / "kconfig.h").read_text() == "/* common kconfig.h */\n"
+
+
+def test_single_build_tree_of_a_built_kernel(roots: tuple[Path, Path, Path]) -> None:
+    """`make modules_install` of a kernel built by hand: build is a real, complete tree."""
+    src, mods, _ = roots
+    build = make_complete(mods / "6.6.7-custom" / "build", "6.6.7-custom")
+    os.symlink("build", mods / "6.6.7-custom" / "source")
+    debian_pair(src, "6.1.0-56")
+    cs = candidates(roots, release="6.6.7-custom")
+    assert [(c.path, c.origin) for c in cs][0] == (build, "running kernel")
+    assert [c.version for c in cs] == ["6.6.7-custom", "6.1.0-56-amd64"]
+
+
+def test_rhel_kernel_devel(roots: tuple[Path, Path, Path]) -> None:
+    """RHEL/Fedora: kernel-devel is a complete tree in /usr/src/kernels/RELEASE, linked from
+    /lib/modules/RELEASE/build; other installed kernel-devel packages are fallbacks."""
+    src, mods, _ = roots
+    running = make_complete(src / "kernels" / "4.18.0-513.5.1.el8_9.x86_64", "4.18.0-513.5.1.el8_9.x86_64")
+    make_complete(src / "kernels" / "4.18.0-477.10.1.el8_8.x86_64", "4.18.0-477.10.1.el8_8.x86_64")
+    (mods / "4.18.0-513.5.1.el8_9.x86_64").mkdir()
+    os.symlink(running, mods / "4.18.0-513.5.1.el8_9.x86_64" / "build")
+    cs = candidates(roots, release="4.18.0-513.5.1.el8_9.x86_64")
+    assert [(c.version, c.origin) for c in cs] == [
+        ("4.18.0-513.5.1.el8_9.x86_64", "running kernel"),
+        ("4.18.0-477.10.1.el8_8.x86_64", "installed 4.18.0-477.10.1.el8_8.x86_64"),
+    ]
+    assert cs[0].sources == (mods / "4.18.0-513.5.1.el8_9.x86_64" / "build",)
+
+
+def test_rhel_kernel_devel_without_build_link(roots: tuple[Path, Path, Path]) -> None:
+    src, _, _ = roots
+    tree = make_complete(src / "kernels" / "5.14.0-362.8.1.el9_3.x86_64", "5.14.0-362.8.1.el9_3.x86_64")
+    [c] = candidates(roots, release="5.14.0-362.8.1.el9_3.x86_64")
+    assert c.path == tree and c.origin == "running kernel (installed 5.14.0-362.8.1.el9_3.x86_64)"
+
+
+def test_debian_rt_pair(roots: tuple[Path, Path, Path]) -> None:
+    """Debian's PREEMPT_RT headers: linux-headers-V-rt-amd64 + linux-headers-V-common-rt."""
+    src, _, cache = roots
+    common = make_common(src, "linux-headers-6.1.0-57-common-rt")
+    flavour = make_flavour(src, "linux-headers-6.1.0-57-rt-amd64", common, "6.1.0-57-rt-amd64")
+    (flavour / "Makefile").write_text("# nothing useful\n")  # found by name, not by Makefile
+    debian_pair(src, "6.1.0-57")
+    cs = candidates(roots, release="6.1.0-57-rt-amd64")
+    assert [(c.version, c.origin) for c in cs] == [
+        ("6.1.0-57-rt-amd64", "running kernel (installed linux-headers-6.1.0-57-rt)"),
+        ("6.1.0-57-amd64", "installed linux-headers-6.1.0-57"),
+    ]
+    assert cs[0].sources == (common, flavour) and cs[0].path == cache / "6.1.0-57-rt-amd64"
+
+
+def test_unpacked_elsewhere_makefile_names_packaged_path(tmp_path: Path, roots: tuple[Path, Path, Path]) -> None:
+    """Packages unpacked with dpkg-deb -x into another root: the flavour's Makefile still says
+    /usr/src/...; the common half with that name next to it is the one."""
+    src, _, _ = roots
+    common = make_common(src, "linux-headers-5.10.0-46-common")
+    flavour = make_flavour(src, "linux-headers-5.10.0-46-amd64", Path("/usr/src/linux-headers-5.10.0-46-common"),
+                           "5.10.0-46-amd64")
+    [c] = candidates(roots)
+    assert c.sources == (common, flavour)
+    u = H.user_header_dir(flavour, cache_dir=tmp_path / "c2", machine=MACHINE)
+    assert u.sources == (common, flavour) and u.version == "5.10.0-46-amd64"

@@ -6,7 +6,8 @@ from typing import Any
 
 from closewait_trace.decode import SockFlag, SockInfo
 from closewait_trace.render import View
-from closewait_trace.session import Options, Session
+from closewait_trace.options import AcceptWatch, Options
+from closewait_trace.session import Session
 from closewait_trace.world import Counters, ProcessInfo
 
 S = 1_000_000_000
@@ -81,7 +82,7 @@ def test_accept_watch_follows_never_accepted_sockets_and_lingers() -> None:
 
 def test_accept_watch_always_is_set_once_and_never_steered() -> None:
     world = ScriptedWorld()
-    session = Session(Options(accept_watch="always"), NullRenderer(), world,
+    session = Session(Options(accept_watch=AcceptWatch.ALWAYS), NullRenderer(), world,
                       {"backend": "tracepoint"})
     session.start()
     for _ in range(5):

@@ -16,23 +16,28 @@ VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
 TEXT = (VAGRANT_DIR / "Vagrantfile").read_text()
 
 
-def _validate(directory: Path) -> subprocess.CompletedProcess[str]:
+def _validate(directory: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """`vagrant validate`, its state (HOME's .vagrant.d, the project's .vagrant) kept in
+    `home`, out of the repository."""
     if shutil.which("vagrant") is None:
         kernel_skip("vagrant is not installed (scripts/setup.sh --vm installs it)")
     return subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=directory,
                           capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(directory)})
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(home),
+                               "VAGRANT_DOTFILE_PATH": str(home / ".vagrant")})
 
 
-def test_vagrant_validates_the_vagrantfile() -> None:
-    out = _validate(VAGRANT_DIR)
+def test_vagrant_validates_the_vagrantfile(tmp_path: Path) -> None:
+    before = sorted(p.name for p in VAGRANT_DIR.iterdir())
+    out = _validate(VAGRANT_DIR, tmp_path)
+    assert sorted(p.name for p in VAGRANT_DIR.iterdir()) == before  # no state left in the tree
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Vagrantfile validated successfully" in out.stdout
 
 
 def test_a_broken_vagrantfile_fails_validation(tmp_path: Path) -> None:
     (tmp_path / "Vagrantfile").write_text(TEXT.replace('BOX_VERSION = "', 'BOX_VERSION = ("'))
-    assert _validate(tmp_path).returncode != 0
+    assert _validate(tmp_path, tmp_path).returncode != 0
 
 
 def test_boxes_are_current_and_pinned() -> None:
