@@ -11,6 +11,7 @@
  *   maps.h          every map, with who inserts and who deletes
  *   common.h        the per-transition context, config, filters, counters, events
  *   task.h          fields of the current task, at offsets from the kernel's BTF
+ *   owner_room.h    room per owner (uid) in the cw map
  *   sockets.h       per-socket records: creation, accept, close, accept() outcomes
  *   accept_*.h      one per backend: how accept() and the application's close() are seen
  *   transitions.h   one handler per kind of state change, and the dispatcher
@@ -35,6 +36,7 @@
 #include "maps.h"
 #include "common.h"
 #include "task.h"
+#include "owner_room.h"
 #include "sockets.h"
 
 #if CW_BACKEND == CW_BACKEND_TRACEPOINT

@@ -78,6 +78,8 @@
                                  * decides from /proc; not counted in CW_STAT_CW_REPORTED */
 #define CW_STAT_PIDS_FULL 13    /* pid_filter was full: a new process of a traced one went
                                  * unfollowed */
+#define CW_STAT_OWNER_FULL 14   /* a CLOSE_WAIT socket went unseen: its owner (uid) had used
+                                 * its room in the cw map (config.owner_room) */
 #define CW_STAT_MAX 16
 
 /* pid_filter values: who put the PID there. */
@@ -97,7 +99,7 @@ struct cw_config {
     __u32 timeline_all;  /* non-zero: every socket passing the filters gets a timeline */
     __u32 accept_watch;  /* tracepoint backend: the accept syscall tracepoints are attached */
     __u32 ready;         /* non-zero: everything above and the filter maps are written */
-    __u32 _pad;
+    __u32 owner_room;    /* most cw map entries one owner (uid) may hold; 0: no limit */
 };
 
 /* What the kernel knows of one socket: the value of the socks and cw maps. */

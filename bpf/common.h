@@ -110,22 +110,4 @@ static __always_inline void emit_state(struct cw_ctx *c, struct cw_sock *s)
         emit(CW_EV_STATE, s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
 }
 
-/* Push the socks entry of a CLOSE_WAIT socket to the cw map if userspace should see it. */
-static __always_inline void sync_cw(struct cw_config *cfg, u64 sk, struct cw_sock *s)
-{
-    if (!(s->flags & CW_F_IN_CW))
-        return;
-    if (!(s->flags & CW_F_REPORTED)) {
-        if (!passes(cfg, s))
-            return;
-        s->flags |= CW_F_REPORTED;
-        if (cfg->filter_pids && !(s->flags & CW_F_OWNER_KNOWN))
-            stat_inc(CW_STAT_CW_UNDECIDED);
-        else
-            stat_inc(CW_STAT_CW_REPORTED);
-    }
-    if (cw.update(&sk, s))
-        stat_inc(CW_STAT_CW_FULL);
-}
-
 #endif /* CW_COMMON_H */

@@ -43,6 +43,12 @@ BPF_HASH(pid_filter, u32, u8, CW_MAX_PIDS);
 BPF_HASH(port_filter, u16, u8, 4096);
 BPF_ARRAY(config, struct cw_config, 1);
 
+/* How many entries of the cw map each owner (the socket's uid) holds, so that one owner
+ * flooding it with its own CLOSE_WAIT sockets cannot leave no room for the others' leaks.
+ * Inserted/incremented: when a socket enters the cw map. Decremented at its exit from
+ * CLOSE_WAIT; deleted at zero. */
+BPF_HASH(cw_per_owner, u32, u32, 4096);
+
 /* Counters: CW_STAT_* per CPU, CLOSE_WAIT durations in log2(us) buckets per CPU. */
 BPF_PERCPU_ARRAY(stats, u64, CW_STAT_MAX);
 BPF_PERCPU_ARRAY(cw_hist, u64, CW_HIST_BUCKETS);

@@ -1,7 +1,25 @@
-/* sockets.h - the per-socket record: created, accepted, closed by the application; and
- * accept() outcomes per process. Shared by every backend. */
+/* sockets.h - the per-socket record: in the cw map, created, accepted, closed by the
+ * application; and accept() outcomes per process. Shared by every backend. */
 #ifndef CW_SOCKETS_H
 #define CW_SOCKETS_H
+
+/* Push the socks entry of a CLOSE_WAIT socket to the cw map if userspace should see it. */
+static __always_inline void sync_cw(struct cw_config *cfg, u64 sk, struct cw_sock *s)
+{
+    if (!(s->flags & CW_F_IN_CW))
+        return;
+    if (!(s->flags & CW_F_REPORTED)) {
+        if (!passes(cfg, s) || !take_room(cfg, sk))
+            return;
+        s->flags |= CW_F_REPORTED;
+        if (cfg->filter_pids && !(s->flags & CW_F_OWNER_KNOWN))
+            stat_inc(CW_STAT_CW_UNDECIDED);
+        else
+            stat_inc(CW_STAT_CW_REPORTED);
+    }
+    if (cw.update(&sk, s))
+        stat_inc(CW_STAT_CW_FULL);
+}
 
 static __always_inline void fill_tuple(struct cw_sock *s, struct cw_tuple *t)
 {

@@ -171,6 +171,7 @@ static __always_inline void on_cw_exit(struct cw_ctx *c, struct cw_sock *s)
     if (!(s->flags & CW_F_REPORTED))
         return;
     cw.delete(&c->sk);
+    give_room(c->cfg, c->sk);
     if (dur >= c->cfg->report_min_ns || (s->flags & CW_F_TIMELINE))
         emit(CW_EV_CW_EXIT, s, c->now, c->oldstate, c->newstate, how, code);
     else

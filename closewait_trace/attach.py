@@ -118,6 +118,8 @@ class ProbeSettings:
     max_cw: int = 32768
     max_listeners: int = 4096
     ringbuf_pages: int = 64
+    #: most cw map entries one owner (uid) may hold; None: a quarter of the map
+    owner_room: int | None = None
     #: kernel struct offsets for the C; None: resolved from the running kernel's BTF at load
     kernel_fields: KernelFields | None = None
 
@@ -352,6 +354,8 @@ class Probes:
         cfg.timeline_all = 1 if self.settings.timeline_all else 0
         cfg.accept_watch = 1 if accept_watch else 0
         cfg.ready = 1 if self.armed else 0
+        room = self.settings.owner_room
+        cfg.owner_room = self.settings.max_cw // 4 if room is None else room
         table = self.bpf[b"config"]
         table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 

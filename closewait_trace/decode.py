@@ -103,11 +103,12 @@ class Stat(enum.IntEnum):
     CW_LEFT = 11
     CW_UNDECIDED = 12
     PIDS_FULL = 13
+    OWNER_FULL = 14
 
 
 #: Stats whose non-zero value means something was missed.
 LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL,
-              Stat.PIDS_FULL)
+              Stat.PIDS_FULL, Stat.OWNER_FULL)
 
 
 class CConfig(ct.Structure):
@@ -118,7 +119,7 @@ class CConfig(ct.Structure):
         ("timeline_all", ct.c_uint32),
         ("accept_watch", ct.c_uint32),
         ("ready", ct.c_uint32),
-        ("_pad", ct.c_uint32),
+        ("owner_room", ct.c_uint32),
     ]
 
 

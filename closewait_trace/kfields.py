@@ -37,6 +37,8 @@ KERNEL_FIELDS: tuple[KernelField, ...] = (
     # close runs in the exiting task (PF_EXITING in flags), whose exit code is set by then.
     KernelField("TASK_FLAGS", "task_struct", "flags", 4, "process-exit"),
     KernelField("TASK_EXIT_CODE", "task_struct", "exit_code", 4, "process-exit"),
+    # Room per owner in the cw map (issue 15, event flooding): the uid a socket belongs to.
+    KernelField("SOCK_UID", "sock", "sk_uid", 4, "owner-room"),
 )
 
 

@@ -92,3 +92,26 @@ def test_every_kernel_field_the_c_reads_resolves_on_this_kernel() -> None:
     assert dict(fields.disabled) == {}
     assert set(fields.offsets) == {row.name for row in KERNEL_FIELDS}
     assert fields.enabled == {row.feature for row in KERNEL_FIELDS}
+
+
+def test_without_btf_offsets_the_programs_still_load_and_say_what_is_off(tmp_path: object) -> None:
+    """A kernel without BTF: the programs compile without the offset-based features, and the
+    notices name each one (the ready record carries the same as features_off)."""
+    from pathlib import Path
+
+    from closewait_trace.attach import ProbeSettings, Probes
+    from closewait_trace.headers import candidate_header_dirs
+    from closewait_trace.kfields import KERNEL_FIELDS, resolve_kernel_fields
+    assert isinstance(tmp_path, Path)
+    features.ensure_tracefs()
+    fields = resolve_kernel_fields(path=tmp_path / "no-btf")
+    probes = Probes.load(ProbeSettings(backend=Backend.TRACEPOINT, kernel_fields=fields),
+                         candidate_header_dirs())
+    try:
+        off = {row.feature for row in KERNEL_FIELDS}
+        assert set(probes.kernel_fields.disabled) == off
+        for feature in off:
+            assert any(n.startswith(f"{feature} is off: no kernel struct offsets")
+                       for n in probes.notices), probes.notices
+    finally:
+        probes.close()
