@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from . import decode
 from .decode import CConfig, CListener, CSock, SockInfo, Stat
-from .errors import BccMissingError, BpfLoadError, KernelHeadersError
+from .errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
 from .features import Backend
 from .headers import HeaderCandidate
 from .kfields import KernelFields, resolve_kernel_fields
@@ -193,6 +193,12 @@ def _compile(
                 bpf = bcc.BPF(text=source.encode(), cflags=cflags)
             except Exception as exc:  # BCC raises bare Exception
                 msg = str(exc)
+                tail = _log_tail(log, 8)
+                if "Operation not permitted" in tail:  # map creation refused, not the headers
+                    raise PrivilegeError(
+                        "the kernel refused to create the BPF maps (Operation not permitted):"
+                        " closewait-trace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN),"
+                        " and a seccomp profile that allows bpf()") from exc
                 if "compile" in msg.lower():
                     failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
                     continue
