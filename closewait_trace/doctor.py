@@ -60,12 +60,24 @@ def _kernel_checks() -> list[Check]:
     for req in requirements(feats):  # BCC's version, then what each part needs and has here
         checks.append(Check(req.name, req.met, f"needs {req.needs}: {req.detail}",
                             required=req.required))
+    checks += _field_checks()
     try:
         backend = choose_backend(feats, None)
         checks.append(Check("backend", True, f"{backend.label} will be used"))
     except CloseWaitError as exc:
         checks.append(Check("backend", False, str(exc)))
     return checks
+
+
+def _field_checks() -> list[Check]:
+    """The features built on kernel struct offsets (from BTF): on, or off and why."""
+    from .kfields import resolve_kernel_fields
+
+    fields = resolve_kernel_fields()
+    return [Check(f"feature {name}", name not in fields.disabled,
+                  fields.disabled.get(name, "on (struct offsets from the running kernel's BTF)"),
+                  required=False)
+            for name in sorted(fields.enabled | set(fields.disabled))]
 
 
 def _userspace_checks() -> list[Check]:
