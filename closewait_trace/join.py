@@ -16,7 +16,10 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .containers import ContainerIdentity
 from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
+from .facts import Listener as ListenerSocket
+from .facts import NetnsSource
 
 
 class Direction(enum.Enum):
@@ -85,6 +88,18 @@ class Connection:
     #: the kernel record last copied in: a poll that returns the very same (cached, unchanged)
     #: record costs nothing
     kernel: SockInfo | None = field(default=None, repr=False)
+    #: its network namespace (inode), and how that is known (None: not known)
+    netns: int | None = None
+    netns_source: NetnsSource | None = None
+    #: the owner's cgroup and container (None: not read, or the owner is unknown)
+    container: ContainerIdentity | None = None
+    #: the process the kernel saw accept or connect it; the owner is whoever holds it now
+    #: (a forked child, a process it was passed to over SCM_RIGHTS)
+    acceptor_pid: int | None = None
+    acceptor_comm: str | None = None
+    #: never accepted: the listener it is queued on (or the best candidate), and why that one
+    listener: ListenerSocket | None = None
+    listener_reason: str | None = None
 
     @property
     def preexisting(self) -> bool:
@@ -346,8 +361,13 @@ class Tracker:
         conn.kernel = s
         before = (conn.accepted, conn.owner_pid, conn.app_close_ns)
         if s.flags & SockFlag.OWNER_KNOWN:
-            conn.owner_pid = s.owner_tgid
-            conn.owner_comm = s.owner_comm
+            conn.acceptor_pid, conn.acceptor_comm = s.owner_tgid, s.owner_comm
+            if conn.fd is None:  # a holder found by its fd stays the owner
+                conn.owner_pid = s.owner_tgid
+                conn.owner_comm = s.owner_comm
+        kernel_netns = getattr(s, "netns", None)  # once the kernel side reports it
+        if kernel_netns:
+            conn.netns, conn.netns_source = int(kernel_netns), NetnsSource.KERNEL
         accepted = _accepted(s)
         # The kernel's "not accepted" never overrides enrichment's "accepted".
         if accepted is Accepted.YES or conn.accepted is Accepted.UNKNOWN:

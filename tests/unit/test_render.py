@@ -35,7 +35,7 @@ SK = 0xFFFF_8880_1234_0000
 CONN_KEYS = {
     "id", "family", "local", "remote", "direction", "pid", "comm", "accepted",
     "accepted_after_fin", "fd", "inode", "cw_since", "cw_age_s", "cw_age_at_least", "open",
-    "exit", "closer_pid", "flagged", "verdict",
+    "exit", "closer_pid", "flagged", "verdict", "container", "netns", "netns_source",
 }
 CONN_OPTIONAL_KEYS = {"established_before_fin_s", "accept_after_fin_s"}
 RECORD_KEYS = {"schema", "type", "time"}
