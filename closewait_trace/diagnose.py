@@ -141,37 +141,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
 
     closed_by_app = conn.exit_how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT)
     if not conn.is_open and closed_by_app:
-        # Certain once it crossed the threshold; below it, a slow close rather than a leak.
-        sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
-        dur = conn.age_ns(now_ns)
-        if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
-            evidence.append(
-                f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the accept queue"
-                " after the peer had closed"
-            )
-            return Verdict(
-                Cause.DRAINED_LATE,
-                sure,
-                f"accepted late and closed after {_secs(dur)} in CLOSE_WAIT:"
-                " the accept queue drains slower than clients give up",
-                tuple(evidence),
-            )
-        if conn.established_ns is not None and conn.cw_enter_ns is not None:
-            evidence.append(f"the peer closed {_secs(conn.cw_enter_ns - conn.established_ns)}"
-                            " after the connection was established (its timeout?)")
-        if conn.accepted_ns is not None and conn.cw_enter_ns is not None \
-                and conn.accepted_ns <= conn.cw_enter_ns:
-            evidence.append(f"accepted {_secs(conn.cw_enter_ns - conn.accepted_ns)} before the"
-                            " peer's FIN; the handler took the rest")
-        if facts.durations is not None:
-            evidence.append(_durations_text(facts.durations, conn.service_port))
-        return Verdict(
-            Cause.CLOSED_LATE,
-            sure,
-            f"closed by the application after {_secs(dur)} in CLOSE_WAIT:"
-            " a slow handler, or a peer timeout shorter than the service time",
-            tuple(evidence),
-        )
+        return _closed_by_app(conn, facts, now_ns, evidence)
 
     if conn.direction is Direction.OUTBOUND:
         evidence.append(f"connected to {conn.raddr}:{conn.rport}; the server closed it")
@@ -191,42 +161,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         return _never_accepted(conn, facts, now_ns, who, evidence)
 
     if conn.accepted is Accepted.YES:
-        if conn.accepted_ns is not None:
-            evidence.append(f"accepted {_secs(now_ns - conn.accepted_ns)} ago")
-            if conn.accepted_after_fin and conn.cw_enter_ns is not None:
-                evidence.append(
-                    f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
-                )
-        elif conn.history:
-            evidence.append(
-                "accept() not seen (it may have been blocked in accept() before tracing"
-                " started); the socket has an inode, so it was accepted"
-            )
-        if conn.fd is not None:
-            evidence.append(f"still open as fd {conn.fd}")
-        if conn.eof_read:
-            evidence.append("the application has read everything the peer sent, its FIN"
-                            " included (Recv-Q 0), and still did not close")
-            return Verdict(
-                Cause.NOT_CLOSED,
-                Confidence.CERTAIN,
-                f"accepted by {who}, read the EOF and never closed: a missing close() in the"
-                " application",
-                tuple(evidence),
-            )
-        if conn.eof_read is False:
-            unread = conn.unread_bytes or 0
-            evidence.append(f"the EOF is not read yet ({unread} data bytes unread):"
-                            " the handler is slow, blocked, or never reads")
-        proc = facts.process
-        if proc is not None and proc.threads:
-            evidence.append(f"threads of pid {proc.pid}: {threads_text(proc.threads)}")
-        return Verdict(
-            Cause.NOT_CLOSED,
-            Confidence.CERTAIN,
-            f"accepted by {who} and never closed after the peer closed",
-            tuple(evidence),
-        )
+        return _accepted_not_closed(conn, facts, now_ns, who, evidence)
 
     if conn.history:
         evidence.append("the tracer did not see this socket's creation or accept")
@@ -238,23 +173,106 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     )
 
 
+def _closed_by_app(conn: Connection, facts: Facts, now_ns: int, evidence: list[str]
+                   ) -> Verdict:
+    """Closed by the application after a stay in CLOSE_WAIT: late, or drained late."""
+    # Certain once it crossed the threshold; below it, a slow close rather than a leak.
+    sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
+    dur = conn.age_ns(now_ns)
+    if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
+        evidence.append(
+            f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the accept queue"
+            " after the peer had closed"
+        )
+        return Verdict(
+            Cause.DRAINED_LATE,
+            sure,
+            f"accepted late and closed after {_secs(dur)} in CLOSE_WAIT:"
+            " the accept queue drains slower than clients give up",
+            tuple(evidence),
+        )
+    if conn.established_ns is not None and conn.cw_enter_ns is not None:
+        evidence.append(f"the peer closed {_secs(conn.cw_enter_ns - conn.established_ns)}"
+                        " after the connection was established (its timeout?)")
+    if conn.accepted_ns is not None and conn.cw_enter_ns is not None \
+            and conn.accepted_ns <= conn.cw_enter_ns:
+        evidence.append(f"accepted {_secs(conn.cw_enter_ns - conn.accepted_ns)} before the"
+                        " peer's FIN; the handler took the rest")
+    if facts.durations is not None:
+        evidence.append(_durations_text(facts.durations, conn.service_port))
+    return Verdict(
+        Cause.CLOSED_LATE,
+        sure,
+        f"closed by the application after {_secs(dur)} in CLOSE_WAIT:"
+        " a slow handler, or a peer timeout shorter than the service time",
+        tuple(evidence),
+    )
+
+
+def _accepted_not_closed(conn: Connection, facts: Facts, now_ns: int, who: str,
+                         evidence: list[str]) -> Verdict:
+    """Accepted, and not closed since the peer closed."""
+    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
+        evidence.append(f"accepted by pid {conn.acceptor_pid} ({conn.acceptor_comm or '?'});"
+                        f" held now by {who} (inherited, or passed over a unix socket)")
+    if conn.accepted_ns is not None:
+        evidence.append(f"accepted {_secs(now_ns - conn.accepted_ns)} ago")
+        if conn.accepted_after_fin and conn.cw_enter_ns is not None:
+            evidence.append(
+                f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
+            )
+    elif conn.history:
+        evidence.append(
+            "accept() not seen (it may have been blocked in accept() before tracing"
+            " started); the socket has an inode, so it was accepted"
+        )
+    if conn.fd is not None:
+        evidence.append(f"still open as fd {conn.fd}")
+    if conn.eof_read:
+        evidence.append("the application has read everything the peer sent, its FIN"
+                        " included (Recv-Q 0), and still did not close")
+        return Verdict(
+            Cause.NOT_CLOSED,
+            Confidence.CERTAIN,
+            f"accepted by {who}, read the EOF and never closed: a missing close() in the"
+            " application",
+            tuple(evidence),
+        )
+    if conn.eof_read is False:
+        unread = conn.unread_bytes or 0
+        evidence.append(f"the EOF is not read yet ({unread} data bytes unread):"
+                        " the handler is slow, blocked, or never reads")
+    proc = facts.process
+    if proc is not None and proc.threads:
+        evidence.append(f"threads of pid {proc.pid}: {threads_text(proc.threads)}")
+    return Verdict(
+        Cause.NOT_CLOSED,
+        Confidence.CERTAIN,
+        f"accepted by {who} and never closed after the peer closed",
+        tuple(evidence),
+    )
+
+
+def _listener_evidence(lst: ListenerFacts, evidence: list[str]) -> None:
+    where = f"{lst.laddr}:{lst.port}" if lst.laddr and lst.netns is not None \
+        else f":{lst.port}"
+    evidence.append(f"listener {where} accept queue {lst.queue}/{lst.backlog}"
+                    + (" (full: capacity is backlog+1)" if lst.queue > lst.backlog > 0
+                       else "")
+                    + (f" in netns {lst.netns} (inode {lst.inode})"
+                       if lst.netns is not None else ""))
+    if lst.reason:
+        evidence.append(f"listener chosen as {lst.reason}")
+
+
 def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
                     evidence: list[str]) -> Verdict:
     """A socket in the accept queue: which of the accept-side failures keeps it there."""
     acc = facts.accept
     lst = facts.listener
     proc = facts.process
-    queued = lst is not None and lst.queue > 0
     if lst is not None:
-        where = f"{lst.laddr}:{lst.port}" if lst.laddr and lst.netns is not None \
-            else f":{lst.port}"
-        evidence.append(f"listener {where} accept queue {lst.queue}/{lst.backlog}"
-                        + (" (full: capacity is backlog+1)" if lst.queue > lst.backlog > 0
-                           else "")
-                        + (f" in netns {lst.netns} (inode {lst.inode})"
-                           if lst.netns is not None else ""))
-        if lst.reason:
-            evidence.append(f"listener chosen as {lst.reason}")
+        _listener_evidence(lst, evidence)
     at_limit = False
     if proc is not None and proc.open_fds is not None and proc.fd_limit is not None:
         at_limit = proc.open_fds >= proc.fd_limit - 1
@@ -282,6 +300,14 @@ def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
         if by_holders is not None:
             return by_holders
 
+    return _not_draining(conn, facts, now_ns, who, evidence)
+
+
+def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
+                  evidence: list[str]) -> Verdict:
+    """Nothing fails and no holder is to blame: how the process treats its queue."""
+    acc, lst, proc = facts.accept, facts.listener, facts.process
+    queued = lst is not None and lst.queue > 0
     if acc is not None and acc.ok:
         evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(now_ns - acc.last_ok_ns)}"
                         " ago")
