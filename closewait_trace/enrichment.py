@@ -238,7 +238,7 @@ class Enrichment:
                 conn.owner_pid, conn.owner_comm = owner.pid, owner.comm
         elif conn.owner_pid is None:
             kernel_lst = self.tracker.listeners.get(conn.lport)
-            if kernel_lst is not None:
+            if kernel_lst is not None and kernel_lst.pid is not None:
                 conn.owner_pid, conn.owner_comm = kernel_lst.pid, kernel_lst.comm
         self._identify(conn)
 

@@ -44,6 +44,10 @@ class Listener:
     #: its network namespace (inode); None where the answer did not say (format 1 records)
     netns: int | None = None
     inode: int = 0
+    #: the process the kernel saw call listen() (kernel LISTEN events and the start-up
+    #: seed); the processes that hold it now are ``owners``
+    pid: int | None = None
+    comm: str | None = None
 
 
 #: Holder states (holders.ProcState values) that cannot run.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .containers import ContainerIdentity
 from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
-from .facts import Listener as ListenerSocket
+from .facts import Listener
 from .facts import NetnsSource
 
 
@@ -98,7 +98,7 @@ class Connection:
     acceptor_pid: int | None = None
     acceptor_comm: str | None = None
     #: never accepted: the listener it is queued on (or the best candidate), and why that one
-    listener: ListenerSocket | None = None
+    listener: Listener | None = None
     listener_reason: str | None = None
 
     @property
@@ -141,15 +141,6 @@ class Change:
     kind: ChangeKind
     conn: Connection | None = None
     listener: Listener | None = None
-
-
-@dataclass(frozen=True)
-class Listener:
-    port: int
-    family: int
-    addr: str
-    pid: int
-    comm: str
 
 
 def _direction(flags: SockFlag) -> Direction:
@@ -272,13 +263,11 @@ class Tracker:
             return self._on_exit(ev, now_ns)
         if ev.type is EventType.LISTEN:
             lst = Listener(
-                port=ev.sock.lport,
-                family=ev.sock.family,
-                addr=ev.sock.laddr,
-                pid=ev.sock.owner_tgid,
-                comm=ev.sock.owner_comm,
+                family=ev.sock.family, laddr=ev.sock.laddr, lport=ev.sock.lport, queue=0,
+                backlog=0, netns=getattr(ev.sock, "netns", None) or None,
+                pid=ev.sock.owner_tgid, comm=ev.sock.owner_comm,
             )
-            self.listeners[lst.port] = lst
+            self.listeners[lst.lport] = lst
             return [Change(ChangeKind.LISTEN, listener=lst)]
         if ev.type is EventType.UNLISTEN:
             old = self.listeners.pop(ev.sock.lport, None)
@@ -325,7 +314,7 @@ class Tracker:
 
     def add_listener(self, lst: Listener) -> None:
         """A listener found by the start-up scan."""
-        self.listeners.setdefault(lst.port, lst)
+        self.listeners.setdefault(lst.lport, lst)
 
     def tick(self, now_ns: int) -> list[Change]:
         """Flag the open connections that crossed the threshold (at most MAX_NEW_PER_TICK)."""

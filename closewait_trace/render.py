@@ -26,8 +26,8 @@ from rich.text import Text
 from .decode import LOSS_STATS, ExitHow, Stat
 from .diagnose import Verdict, group_verdicts
 from . import timeline as tl
-from .facts import ListenerHolder, NetnsSource
-from .join import Change, ChangeKind, Connection, Direction, Listener
+from .facts import Listener, ListenerHolder, NetnsSource
+from .join import Change, ChangeKind, Connection, Direction
 from .options import TimelineMode
 from .textsafe import visible
 
@@ -318,7 +318,7 @@ class JsonRenderer:
             elif ch.listener is not None:
                 lst = ch.listener
                 self._emit(
-                    ch.kind.value, view, port=lst.port, addr=lst.addr, pid=lst.pid, comm=lst.comm
+                    ch.kind.value, view, port=lst.lport, addr=lst.laddr, pid=lst.pid, comm=lst.comm
                 )
 
     def refresh(self, view: View) -> None:
@@ -412,7 +412,7 @@ class PlainRenderer:
                 lst = ch.listener
                 self._line(
                     f"{view.wall(view.now_ns).strftime('%H:%M:%S.%f')[:-3]}  {word}  "
-                    f"{endpoint(lst.addr, lst.port)}  pid={lst.pid}/{lst.comm}"
+                    f"{endpoint(lst.laddr, lst.lport)}  pid={lst.pid}/{lst.comm}"
                 )
 
     def refresh(self, view: View) -> None:

@@ -9,6 +9,7 @@ CLOSE_WAIT. All inputs come from a World (world.py), live or replayed from a rec
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
@@ -18,7 +19,7 @@ from typing import Any
 from .diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
 from .enrich import DiagSocket
 from .enrichment import MAX_TRIES, Enrichment, container_matches
-from .join import Accepted, Change, ChangeKind, Connection, Listener, Tracker
+from .join import Accepted, Change, ChangeKind, Connection, Tracker
 from .render import EXIT_WORDS, Renderer, TickStats, View
 from .options import AcceptWatch, Options
 from .world import Counters, World, WorldEnded
@@ -85,9 +86,7 @@ class Session:
                 continue
             owner = min(owners, key=lambda o: o.pid)
             self.world.seed_listener(lst.lport, owner.pid, owner.comm)
-            self.tracker.add_listener(
-                Listener(lst.lport, lst.family, lst.laddr, owner.pid, owner.comm)
-            )
+            self.tracker.add_listener(dataclasses.replace(lst, pid=owner.pid, comm=owner.comm))
         self.enrichment.begin_tick(now)
         rows = [d for d in self._preexisting_close_wait()
                 if not self.options.ports or {d.lport, d.rport} & self.options.ports]

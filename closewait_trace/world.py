@@ -42,9 +42,8 @@ class Counters:
     hist: tuple[int, ...] = ()
 
 
-#: The one process type and the one listener type, under the names the World used first.
+#: The one process type, under the name the World used first.
 ProcessInfo = Process
-ListenerInfo = Listener
 
 
 class WorldEnded(Exception):
