@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.kernel.harness import Tracer
 from tests.kernel.podman import CLOSE_WAIT_SERVER, Container, container
+from tests.kernel.test_netns import ip_netns, server_in
 
 pytestmark = pytest.mark.kernel
 
@@ -162,3 +164,52 @@ def test_container_filter_keeps_one_container() -> None:
         assert {c["container"]["container_id"] for c in conns} == {kept.id}
         assert {c["pid"] for c in conns} == {kept.pid}
 
+
+
+def test_record_then_report_replays_namespaces_containers_and_holders(tmp_path: Path) -> None:
+    rec_file = tmp_path / "containers.cwt"
+    t = Tracer(["-o", str(rec_file), "--threshold", "2s", "--report-min", "100ms"],
+               command="record")
+    with three_containers() as found:
+        t.start()
+        try:
+            conns = _leaks(t, 3 * N)
+            _check_never(conns, *found["never"])
+        finally:
+            assert t.stop() == 0
+    live = [{k: v for k, v in r.items() if k not in ("_t", "tracer")} for r in t.records
+            if r["type"] != "notice"]
+    rep = subprocess.run([sys.executable, "-m", "closewait_trace", "report", "--json",
+                          str(rec_file)], capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    replayed = [r for r in map(json.loads, rep.stdout.splitlines())
+                if r["type"] != "notice"]
+    for r in replayed:
+        r.pop("tracer", None)
+    assert replayed == live
+    leaks = [r["connection"] for r in replayed if r["type"] == "leak"]
+    assert {c["container"]["container_id"] for c in leaks} == \
+        {ctr.id for ctr, _info in found.values()}
+    assert {c["netns"] for c in leaks} == {info["netns"] for _ctr, info in found.values()}
+
+
+def test_server_in_ip_netns_holding_accepted_sockets() -> None:
+    """The issue's first report: a server in `ip netns add X` holding accepted CLOSE_WAIT
+    sockets was called never-accepted; its sockets are asked about in its own namespace."""
+    t = Tracer(["--threshold", "1s", "--report-min", "100ms"]).start()
+    try:
+        with ip_netns() as ns, server_in(ns, 0) as srv:
+            t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["netns"] ==
+                       srv["netns"], 60, what="leak in the namespace")
+            time.sleep(1.5)
+            mine = [r["connection"] for r in t.records if r["type"] == "leak"
+                    and r["connection"]["netns"] == srv["netns"]]
+            assert sorted(c["inode"] for c in mine) == sorted(srv["inodes"])
+            for c in mine:
+                assert (c["pid"], c["accepted"], c["netns_source"]) == \
+                    (srv["pid"], "yes", "sock_diag")
+                assert c["fd"] is not None
+                assert c["container"] is not None and "runtime" not in c["container"]
+                assert c["verdict"]["cause"] == "accepted-not-closed"
+    finally:
+        t.stop()
