@@ -397,10 +397,11 @@ def _holders_verdict(conn: Connection, lst: ListenerFacts, evidence: list[str]
     sure = Confidence.CERTAIN if conn.inode == 0 else Confidence.LIKELY
     where = f"{lst.laddr}:{lst.port}" if lst.laddr else f":{lst.port}"
     if kind == "stopped":
+        holds, stopped = ("hold", "are") if len(who) > 1 else ("holds", "is")
         return Verdict(Cause.NEVER_ACCEPTED, sure,
-                       f"never accepted: {_pids_text(who)} holds the listener {where} and is"
-                       " stopped (SIGSTOP or a debugger): nothing accepts from its queue",
-                       tuple(evidence))
+                       f"never accepted: {_pids_text(who)} {holds} the listener {where} and"
+                       f" {stopped} stopped (SIGSTOP or a debugger): nothing accepts from its"
+                       " queue", tuple(evidence))
     if kind == "busy":
         return Verdict(Cause.NEVER_ACCEPTED, Confidence.LIKELY,
                        f"never accepted: every process that accepts from {where} is busy"
@@ -408,7 +409,8 @@ def _holders_verdict(conn: Connection, lst: ListenerFacts, evidence: list[str]
                        " listener", tuple(evidence))
     if kind == "never-polls":
         return Verdict(Cause.NEVER_ACCEPTED, sure,
-                       f"never accepted: {_pids_text(who)} holds the listener {where} but"
+                       f"never accepted: {_pids_text(who)}"
+                       f" {'hold' if len(who) > 1 else 'holds'} the listener {where} but"
                        " never waits for it (no thread in accept() or polling it), and no"
                        " other process accepts from it", tuple(evidence))
     return None

@@ -766,11 +766,13 @@ _X86_64_SYSCALLS = {
     0: "read", 7: "poll", 23: "select", 35: "nanosleep", 43: "accept", 45: "recvfrom",
     47: "recvmsg", 202: "futex", 230: "clock_nanosleep", 232: "epoll_wait", 270: "pselect6",
     271: "ppoll", 281: "epoll_pwait", 288: "accept4", 441: "epoll_pwait2",
+    34: "pause", 61: "wait4", 128: "rt_sigtimedwait", 130: "rt_sigsuspend", 247: "waitid",
 }
 _ARM64_SYSCALLS = {
     22: "epoll_pwait", 63: "read", 73: "ppoll", 98: "futex", 101: "nanosleep",
     115: "clock_nanosleep", 202: "accept", 207: "recvfrom", 212: "recvmsg", 242: "accept4",
-    441: "epoll_pwait2",
+    441: "epoll_pwait2", 95: "waitid", 133: "rt_sigsuspend", 137: "rt_sigtimedwait",
+    260: "wait4",
 }
 
 #: Syscalls in which a thread waits for events rather than works.
