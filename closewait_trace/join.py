@@ -193,6 +193,9 @@ class Tracker:
         self._preexisting_seq = 0
         #: Steps of sockets under a timeline watch, by socket address, until they close.
         self.steps_by_sk: dict[int, list[Step]] = {}
+        #: Stays a filter the kernel could not apply excluded (another container or network
+        #: namespace): not reported again, forgotten when they leave the cw map.
+        self.ignored: set[tuple[int, int]] = set()
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -227,7 +230,7 @@ class Tracker:
                 continue
             key = s.key
             seen.add(key)
-            if key in self._recently_closed:
+            if key in self._recently_closed or key in self.ignored:
                 continue  # its exit event was handled before this poll was read
             conn = self.open.get(key)
             if conn is None:
@@ -256,7 +259,16 @@ class Tracker:
             self.closed.append(conn)
             changes.append(Change(ChangeKind.LOST, conn))
         self._expire_recent(now_ns)
+        if self.ignored:
+            self.ignored &= seen
         return changes
+
+    def ignore(self, conn: Connection) -> None:
+        """Drop an open connection that the filters exclude, for the rest of its stay."""
+        self.open.pop(conn.key, None)
+        self._missing.pop(conn.key, None)
+        if conn.key[0] != 0:
+            self.ignored.add(conn.key)
 
     def apply_event(self, ev: Event, now_ns: int) -> list[Change]:
         if ev.type is EventType.CW_EXIT:
@@ -383,7 +395,8 @@ class Tracker:
         else:
             conn = self.open.get(s.key)
             if conn is None:
-                if s.key in self._recently_closed:
+                if s.key in self._recently_closed or s.key in self.ignored:
+                    self.ignored.discard(s.key)
                     return []
                 conn = self._new_connection(s, now_ns)
             else:

@@ -265,6 +265,14 @@ class Session:
             return False
         return True
 
+    def _excluded_for_good(self, conn: Connection) -> bool:
+        """Its namespace or container is known, and not one asked for."""
+        opts = self.options
+        if opts.netns and conn.netns is not None and conn.netns not in opts.netns:
+            return True
+        return bool(opts.containers) and conn.container is not None and not any(
+            container_matches(conn.container, q) for q in opts.containers)
+
     def _apply_pid_filter(self, changes: list[Change]) -> list[Change]:
         """Connections the kernel's filters could not judge are filtered here."""
         opts = self.options
@@ -275,7 +283,10 @@ class Session:
         for ch in changes:
             conn = ch.conn
             if conn is not None and not self._wanted(conn, allowed):
-                self.tracker.open.pop(conn.key, None)
+                if self._excluded_for_good(conn):
+                    self.tracker.ignore(conn)  # another container or namespace
+                else:
+                    self.tracker.open.pop(conn.key, None)  # judged again when known
                 continue
             out.append(ch)
         return out

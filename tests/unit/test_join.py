@@ -615,3 +615,33 @@ def test_thousands_at_once_are_opened_and_flagged_over_a_few_ticks_never_lost() 
         now += 200 * MS
     assert len(flagged) == len(set(flagged)) == n == t.flagged_total
     assert t.tick(now) == []
+
+
+def test_an_ignored_stay_is_not_reported_again_until_it_leaves() -> None:
+    t = tracker()
+    enter = 5 * S
+    entry = cw_entry(SK_A, enter=enter, accepted_at=enter - 2 * S)
+    [opened] = t.apply_poll([entry], enter + 300 * MS)
+    assert opened.conn is not None
+    t.ignore(opened.conn)  # another container's: excluded by --container
+    assert t.open == {}
+    assert t.apply_poll([entry], enter + 500 * MS) == []
+    assert t.tick(enter + 20 * S) == []  # never flagged
+    ev = cw_exit(entry, ts=enter + 30 * S, how=ExitHow.APP_CLOSE, tgid=OWNER_PID,
+                 comm=OWNER_COMM)
+    assert t.apply_event(ev, enter + 30 * S) == []  # its end is not reported either
+    assert t.ignored == set() and t.closed == []
+    # a new stay of the same socket address is a new stay: reported
+    again = cw_entry(SK_A, enter=enter + 40 * S, accepted_at=enter + 39 * S)
+    assert kinds(t.apply_poll([again], enter + 41 * S)) == \
+        [(ChangeKind.OPENED, (SK_A, enter + 40 * S))]
+
+
+def test_ignored_stays_are_forgotten_when_they_leave_the_map() -> None:
+    t = tracker()
+    entry = cw_entry(SK_B, enter=5 * S, accepted_at=4 * S)
+    [opened] = t.apply_poll([entry], 6 * S)
+    assert opened.conn is not None
+    t.ignore(opened.conn)
+    t.apply_poll([], 7 * S)
+    assert t.ignored == set()
