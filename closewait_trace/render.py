@@ -140,11 +140,13 @@ def container_text(conn: Connection) -> str:
 
 
 def netns_text(conn: Connection) -> str:
-    """The socket's network namespace, marked when inferred from its owner."""
+    """The socket's network namespace, marked unless the kernel reported it: "(by 4-tuple)"
+    when its 4-tuple was found in that namespace, "(owner's)" when it is the owner's."""
     if conn.netns is None:
         return "netns=?"
-    inferred = conn.netns_source is NetnsSource.OWNER
-    return f"netns={conn.netns}" + ("(owner's)" if inferred else "")
+    how = {NetnsSource.OWNER: "(owner's)", NetnsSource.SOCK_DIAG: "(by 4-tuple)"}
+    return f"netns={conn.netns}" + how.get(conn.netns_source, "") if conn.netns_source \
+        else f"netns={conn.netns}"
 
 
 def netns_dict(conn: Connection) -> dict[str, Any]:

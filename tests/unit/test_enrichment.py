@@ -233,3 +233,16 @@ def test_a_format_1_recording_is_replayed_namespace_blind() -> None:
     assert replay.netns_of(5) is None and replay.container(5) is None
     assert replay.holders(_lst(0, 1)) == []
     assert not replay.finished()  # nothing was read
+
+
+def test_lines_say_how_the_namespace_is_known() -> None:
+    from closewait_trace.render import netns_text
+
+    conn = _conn(1)
+    assert netns_text(conn) == "netns=?"
+    conn.netns, conn.netns_source = NS_A, NetnsSource.SOCK_DIAG
+    assert netns_text(conn) == f"netns={NS_A}(by 4-tuple)"
+    conn.netns_source = NetnsSource.OWNER
+    assert netns_text(conn) == f"netns={NS_A}(owner's)"
+    conn.netns_source = NetnsSource.KERNEL
+    assert netns_text(conn) == f"netns={NS_A}"
