@@ -10,6 +10,10 @@ struct sock pointer and the states, and the kernel skips filling the tracepoint'
 a real tracer would then have to read the addresses from struct sock itself). Config
 `floor-raw` of the benchmark, not run by default: it measures what that would save.
 
+With --empty, the program returns at once (no map, no work): configs `empty` (tracepoint) and
+`empty-raw` (--empty --raw) measure what merely attaching to the tracepoint costs, the limit
+below every tracer on it.
+
 Run by bench/overhead.py; alone: `sudo .venv/bin/python -m bench.floor` (Ctrl-C stops it).
 It prints one JSON line {"type": "ready"} once attached, and {"type": "summary"} with the
 number of program runs at exit.
@@ -53,15 +57,23 @@ static __always_inline int floor_keep(u64 sk, int newstate)
 #ifdef CW_RAW
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
+#ifdef CW_EMPTY
+    return 0;
+#else
     /* args: (const struct sock *sk, int oldstate, int newstate); no protocol here. */
     return floor_keep(ctx->args[0], (int)ctx->args[2]);
+#endif
 }
 #else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
+#ifdef CW_EMPTY
+    return 0;
+#else
     if (args->protocol != 6)
         return 0;
     return floor_keep((u64)args->skaddr, args->newstate);
+#endif
 }
 #endif
 """
@@ -75,7 +87,8 @@ def _on_signal(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    cflags = ["-DCW_RAW"] if "--raw" in sys.argv[1:] else []
+    flags = {"--raw": "-DCW_RAW", "--empty": "-DCW_EMPTY"}
+    cflags = [flags[a] for a in sys.argv[1:] if a in flags]
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     bcc = import_bcc()

@@ -17,6 +17,7 @@ Installs nothing: it says what `scripts/setup.sh --bench` would install. See ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as dt
 import json
@@ -32,10 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.load import Role
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -165,11 +169,20 @@ def status_kb(pid: int, key: str) -> int | None:
     return None
 
 
-def tree_hwm_mb(pid: int) -> float | None:
-    """Peak RSS (VmHWM) of a process plus that of its live descendants, in MB."""
-    kbs = [status_kb(p, "VmHWM") for p in [pid, *descendants(pid)]]
+def _tree_status_mb(pid: int, key: str) -> float | None:
+    kbs = [status_kb(p, key) for p in [pid, *descendants(pid)]]
     known = [k for k in kbs if k is not None]
     return sum(known) / 1024 if known else None
+
+
+def tree_hwm_mb(pid: int) -> float | None:
+    """Peak RSS (VmHWM) of a process plus that of its live descendants, in MB."""
+    return _tree_status_mb(pid, "VmHWM")
+
+
+def tree_rss_mb(pid: int) -> float | None:
+    """RSS now (VmRSS) of a process plus that of its live descendants, in MB."""
+    return _tree_status_mb(pid, "VmRSS")
 
 
 @dataclass
@@ -190,20 +203,26 @@ class CpuTimes:
         raise BenchError("cannot read /proc/stat")
 
 
+def fds_of(pid: int, target: str) -> int | None:
+    """How many of a process's fds point to `target` (an anon inode such as
+    "anon_inode:bpf-prog"); None once the process is gone."""
+    try:
+        fds = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    n = 0
+    for fd in fds:
+        try:
+            n += os.readlink(fd.path) == target
+        except OSError:
+            continue
+    return n
+
+
 def perf_event_fds(pid: int) -> int | None:
     """Number of perf_event fds a process holds (BCC: one per attached tracepoint and one per
     CPU of an open perf buffer); None once the process is gone."""
-    try:
-        n = 0
-        for fd in os.scandir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(fd.path) == "anon_inode:[perf_event]":
-                    n += 1
-            except OSError:
-                continue
-        return n
-    except OSError:
-        return None
+    return fds_of(pid, "anon_inode:[perf_event]")
 
 
 def bpf_prog_stats(pid: int) -> tuple[int, int]:
@@ -231,17 +250,7 @@ TRACER_PATTERNS = ("closewait_trace", "closewait-trace", "-bpfcc", "bpftrace", "
 
 
 def _bpf_prog_fds(pid: int) -> int:
-    n = 0
-    try:
-        for fd in os.scandir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(fd.path) == "anon_inode:bpf-prog":
-                    n += 1
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return n
+    return fds_of(pid, "anon_inode:bpf-prog") or 0
 
 
 def foreign_processes(own: set[int]) -> list[str]:
@@ -329,6 +338,9 @@ class Children:
             if p.poll() is None:
                 log(f"stopping {label} (pid {p.pid})")
             self.stop(p, signal.SIGTERM, timeout=5.0)
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
@@ -507,7 +519,10 @@ def _short(path: str) -> str:
 # Run by default, in this order (rotated each round).
 DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "floor", "tcpstates", "tcplife")
 # Also available with --only: the timeline of *every* socket (meant for use with filters).
-ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "floor-raw")
+ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "floor-raw", "empty", "empty-raw")
+# bench.floor's configurations: name -> its arguments.
+FLOOR_CONFIGS = {"floor": (), "floor-raw": ("--raw",), "empty": ("--empty",),
+                 "empty-raw": ("--empty", "--raw")}
 
 
 def find_closewait(explicit: str | None) -> str | None:
@@ -600,20 +615,23 @@ def bcc_kernel_source(explicit: str | None, tool: str | None = None) -> tuple[st
                                 + "; ".join(rejected))
 
 
-def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
-    wanted = list(DEFAULT_CONFIGS)
-    if args.only:
-        wanted = [c.strip() for c in args.only.split(",") if c.strip()]
-        bad = [c for c in wanted if c not in ALL_CONFIGS]
-        if bad:
-            raise BenchError(f"unknown config {', '.join(bad)} in --only; "
-                             f"choose from {', '.join(ALL_CONFIGS)}")
+def _wanted(args: argparse.Namespace) -> list[str]:
+    if not args.only:
+        return list(DEFAULT_CONFIGS)
+    wanted = [c.strip() for c in args.only.split(",") if c.strip()]
+    bad = [c for c in wanted if c not in ALL_CONFIGS]
+    if bad:
+        raise BenchError(f"unknown config {', '.join(bad)} in --only; "
+                         f"choose from {', '.join(ALL_CONFIGS)}")
+    return wanted
+
+
+def _find_tools(args: argparse.Namespace, wanted: list[str]) -> tuple[dict[str, str], str | None]:
+    """The paths of the tools the configurations need (and of closewait-trace); one error
+    naming every missing one and its package."""
+    needs_tools = {"nginx", "wrk"} | {f"{c}-bpfcc" for c in ("tcpstates", "tcplife")
+                                       if c in wanted}
     missing: dict[str, str] = {}
-    needs_tools = {"nginx", "wrk"}
-    if "tcpstates" in wanted:
-        needs_tools.add("tcpstates-bpfcc")
-    if "tcplife" in wanted:
-        needs_tools.add("tcplife-bpfcc")
     paths: dict[str, str] = {}
     for tool in sorted(needs_tools):
         found = find_tool(tool)
@@ -630,9 +648,36 @@ def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
         pkgs = sorted({v for v in missing.values()})
         raise BenchError(f"missing {', '.join(sorted(missing))} (from {', '.join(pkgs)}): "
                          f"run {SETUP_HINT}")
-    args.nginx_bin, args.wrk_bin = paths["nginx"], paths["wrk"]
+    return paths, cw
 
-    configs: list[Config] = []
+
+def _config(name: str, cw: str | None, paths: dict[str, str], bcc_env: dict[str, str] | None,
+            notes: list[str]) -> Config | None:
+    if name == "none":
+        return Config("none", "none")
+    if name == "closewait":
+        assert cw
+        return Config("closewait", "closewait", [cw, "--json"])
+    if name in ("closewait-timeline", "closewait-timeline-all"):
+        assert cw
+        extra = ["--timeline"] if name == "closewait-timeline" else ["--timeline", "all"]
+        if closewait_has_option(cw, "--timeline"):
+            return Config(name, "closewait", [cw, "--json", *extra])
+        notes.append(f"{name} skipped: this closewait-trace has no --timeline "
+                     "option (`closewait-trace --help`)")
+        return None
+    if name in FLOOR_CONFIGS:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        return Config(name, "floor", [sys.executable, "-m", "bench.floor", *FLOOR_CONFIGS[name]],
+                      env)
+    return Config(name, "bcc", [paths[f"{name}-bpfcc"]], bcc_env)
+
+
+def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
+    wanted = _wanted(args)
+    paths, cw = _find_tools(args, wanted)
+    args.nginx_bin, args.wrk_bin = paths["nginx"], paths["wrk"]
     bcc_env: dict[str, str] | None = None
     if "tcpstates" in wanted or "tcplife" in wanted:
         src, why = bcc_kernel_source(args.kernel_headers,
@@ -640,30 +685,7 @@ def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
         notes.append(why)
         if src:
             bcc_env = {**os.environ, "BCC_KERNEL_SOURCE": src}
-    for name in wanted:
-        if name == "none":
-            configs.append(Config("none", "none"))
-        elif name == "closewait":
-            assert cw
-            configs.append(Config("closewait", "closewait", [cw, "--json"]))
-        elif name in ("closewait-timeline", "closewait-timeline-all"):
-            assert cw
-            extra = ["--timeline"] if name == "closewait-timeline" else ["--timeline", "all"]
-            if closewait_has_option(cw, "--timeline"):
-                configs.append(Config(name, "closewait", [cw, "--json", *extra]))
-            else:
-                notes.append(f"{name} skipped: this closewait-trace has no --timeline "
-                             "option (`closewait-trace --help`)")
-        elif name in ("floor", "floor-raw"):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-            raw = ["--raw"] if name == "floor-raw" else []
-            configs.append(Config(name, "floor", [sys.executable, "-m", "bench.floor", *raw],
-                                  env))
-        elif name == "tcpstates":
-            configs.append(Config("tcpstates", "bcc", [paths["tcpstates-bpfcc"]], bcc_env))
-        elif name == "tcplife":
-            configs.append(Config("tcplife", "bcc", [paths["tcplife-bpfcc"]], bcc_env))
+    configs = [c for c in (_config(name, cw, paths, bcc_env, notes) for name in wanted) if c]
     if not configs:
         raise BenchError("nothing to run")
     return configs
@@ -686,6 +708,10 @@ class Run:
     tracer_rss_mb: float | None = None
     bpf_cpu_pct: float | None = None  # --bpf-stats: time in the tracer's BPF programs
     bpf_runs_per_s: float | None = None
+    bpf_ns_per_conn: float | None = None  # --bpf-stats: BPF run time / connections served
+    tracer_rss_steady_mb: float | None = None  # VmRSS at the end of the load
+    tracer_bpf_progs: int | None = None  # BPF programs the tracer held when the load started
+    incident_setup_s: float | None = None  # --incident: seconds to make the leaks
     events_lost: int | None = None
     lost_detail: dict[str, Any] | None = None
     cw_entered: int | None = None
@@ -753,91 +779,256 @@ def _wait_ready(cfg: Config, p: subprocess.Popen[bytes], out: Path, err: Path,
         time.sleep(0.1)
 
 
-def run_one(cfg: Config, rnd: int, pos: int, args: argparse.Namespace, children: Children,
-            nginx: Nginx, workdir: Path) -> Run:
+@dataclass(frozen=True)
+class Bench:
+    """What every run of one benchmark shares: its settings, child processes and server."""
+
+    args: argparse.Namespace
+    children: Children
+    nginx: Nginx
+    workdir: Path
+
+
+@dataclass
+class Sample:
+    """Counters read just before and just after the load of one run."""
+
+    cpu: CpuTimes
+    nginx_cpu_s: float
+    tracer_cpu_s: float
+    bpf: tuple[int, int]  # (run_time_ns, run_cnt) of the tracer's BPF programs
+
+    @staticmethod
+    def take(bench: Bench, tracer: subprocess.Popen[bytes] | None) -> Sample:
+        nginx = bench.nginx.proc
+        stats = bpf_prog_stats(tracer.pid) if tracer and bench.args.bpf_stats else (0, 0)
+        return Sample(cpu=CpuTimes.read(),
+                      nginx_cpu_s=tree_cpu_s(nginx.pid) if nginx else 0.0,
+                      tracer_cpu_s=tree_cpu_s(tracer.pid) if tracer else 0.0, bpf=stats)
+
+
+def _record_load(run: Run, res: WrkResult, before: Sample, after: Sample) -> None:
+    run.conn_s, run.requests, run.load_s = res.rps, res.requests, res.seconds
+    run.wrk_errors, run.non_2xx = sum(res.socket_errors.values()), res.non_2xx
+    if res.socket_errors and run.wrk_errors:
+        run.notes.append("wrk socket errors " + ", ".join(
+            f"{k} {v}" for k, v in res.socket_errors.items() if v))
+    if res.non_2xx:
+        run.notes.append(f"{res.non_2xx} non-2xx responses")
+    run.nginx_cpu_pct = 100 * (after.nginx_cpu_s - before.nginx_cpu_s) / res.seconds
+    run.wrk_cpu_pct = 100 * res.cpu_s / res.seconds
+    dt_total = max(1, after.cpu.total - before.cpu.total)
+    run.machine_busy_pct = 100 * (1 - (after.cpu.idle - before.cpu.idle) / dt_total)
+    run.steal_pct = 100 * (after.cpu.steal - before.cpu.steal) / dt_total
+
+
+def _record_tracer(run: Run, res: WrkResult, before: Sample, after: Sample,
+                   tracer: subprocess.Popen[bytes], bpf_stats: bool) -> None:
+    run.tracer_cpu_pct = 100 * (after.tracer_cpu_s - before.tracer_cpu_s) / res.seconds
+    if bpf_stats:
+        ns, cnt = after.bpf[0] - before.bpf[0], after.bpf[1] - before.bpf[1]
+        run.bpf_cpu_pct = 100 * ns / 1e9 / res.seconds
+        run.bpf_runs_per_s = cnt / res.seconds
+        run.bpf_ns_per_conn = ns / res.requests if res.requests else None
+    run.tracer_rss_mb = tree_hwm_mb(tracer.pid)
+    run.tracer_rss_steady_mb = tree_rss_mb(tracer.pid)
+
+
+def _read_outcome(cfg: Config, run: Run, out: Path, err: Path, code: int | None) -> None:
+    """What the tracer said about itself: closewait-trace's summary record, or the BCC tools'
+    lost-sample lines and output size."""
+    if cfg.kind == "closewait":
+        summary = None
+        for obj in _read_json_lines(out):
+            if obj.get("type") == "summary":
+                summary = obj
+        if summary is None:
+            run.notes.append(f"no summary record (exit code {code}); stderr tail: "
+                             + tail(err, 3).strip())
+            return
+        run.events_lost = int(summary.get("events_lost", 0))
+        run.lost_detail = summary.get("lost")
+        run.cw_entered = summary.get("cw_entered")
+        if code not in (0, None):
+            run.notes.append(f"exit code {code}")
+    elif cfg.kind == "bcc":
+        # BCC's perf reader prints "Possibly lost N samples" when no lost callback is set.
+        errtext = err.read_text(errors="replace") if err.exists() else ""
+        run.events_lost = sum(int(n) for n in re.findall(r"[Ll]ost (\d+) samples", errtext))
+        with open(out, "rb") as f:
+            run.events_printed = max(0, sum(1 for _ in f) - 1)  # minus the header
+        other = [ln for ln in errtext.splitlines()
+                 if ln.strip() and not re.search(r"[Ll]ost \d+ samples", ln)]
+        if other:
+            run.notes.append("stderr: " + " | ".join(other[-2:])[:200])
+
+
+def _stop_tracer(bench: Bench, run: Run, tracer: subprocess.Popen[bytes]) -> int | None:
+    timeout = bench.args.stop_timeout
+    t_stop = time.monotonic()
+    code, killed = bench.children.stop(tracer, signal.SIGTERM, timeout=timeout)
+    run.stop_s = time.monotonic() - t_stop
+    if killed:
+        run.notes.append(f"did not exit within {timeout:.0f} s of SIGTERM: killed")
+    return code
+
+
+def _under_load(bench: Bench, run: Run, cfg: Config, tracer: subprocess.Popen[bytes] | None
+                ) -> tuple[WrkResult, Sample, Sample]:
+    """The load of one run, with the incident's leaks open during it when asked for."""
+    args = bench.args
+    argv = wrk_argv(args.wrk_bin, args.threads, args.connections, args.duration,
+                    bench.nginx.url)
+    with incident(bench, run, cfg, tracer):
+        if tracer is not None:
+            run.tracer_bpf_progs = _bpf_prog_fds(tracer.pid)
+        before = Sample.take(bench, tracer)
+        res = run_wrk(bench.children, argv, bench.workdir)
+        after = Sample.take(bench, tracer)
+    return res, before, after
+
+
+def run_one(cfg: Config, rnd: int, pos: int, bench: Bench) -> Run:
+    """One configuration once: start its tracer, load nginx, read what it cost."""
     run = Run(config=cfg.name, round=rnd, position=pos)
     run.load1 = loadavg()[0]
-    run.foreign = foreign_processes(children.pids())
-    nginx.check()
+    run.foreign = foreign_processes(bench.children.pids())
+    bench.nginx.check()
     tracer: subprocess.Popen[bytes] | None = None
-    out = workdir / f"{cfg.name}-r{rnd}.out"
-    err = workdir / f"{cfg.name}-r{rnd}.err"
+    out = bench.workdir / f"{cfg.name}-r{rnd}.out"
+    err = bench.workdir / f"{cfg.name}-r{rnd}.err"
     try:
         if cfg.kind != "none":
             with open(out, "wb") as fo, open(err, "wb") as fe:
-                tracer = children.spawn(cfg.name, cfg.argv, stdout=fo, stderr=fe, env=cfg.env,
-                                        cwd=str(workdir))
-            run.ready_s = _wait_ready(cfg, tracer, out, err, args.ready_timeout)
-
-        argv = wrk_argv(args.wrk_bin, args.threads, args.connections, args.duration, nginx.url)
-        cpu0 = CpuTimes.read()
-        ng0 = tree_cpu_s(nginx.proc.pid) if nginx.proc else 0.0
-        tr0 = tree_cpu_s(tracer.pid) if tracer else 0.0
-        bpf0 = bpf_prog_stats(tracer.pid) if tracer and args.bpf_stats else (0, 0)
-        res = run_wrk(children, argv, workdir)
-        bpf1 = bpf_prog_stats(tracer.pid) if tracer and args.bpf_stats else (0, 0)
-        tr1 = tree_cpu_s(tracer.pid) if tracer else 0.0
-        ng1 = tree_cpu_s(nginx.proc.pid) if nginx.proc else 0.0
-        cpu1 = CpuTimes.read()
-
-        run.conn_s, run.requests, run.load_s = res.rps, res.requests, res.seconds
-        run.wrk_errors, run.non_2xx = sum(res.socket_errors.values()), res.non_2xx
-        if res.socket_errors and run.wrk_errors:
-            run.notes.append("wrk socket errors " + ", ".join(
-                f"{k} {v}" for k, v in res.socket_errors.items() if v))
-        if res.non_2xx:
-            run.notes.append(f"{res.non_2xx} non-2xx responses")
-        run.nginx_cpu_pct = 100 * (ng1 - ng0) / res.seconds
-        run.wrk_cpu_pct = 100 * res.cpu_s / res.seconds
-        dt_total = max(1, cpu1.total - cpu0.total)
-        run.machine_busy_pct = 100 * (1 - (cpu1.idle - cpu0.idle) / dt_total)
-        run.steal_pct = 100 * (cpu1.steal - cpu0.steal) / dt_total
-
+                tracer = bench.children.spawn(cfg.name, cfg.argv, stdout=fo, stderr=fe,
+                                              env=cfg.env, cwd=str(bench.workdir))
+            run.ready_s = _wait_ready(cfg, tracer, out, err, bench.args.ready_timeout)
+        res, before, after = _under_load(bench, run, cfg, tracer)
+        _record_load(run, res, before, after)
         if tracer is not None:
             if tracer.poll() is not None:
                 raise TracerFailed(f"{cfg.name} died during the load (code {tracer.returncode}); "
                                    f"stderr tail:\n{tail(err)}")
-            run.tracer_cpu_pct = 100 * (tr1 - tr0) / res.seconds
-            if args.bpf_stats:
-                run.bpf_cpu_pct = 100 * (bpf1[0] - bpf0[0]) / 1e9 / res.seconds
-                run.bpf_runs_per_s = (bpf1[1] - bpf0[1]) / res.seconds
-            run.tracer_rss_mb = tree_hwm_mb(tracer.pid)
-            t_stop = time.monotonic()
-            code, killed = children.stop(tracer, signal.SIGTERM, timeout=args.stop_timeout)
-            run.stop_s = time.monotonic() - t_stop
+            _record_tracer(run, res, before, after, tracer, bench.args.bpf_stats)
+            code = _stop_tracer(bench, run, tracer)
             tracer = None
-            if killed:
-                run.notes.append(f"did not exit within {args.stop_timeout:.0f} s of SIGTERM: killed")
-            if cfg.kind == "closewait":
-                summary = None
-                for obj in _read_json_lines(out):
-                    if obj.get("type") == "summary":
-                        summary = obj
-                if summary is None:
-                    run.notes.append(f"no summary record (exit code {code}); stderr tail: "
-                                     + tail(err, 3).strip())
-                else:
-                    run.events_lost = int(summary.get("events_lost", 0))
-                    run.lost_detail = summary.get("lost")
-                    run.cw_entered = summary.get("cw_entered")
-                    if code not in (0, None):
-                        run.notes.append(f"exit code {code}")
-            elif cfg.kind == "bcc":
-                # BCC's perf reader prints "Possibly lost N samples" when no lost callback is set.
-                errtext = err.read_text(errors="replace") if err.exists() else ""
-                run.events_lost = sum(int(n) for n in re.findall(r"[Ll]ost (\d+) samples", errtext))
-                with open(out, "rb") as f:
-                    run.events_printed = max(0, sum(1 for _ in f) - 1)  # minus the header
-                other = [ln for ln in errtext.splitlines()
-                         if ln.strip() and not re.search(r"[Ll]ost \d+ samples", ln)]
-                if other:
-                    run.notes.append("stderr: " + " | ".join(other[-2:])[:200])
+            _read_outcome(cfg, run, out, err, code)
     finally:
         if tracer is not None:
-            children.stop(tracer, signal.SIGTERM, timeout=5)
-        if cfg.kind == "bcc" and not args.keep_output:
+            bench.children.stop(tracer, signal.SIGTERM, timeout=5)
+        if cfg.kind == "bcc" and not bench.args.keep_output:
             out.unlink(missing_ok=True)  # tcpstates writes ~100 bytes per transition
     return run
+
+
+# --------------------------------------------------------------------------------------------
+# The incident variant (--incident)
+# --------------------------------------------------------------------------------------------
+def _incident_roles(leaks: int) -> list[Role]:
+    """Listeners of their own and their clients, done once the leaks are in place: `leaks`
+    connections closed by their client in the queue of a listener that never accepts, and
+    `leaks` accepted by a server that keeps them after the client shut them down."""
+    from bench.load import Role
+
+    roles: list[Role] = []
+    try:
+        backlog = str(leaks + 128)
+        listen = Role(["listen", "--backlog", backlog]).start()
+        roles.append(listen)
+        server = Role(["server", "--mode", "echo-close", "--backlog", backlog]).start()
+        roles.append(server)
+        clients = [
+            Role(["connect-close", "--port", str(listen.port), "--count", str(leaks)]).start(),
+            Role(["churn", "--port", str(server.port), "--count", str(leaks),
+                  "--mode", "client-first", "--leak-every", "1"]).start(),
+        ]
+        roles.extend(clients)
+        for c in clients:
+            c.wait_done(120)
+    except BaseException:
+        for r in roles:
+            r.stop()
+        raise
+    return roles
+
+
+def _wait_more_progs(pid: int, than: int, timeout: float) -> float | None:
+    """Seconds until the process holds more BPF programs than `than` (closewait-trace's accept
+    watch attaching), or None after the timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if _bpf_prog_fds(pid) > than:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    return None
+
+
+@contextlib.contextmanager
+def incident(bench: Bench, run: Run, cfg: Config,
+             tracer: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """With --incident, the leaks are open while the block runs (made fresh for each run, after
+    the tracer is ready, so that it sees them happen); closewait-trace is first given up to
+    --incident-wait seconds to turn its accept watch on (more BPF programs: it may already be
+    on at ready when other never-accepted sockets exist on the machine)."""
+    if not bench.args.incident:
+        yield
+        return
+    progs = _bpf_prog_fds(tracer.pid) if tracer is not None else 0
+    t0 = time.monotonic()
+    roles = _incident_roles(bench.args.incident_leaks)
+    try:
+        run.incident_setup_s = time.monotonic() - t0
+        if tracer is not None and cfg.kind == "closewait":
+            waited = _wait_more_progs(tracer.pid, progs, bench.args.incident_wait)
+            run.notes.append(
+                f"{progs} BPF programs at ready; more {waited:.1f} s after the leaks were made"
+                if waited is not None else f"{progs} BPF programs at ready, no more within "
+                f"{bench.args.incident_wait:g} s after the leaks were made")
+        yield
+    finally:
+        for r in roles:
+            r.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up from a cold cache
+# --------------------------------------------------------------------------------------------
+HEADER_CACHE = Path("/var/cache/closewait-trace")
+
+
+def cold_argv(cfg: Config) -> list[str]:
+    """The configuration's command with nothing of ours cached: closewait-trace runs in a
+    mount namespace of its own where its header cache is an empty tmpfs (the machine's cache is
+    left alone: other tracers may be using it). BCC 0.26 keeps no cache; bench.floor and the
+    BCC tools have none either."""
+    if cfg.kind != "closewait" or not shutil.which("unshare"):
+        return cfg.argv
+    script = ('mkdir -p "$1" && mount -t tmpfs closewait-cold "$1" && shift && exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "cold",
+            str(HEADER_CACHE), *cfg.argv]
+
+
+def cold_starts(bench: Bench, configs: list[Config]) -> dict[str, float]:
+    """Seconds from exec to ready of one cold start of each tracer configuration, no load."""
+    out: dict[str, float] = {}
+    for cfg in configs:
+        if cfg.kind == "none":
+            continue
+        log(f"cold start: {cfg.name}")
+        cold = Config(cfg.name, cfg.kind, cold_argv(cfg), cfg.env)
+        path = bench.workdir / f"{cfg.name}-cold"
+        with open(f"{path}.out", "wb") as fo, open(f"{path}.err", "wb") as fe:
+            p = bench.children.spawn(cfg.name, cold.argv, stdout=fo, stderr=fe, env=cfg.env,
+                                     cwd=str(bench.workdir))
+        try:
+            out[cfg.name] = _wait_ready(cold, p, Path(f"{path}.out"), Path(f"{path}.err"),
+                                        bench.args.ready_timeout)
+        except TracerFailed as exc:
+            log(f"cold start of {cfg.name} failed: {str(exc).splitlines()[0]}")
+        finally:
+            bench.children.stop(p, signal.SIGTERM, timeout=bench.args.stop_timeout)
+        time.sleep(bench.args.settle)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,16 +1047,25 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def summarize(configs: list[Config], runs: list[Run]) -> list[dict[str, Any]]:
+def _int(x: int | None) -> str:
+    return "–" if x is None else f"{x:,}"
+
+
+def _paired(runs: list[Run], rs: list[Run]) -> list[float]:
     by_round_none = {r.round: r.conn_s for r in runs if r.config == "none" and r.conn_s}
+    return [100 * (r.conn_s / by_round_none[r.round] - 1)
+            for r in rs if r.conn_s and by_round_none.get(r.round)]
+
+
+def summarize(configs: list[Config], runs: list[Run],
+              cold: dict[str, float] | None = None) -> list[dict[str, Any]]:
     none_med = _med([r.conn_s for r in runs if r.config == "none"])
     rows = []
     for cfg in configs:
         rs = [r for r in runs if r.config == cfg.name and r.error is None and r.conn_s]
         med = _med([r.conn_s for r in rs])
-        paired = [100 * (r.conn_s / by_round_none[r.round] - 1)
-                  for r in rs if r.conn_s and by_round_none.get(r.round)]
         lost = [r.events_lost for r in rs if r.events_lost is not None]
+        ready = [r.ready_s for r in rs if r.ready_s is not None]
         rows.append({
             "config": cfg.name,
             "command": cfg.command,
@@ -874,11 +1074,15 @@ def summarize(configs: list[Config], runs: list[Run]) -> list[dict[str, Any]]:
             "conn_s_min": min((r.conn_s for r in rs if r.conn_s), default=None),
             "conn_s_max": max((r.conn_s for r in rs if r.conn_s), default=None),
             "vs_none_pct": (100 * (med / none_med - 1)) if (med and none_med) else None,
-            "paired_vs_none_pct": _med(paired) if cfg.name != "none" else None,
+            "paired_vs_none_pct": _med(_paired(runs, rs)) if cfg.name != "none" else None,
             "tracer_cpu_pct": _med([r.tracer_cpu_pct for r in rs]),
             "bpf_cpu_pct": _med([r.bpf_cpu_pct for r in rs]),
             "bpf_runs_per_s": _med([r.bpf_runs_per_s for r in rs]),
+            "bpf_ns_per_conn": _med([r.bpf_ns_per_conn for r in rs]),
             "tracer_rss_mb": max((r.tracer_rss_mb for r in rs if r.tracer_rss_mb), default=None),
+            "tracer_rss_steady_mb": _med([r.tracer_rss_steady_mb for r in rs]),
+            "ready_cold_s": (cold or {}).get(cfg.name),
+            "ready_warm_s": _med(ready),
             "events_lost_total": sum(lost) if lost else None,
             "events_lost_max": max(lost) if lost else None,
             "machine_busy_pct": _med([r.machine_busy_pct for r in rs]),
@@ -888,110 +1092,176 @@ def summarize(configs: list[Config], runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def render_report(meta: dict[str, Any], configs: list[Config], runs: list[Run],
-                  rows: list[dict[str, Any]], notes: list[str]) -> str:
-    L: list[str] = []
+def _table(columns: Sequence[tuple[str, str]], body: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table; columns are (header, "l" or "r")."""
+    out = ["| " + " | ".join(h for h, _ in columns) + " |",
+           "|" + "|".join("---" if a == "l" else "---:" for _, a in columns) + "|"]
+    out += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
+    return out + [""]
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
     title = "closewait-trace overhead benchmark"
     if meta.get("interrupted"):
         title += " (INTERRUPTED: partial results)"
-    L.append(f"# {title}\n")
     waited = meta.get("waited_s") or 0.0
-    L.append(f"- Date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min"
-             + (f" (after waiting {waited / 60:.1f} min for a quiet machine)" if waited else ""))
-    L.append(f"- Machine: {meta['host']}, kernel {meta['kernel']}, {NCPU} CPU(s) "
-             f"({meta['cpu_model']}), {meta['mem_gb']:.0f} GB")
-    L.append(f"- Command: `{meta['command']}`")
-    L.append(f"- Server: nginx {meta['nginx']} on 127.0.0.1:{meta['port']} (1 worker, "
-             f"access_log off, `return 200 \"ok\"`); generated config, own temp dir")
-    L.append(f"- Load: `{meta['wrk_cmd']}`: every request is a new TCP connection, so "
-             "requests/s = connections/s")
-    L.append(f"- {meta['rounds']} round(s) of {meta['duration']:g} s per configuration; the order "
-             f"rotates each round; {meta['settle']:g} s pause between runs; one "
-             f"{meta['warmup']:g} s warm-up run (not counted)")
-    L.append(f"- Load average (1/5/15 min): {meta['load_before']} before, "
-             f"{meta['load_after']} after")
-    L.append("")
-    L.append("## Results (medians over rounds)\n")
-    L.append("| config | conn/s | vs none | paired vs none | tracer CPU (% of 1 core) | "
-             "peak RSS (MB) | events lost | rounds |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        f"# {title}\n",
+        f"- Date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min"
+        + (f" (after waiting {waited / 60:.1f} min for a quiet machine)" if waited else ""),
+        f"- Machine: {meta['host']}, kernel {meta['kernel']}, {NCPU} CPU(s) "
+        f"({meta['cpu_model']}), {meta['mem_gb']:.0f} GB",
+        f"- Command: `{meta['command']}`",
+        f"- Server: nginx {meta['nginx']} on 127.0.0.1:{meta['port']} (1 worker, "
+        "access_log off, `return 200 \"ok\"`); generated config, own temp dir",
+        f"- Load: `{meta['wrk_cmd']}`: every request is a new TCP connection, so "
+        "requests/s = connections/s",
+        f"- {meta['rounds']} round(s) of {meta['duration']:g} s per configuration; the order "
+        f"rotates each round; {meta['settle']:g} s pause between runs; one "
+        f"{meta['warmup']:g} s warm-up run (not counted)",
+        f"- Load average (1/5/15 min): {meta['load_before']} before, "
+        f"{meta['load_after']} after",
+    ]
+    if meta.get("incident"):
+        lines.append(f"- Incident: during every run's load, {meta['incident']:,} never-accepted "
+                     f"and {meta['incident']:,} accepted-not-closed sockets in CLOSE_WAIT on "
+                     "two other listeners (made after the tracer was ready, closed after the "
+                     "load)")
+    return [*lines, ""]
+
+
+_RESULT_NOTE = (
+    "conn/s: median (min–max) of wrk's Requests/sec. vs none: median of the config / median of "
+    "`none` - 1. paired vs none: median over rounds of (run / `none` run of the same round - "
+    "1), less sensitive to drift. Tracer CPU: utime+stime of the tracer process and its "
+    "children during the load / load wall time (100 = one core). BPF ns/conn (--bpf-stats): "
+    "run time of the tracer's BPF programs during the load / connections served. Events lost: "
+    "closewait-trace's own count (`events_lost` of its summary record), summed over rounds; "
+    "for the BCC tools the 'Possibly lost N samples' lines of their stderr.")
+
+
+def _results(rows: list[dict[str, Any]]) -> list[str]:
+    body = []
     for row in rows:
         conn = _num(row["conn_s"], ",.0f")
         if row["conn_s_min"] is not None and row["rounds"] > 1:
             conn += f" ({row['conn_s_min']:,.0f}–{row['conn_s_max']:,.0f})"
-        lost = "–"
-        if row["events_lost_total"] is not None:
-            lost = f"{row['events_lost_total']:,}" if row["rounds"] <= 1 else \
-                f"{row['events_lost_total']:,} (max {row['events_lost_max']:,}/run)"
-        L.append(f"| {row['config']} | {conn} | "
-                 f"{_pct(row['vs_none_pct']) if row['config'] != 'none' else '(baseline)'} | "
-                 f"{_pct(row['paired_vs_none_pct'])} | {_num(row['tracer_cpu_pct'], '.1f')} | "
-                 f"{_num(row['tracer_rss_mb'], '.0f')} | {lost} | {row['rounds']} |")
-    L.append("")
-    L.append("conn/s: median (min–max) of wrk's Requests/sec. vs none: median of the config / "
-             "median of `none` - 1. paired vs none: median over rounds of (run / `none` run of "
-             "the same round - 1), less sensitive to drift. Tracer CPU: utime+stime of the "
-             "tracer process and its children during the load / load wall time (100 = one "
-             "core). Peak RSS: VmHWM just before SIGTERM (max over rounds). Events lost: "
-             "closewait-trace's own count (`events_lost` of its summary record), summed over "
-             "rounds; for the BCC tools the 'Possibly lost N samples' lines of their stderr.")
-    L.append("")
-    if any(row["bpf_cpu_pct"] is not None for row in rows):
-        L.append("Time inside each tracer's BPF programs (kernel.bpf_stats_enabled; it runs in "
-                 "the context of nginx, wrk and softirqs, so it is *not* in the tracer CPU "
-                 "column; the syscall-tracepoint slow path is not in it either):\n")
-        L.append("| config | BPF time (% of 1 core) | BPF program runs/s |")
-        L.append("|---|---:|---:|")
-        for row in rows:
-            if row["bpf_cpu_pct"] is not None:
-                L.append(f"| {row['config']} | {row['bpf_cpu_pct']:.2f} | "
-                         f"{row['bpf_runs_per_s']:,.0f} |")
-        L.append("")
-    L.append("Commands:\n")
-    for cfg in configs:
-        L.append(f"- {cfg.name}: `{cfg.command}`")
+        lost = _int(row["events_lost_total"])
+        if row["events_lost_total"] is not None and row["rounds"] > 1:
+            lost += f" (max {row['events_lost_max']:,}/run)"
+        body.append([row["config"], conn,
+                     _pct(row["vs_none_pct"]) if row["config"] != "none" else "(baseline)",
+                     _pct(row["paired_vs_none_pct"]), _num(row["bpf_ns_per_conn"], ",.0f"),
+                     _num(row["tracer_cpu_pct"], ".1f"), lost, str(row["rounds"])])
+    cols = [("config", "l"), ("conn/s", "r"), ("vs none", "r"), ("paired vs none", "r"),
+            ("BPF ns/conn", "r"), ("tracer CPU (% of 1 core)", "r"), ("events lost", "r"),
+            ("rounds", "r")]
+    return ["## Results (medians over rounds)\n", *_table(cols, body), _RESULT_NOTE, ""]
+
+
+def _bpf(rows: list[dict[str, Any]]) -> list[str]:
+    measured = [row for row in rows if row["bpf_cpu_pct"] is not None]
+    if not measured:
+        return []
+    body = [[row["config"], f"{row['bpf_cpu_pct']:.2f}", f"{row['bpf_runs_per_s']:,.0f}",
+             _num(row["bpf_ns_per_conn"], ",.0f"),
+             _num(1e9 * row["bpf_cpu_pct"] / 100 / row["bpf_runs_per_s"], ",.0f")
+             if row["bpf_runs_per_s"] else "–"] for row in measured]
+    cols = [("config", "l"), ("BPF time (% of 1 core)", "r"), ("BPF program runs/s", "r"),
+            ("BPF ns/conn", "r"), ("BPF ns/run", "r")]
+    return ["Time inside each tracer's BPF programs (kernel.bpf_stats_enabled; it runs in the "
+            "context of nginx, wrk and softirqs, so it is *not* in the tracer CPU column; the "
+            "syscall-tracepoint slow path is not in it either):\n", *_table(cols, body)]
+
+
+def _startup(rows: list[dict[str, Any]]) -> list[str]:
+    started = [row for row in rows if row["ready_warm_s"] is not None]
+    if not started:
+        return []
+    body = [[row["config"], _num(row["ready_cold_s"], ".1f"), _num(row["ready_warm_s"], ".1f"),
+             _num(row["tracer_rss_mb"], ".0f"), _num(row["tracer_rss_steady_mb"], ".0f")]
+            for row in started]
+    cols = [("config", "l"), ("exec → ready, cold (s)", "r"),
+            ("exec → ready, warm (median of the runs, s)", "r"), ("peak RSS (MB)", "r"),
+            ("steady RSS at end of load (median, MB)", "r")]
+    return ["## Start-up and memory\n", *_table(cols, body),
+            "exec → ready: from spawning the tracer until it is attached (closewait-trace and "
+            "bench.floor: their `ready` record; BCC tools: their perf buffer fds open and "
+            "stable for 1 s, which adds up to 1 s). Cold: one start before the rounds, with no "
+            "load, closewait-trace with an empty header cache (an empty tmpfs over "
+            f"{HEADER_CACHE} in a mount namespace of its own, so it merges its headers again); "
+            "BCC 0.26 keeps no compile cache, so every start compiles its program again; the OS "
+            "page cache is not dropped (the machine is shared). Warm: the starts of the "
+            "measured runs. Peak RSS: VmHWM of the tracer and its children just before SIGTERM "
+            "(max over rounds); steady RSS: their VmRSS at the same time.",
+            ""]
+
+
+def _commands_and_target(configs: list[Config], rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["Commands:\n", *(f"- {cfg.name}: `{cfg.command}`" for cfg in configs)]
     cw = next((r for r in rows if r["config"] == "closewait"), None)
     if cw and cw["conn_s"] is not None:
-        slow = cw["paired_vs_none_pct"] if cw["paired_vs_none_pct"] is not None else cw["vs_none_pct"]
+        slow = cw["paired_vs_none_pct"] if cw["paired_vs_none_pct"] is not None \
+            else cw["vs_none_pct"]
         ok_slow = slow is not None and slow >= -TARGET_SLOWDOWN_PCT
         ok_cpu = cw["tracer_cpu_pct"] is not None and cw["tracer_cpu_pct"] < TARGET_CPU_PCT
-        L.append("")
-        L.append(f"Target for closewait-trace (within {TARGET_SLOWDOWN_PCT:g}% of no tracer, under "
-                 f"{TARGET_CPU_PCT:g}% of a core): throughput {_pct(slow)} "
-                 f"{'met' if ok_slow else 'NOT met'}; CPU {_num(cw['tracer_cpu_pct'], '.1f')}% "
-                 f"{'met' if ok_cpu else 'NOT met'}.")
-    L.append("")
-    L.append("## Per-run raw numbers\n")
-    L.append("| round | # | config | conn/s | tracer CPU % | peak RSS MB | events lost | "
-             "ready (s) | stop (s) | CW seen | machine busy % | steal % | nginx CPU % | "
-             "wrk CPU % | load1 | others | notes |")
-    L.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in runs:
-        notes_txt = "; ".join(([f"FAILED: {r.error.splitlines()[0]}"] if r.error else []) + r.notes)
-        if r.events_printed is not None:
-            notes_txt = (notes_txt + "; " if notes_txt else "") + f"{r.events_printed:,} lines printed"
-        if r.bpf_cpu_pct is not None:
-            notes_txt = (notes_txt + "; " if notes_txt else "") + \
-                f"BPF {r.bpf_cpu_pct:.2f}% ({r.bpf_runs_per_s:,.0f} runs/s)"
-        if r.lost_detail and r.events_lost:
-            nz = {k: v for k, v in r.lost_detail.items() if v}
-            notes_txt = (notes_txt + "; " if notes_txt else "") + f"lost: {nz}"
-        L.append(f"| {r.round} | {r.position} | {r.config} | {_num(r.conn_s, ',.0f')} | "
-                 f"{_num(r.tracer_cpu_pct, '.1f')} | {_num(r.tracer_rss_mb, '.0f')} | "
-                 f"{'–' if r.events_lost is None else f'{r.events_lost:,}'} | "
-                 f"{_num(r.ready_s, '.1f')} | {_num(r.stop_s, '.1f')} | "
-                 f"{'–' if r.cw_entered is None else f'{r.cw_entered:,}'} | "
-                 f"{_num(r.machine_busy_pct, '.0f')} | {_num(r.steal_pct, '.1f')} | "
-                 f"{_num(r.nginx_cpu_pct, '.0f')} | {_num(r.wrk_cpu_pct, '.0f')} | "
-                 f"{_num(r.load1, '.2f')} | {_others(r.foreign)} | {notes_txt.replace('|', '/')} |")
-    L.append("")
-    L.append("ready: seconds from start until the tracer was attached (closewait-trace: its "
-             "`ready` record; BCC tools: their perf buffer fds open and stable for 1 s). stop: "
-             "seconds from SIGTERM to exit. CW seen: closewait-trace's `cw_entered` (sockets "
-             "that entered CLOSE_WAIT: the client side of a connection when nginx's FIN "
-             "arrives before wrk closes). machine busy / steal: all CPUs, from /proc/stat "
-             "during the load. load1: 1-min load average when the run started. others: other "
-             "processes holding BPF programs (bpf) and VMs (vm) when the run started.")
+        lines += ["", f"Target for closewait-trace (within {TARGET_SLOWDOWN_PCT:g}% of no "
+                  f"tracer, under {TARGET_CPU_PCT:g}% of a core): throughput {_pct(slow)} "
+                  f"{'met' if ok_slow else 'NOT met'}; CPU "
+                  f"{_num(cw['tracer_cpu_pct'], '.1f')}% {'met' if ok_cpu else 'NOT met'}."]
+    return [*lines, ""]
+
+
+def _run_notes(r: Run) -> str:
+    parts = ([f"FAILED: {r.error.splitlines()[0]}"] if r.error else []) + list(r.notes)
+    if r.events_printed is not None:
+        parts.append(f"{r.events_printed:,} lines printed")
+    if r.bpf_cpu_pct is not None:
+        parts.append(f"BPF {r.bpf_cpu_pct:.2f}% ({r.bpf_runs_per_s:,.0f} runs/s)")
+    if r.lost_detail and r.events_lost:
+        parts.append(f"lost: { {k: v for k, v in r.lost_detail.items() if v} }")
+    return "; ".join(parts)
+
+
+# The per-run table: header, then the Run field and its format ("," alone: an integer with
+# thousands separators; a callable: the cell itself).
+_RUN_COLUMNS: tuple[tuple[str, str | Callable[[Run], str], str], ...] = (
+    ("round", "round", "d"), ("#", "position", "d"), ("config", "config", "s"),
+    ("conn/s", "conn_s", ",.0f"), ("tracer CPU %", "tracer_cpu_pct", ".1f"),
+    ("BPF ns/conn", "bpf_ns_per_conn", ",.0f"), ("peak RSS MB", "tracer_rss_mb", ".0f"),
+    ("steady RSS MB", "tracer_rss_steady_mb", ".0f"), ("BPF progs", "tracer_bpf_progs", ","),
+    ("events lost", "events_lost", ","), ("ready (s)", "ready_s", ".1f"),
+    ("stop (s)", "stop_s", ".1f"), ("CW seen", "cw_entered", ","),
+    ("machine busy %", "machine_busy_pct", ".0f"), ("steal %", "steal_pct", ".1f"),
+    ("nginx CPU %", "nginx_cpu_pct", ".0f"), ("wrk CPU %", "wrk_cpu_pct", ".0f"),
+    ("load1", "load1", ".2f"), ("others", lambda r: _others(r.foreign), ""),
+    ("notes", _run_notes, ""),
+)
+
+
+def _cell(r: Run, field_: str | Callable[[Run], str], fmt: str) -> str:
+    if callable(field_):
+        return field_(r)
+    value = getattr(r, field_)
+    return "–" if value is None else format(value, fmt)
+
+
+def _per_run(runs: list[Run]) -> list[str]:
+    cols = [(h, "l" if fmt in ("s", "") and h != "others" else "r")
+            for h, _, fmt in _RUN_COLUMNS]
+    body = [[_cell(r, f, fmt) for _, f, fmt in _RUN_COLUMNS] for r in runs]
+    return ["## Per-run raw numbers\n", *_table(cols, body),
+            "ready: seconds from start until the tracer was attached. stop: seconds from "
+            "SIGTERM to exit. BPF progs: BPF programs the tracer held when the load started "
+            "(closewait-trace's accept watch adds its syscall programs). CW seen: "
+            "closewait-trace's `cw_entered` (sockets that entered CLOSE_WAIT: the client side "
+            "of a connection when nginx's FIN arrives before wrk closes). machine busy / steal: "
+            "all CPUs, from /proc/stat during the load. load1: 1-min load average when the run "
+            "started. others: other processes holding BPF programs (bpf) and VMs (vm) when the "
+            "run started."]
+
+
+def _notes(runs: list[Run], notes: list[str]) -> list[str]:
     all_notes = list(notes)
     seen: dict[str, str] = {}
     for r in runs:
@@ -1007,13 +1277,16 @@ def render_report(meta: dict[str, Any], configs: list[Config], runs: list[Run],
     if others:
         all_notes.append(f"{len(others)} other tracer-related process(es) or VM(s) during some "
                          "runs: " + "; ".join(others[:6]) + (" ..." if len(others) > 6 else ""))
-    if all_notes:
-        L.append("")
-        L.append("## Notes\n")
-        for n in all_notes:
-            L.append(f"- {n}")
-    L.append("")
-    return "\n".join(L)
+    if not all_notes:
+        return []
+    return ["", "## Notes\n", *(f"- {n}" for n in all_notes)]
+
+
+def render_report(meta: dict[str, Any], configs: list[Config], runs: list[Run],
+                  rows: list[dict[str, Any]], notes: list[str]) -> str:
+    sections = [_header(meta), _results(rows), _bpf(rows), _startup(rows),
+                _commands_and_target(configs, rows), _per_run(runs), _notes(runs, notes)]
+    return "\n".join(line for section in sections for line in section) + "\n"
 
 
 def _others(foreign: list[str]) -> str:
@@ -1064,6 +1337,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--kernel-headers", metavar="DIR",
                     help="BCC_KERNEL_SOURCE for tcpstates/tcplife (default: found as "
                          "closewait-trace finds its headers)")
+    _add_machine_options(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 3.0, 1.0
+    if args.rounds < 1 or args.duration <= 0 or args.incident_leaks < 1:
+        ap.error("--rounds and --incident-leaks must be >= 1 and --duration > 0")
+    return args
+
+
+def _add_machine_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--incident", action="store_true",
+                    help="during every run's load, keep --incident-leaks never-accepted and as "
+                         "many accepted-not-closed sockets in CLOSE_WAIT on other ports")
+    ap.add_argument("--incident-leaks", type=int, default=1000,
+                    help="leaks of each kind for --incident (default 1000)")
+    ap.add_argument("--incident-wait", type=float, default=10.0,
+                    help="--incident: seconds closewait-trace is given to turn its accept "
+                         "watch on before the load (default 10)")
     ap.add_argument("--wait-quiet", type=float, metavar="LOAD",
                     help="first wait until the 1-min load average is at most LOAD (poll every "
                          "60 s, up to --wait-max)")
@@ -1073,16 +1364,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="set kernel.bpf_stats_enabled=1 during the runs (restored after) and "
                          "report the time spent in each tracer's BPF programs; this adds a "
                          "little cost to every program run")
+    ap.add_argument("--no-cold-start", action="store_true",
+                    help="skip the cold start of each tracer before the rounds")
     ap.add_argument("--tune", action="store_true",
                     help="only sweep wrk threads x connections with no tracer and print conn/s")
     ap.add_argument("--keep-output", action="store_true",
                     help="keep the BCC tools' output files (in the temp dir, which is kept too)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 3.0, 1.0
-    if args.rounds < 1 or args.duration <= 0:
-        ap.error("--rounds must be >= 1 and --duration > 0")
-    return args
 
 
 def wait_quiet(max_load: float, max_wait: float) -> None:
@@ -1118,99 +1405,180 @@ def tune(args: argparse.Namespace, children: Children, nginx: Nginx, workdir: Pa
               f"{statistics.mean(ngs):.0f} | {statistics.mean(wks):.0f} |", flush=True)
 
 
+class BpfStats:
+    """kernel.bpf_stats_enabled=1 while the benchmark runs, the old value restored after."""
+
+    PATH = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+    def __init__(self) -> None:
+        self.old: str | None = None
+
+    def enable(self) -> None:
+        self.old = self.PATH.read_text().strip()
+        self.PATH.write_text("1\n")
+
+    def restore(self) -> None:
+        if self.old is not None:
+            self.PATH.write_text(self.old + "\n")
+            self.old = None
+
+
+def _look_around(args: argparse.Namespace) -> float:
+    """Wait for a quiet machine if asked (returns the seconds waited); warn about tracers."""
+    waited = 0.0
+    if args.wait_quiet is not None:
+        t_wait = time.monotonic()
+        wait_quiet(args.wait_quiet, args.wait_max)
+        waited = time.monotonic() - t_wait
+    foreign = foreign_processes(set())
+    if foreign:
+        log("WARNING: other tracers/VMs are running and will skew the numbers: "
+            + "; ".join(foreign[:5]))
+    return waited
+
+
+def _warm_up(bench: Bench) -> None:
+    args = bench.args
+    if args.warmup > 0:
+        log(f"warm-up: {args.warmup:g} s of load, not counted")
+        run_wrk(bench.children, wrk_argv(args.wrk_bin, args.threads, args.connections,
+                                         args.warmup, bench.nginx.url), bench.workdir)
+        time.sleep(args.settle)
+
+
+def _meta(args: argparse.Namespace, argv: Sequence[str] | None, nginx: Nginx,
+          load_before: tuple[float, float, float], waited: float) -> dict[str, Any]:
+    wrk_cmd = " ".join(shlex.quote(a) for a in wrk_argv(
+        "wrk", args.threads, args.connections, args.duration, nginx.url))
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(), "kernel": platform.release(),
+        "cpu_model": _cpu_model(), "mem_gb": _mem_gb(),
+        "command": _command_line(argv), "nginx": nginx.version, "port": nginx.port,
+        "wrk_cmd": wrk_cmd, "rounds": args.rounds, "duration": args.duration,
+        "settle": args.settle, "warmup": args.warmup, "threads": args.threads,
+        "connections": args.connections, "load_before": fmt_load(load_before),
+        "waited_s": waited, "incident": args.incident_leaks if args.incident else 0,
+    }
+
+
+def _failed_run(cfg: Config, rnd: int, pos: int, exc: TracerFailed, notes: list[str]) -> Run:
+    msg = str(exc)
+    log(f"ERROR: {msg}")
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    errs = [ln for ln in lines[1:] if re.search(r"error|Error|Exception", ln)]
+    short = " / ".join([lines[0], *(errs[:2] or lines[1:4])])
+    notes.append(f"{cfg.name} failed in round {rnd} and was dropped from the remaining rounds: "
+                 f"{short[:400]}")
+    return Run(config=cfg.name, round=rnd, position=pos, error=msg)
+
+
+def _log_run(run: Run) -> None:
+    if run.error is not None:
+        return
+    extra = ""
+    if run.tracer_cpu_pct is not None:
+        extra = (f", tracer {run.tracer_cpu_pct:.1f}% CPU, {_num(run.tracer_rss_mb, '.0f')} MB, "
+                 f"lost {run.events_lost if run.events_lost is not None else '?'}")
+    if run.bpf_ns_per_conn is not None:
+        extra += f", BPF {run.bpf_ns_per_conn:,.0f} ns/conn"
+    log(f"  {run.conn_s:,.0f} conn/s{extra}")
+
+
+def run_rounds(bench: Bench, configs: list[Config], runs: list[Run], notes: list[str]) -> None:
+    """Every configuration once per round, the order rotated by one each round; a
+    configuration that fails is dropped from the later rounds. Appends to `runs` as it goes
+    (an interruption keeps what was measured)."""
+    n, rounds = len(configs), bench.args.rounds
+    failed: set[str] = set()
+    for rnd in range(1, rounds + 1):
+        k = (rnd - 1) % n
+        for pos, cfg in enumerate(configs[k:] + configs[:k], 1):
+            if cfg.name in failed:
+                continue
+            log(f"round {rnd}/{rounds} run {pos}/{n} "
+                f"({(rnd - 1) * n + pos}/{rounds * n}): {cfg.name}")
+            try:
+                run = run_one(cfg, rnd, pos, bench)
+            except TracerFailed as exc:
+                failed.add(cfg.name)
+                run = _failed_run(cfg, rnd, pos, exc, notes)
+            runs.append(run)
+            _log_run(run)
+            time.sleep(bench.args.settle)
+
+
+def write_results(args: argparse.Namespace, meta: dict[str, Any], configs: list[Config],
+                  runs: list[Run], notes: list[str]) -> None:
+    rows = summarize(configs, runs, meta.get("cold_start_s"))
+    report = render_report(meta, configs, runs, rows, notes)
+    out = args.output or default_output(args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "configs": [asdict(c) | {"env": None} for c in configs],
+         "summary": rows, "runs": [asdict(r) for r in runs],
+         "notes": notes}, indent=1) + "\n")
+    print(report)
+    log(f"report written to {out} (raw numbers: {out.with_suffix('.json')}); "
+        f"wall time {meta['wall_s'] / 60:.1f} min")
+
+
+def _clean_up(children: Children, stats: BpfStats, workdir: Path, keep: bool) -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    children.stop_all()
+    stats.restore()
+    for sig in SIGNALS:
+        signal.signal(sig, _raise_interrupt)
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, argv: Sequence[str] | None, bench: Bench,
+             configs: list[Config], runs: list[Run], notes: list[str],
+             stats: BpfStats, meta: dict[str, Any]) -> None:
+    """Everything between the checks and the report; fills `meta` before the rounds."""
+    waited = _look_around(args)
+    started = time.monotonic()
+    load_before = loadavg()
+    if args.bpf_stats:
+        stats.enable()
+        notes.append("--bpf-stats: kernel.bpf_stats_enabled was 1 during the runs (it times "
+                     "every BPF program run, which costs a little)")
+    bench.nginx.start()
+    log(f"nginx {bench.nginx.version} on {bench.nginx.url} (temp dir {bench.workdir})")
+    if args.tune:
+        tune(args, bench.children, bench.nginx, bench.workdir)
+        return
+    _warm_up(bench)
+    meta.update(_meta(args, argv, bench.nginx, load_before, waited), started=started)
+    if not args.no_cold_start:
+        meta["cold_start_s"] = cold_starts(bench, configs)
+    run_rounds(bench, configs, runs, notes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.monotonic()
     notes: list[str] = []
     children = Children()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in SIGNALS:
         signal.signal(sig, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="closewait-bench-"))
     runs: list[Run] = []
     configs: list[Config] = []
     meta: dict[str, Any] = {}
     interrupted = False
-    nginx: Nginx | None = None
-    bpf_stats_old: str | None = None
+    stats = BpfStats()
     try:
         if args.tune:
             args.only = "none"
         configs = build_configs(args, notes)
         if any(c.kind != "none" for c in configs) and os.geteuid() != 0:
             raise BenchError("tracers need root: sudo .venv/bin/python -m bench.overhead ...")
-        waited = 0.0
-        if args.wait_quiet is not None:
-            t_wait = time.monotonic()
-            wait_quiet(args.wait_quiet, args.wait_max)
-            waited = time.monotonic() - t_wait
-            t_start = time.monotonic()
-        foreign = foreign_processes(set())
-        if foreign:
-            log("WARNING: other tracers/VMs are running and will skew the numbers: "
-                + "; ".join(foreign[:5]))
-        load_before = loadavg()
-        if args.bpf_stats:
-            stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
-            bpf_stats_old = stats_path.read_text().strip()
-            stats_path.write_text("1\n")
-            notes.append("--bpf-stats: kernel.bpf_stats_enabled was 1 during the runs (it "
-                         "times every BPF program run, which costs a little)")
-        nginx = Nginx(args.nginx_bin, children, workdir)
-        nginx.start()
-        log(f"nginx {nginx.version} on {nginx.url} (temp dir {workdir})")
-        if args.tune:
-            tune(args, children, nginx, workdir)
-            return 0
-        wrk_cmd = " ".join(shlex.quote(a) for a in wrk_argv(
-            "wrk", args.threads, args.connections, args.duration, nginx.url))
-        if args.warmup > 0:
-            log(f"warm-up: {args.warmup:g} s of load, not counted")
-            run_wrk(children, wrk_argv(args.wrk_bin, args.threads, args.connections,
-                                       args.warmup, nginx.url), workdir)
-            time.sleep(args.settle)
-        meta = {
-            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node(), "kernel": platform.release(),
-            "cpu_model": _cpu_model(), "mem_gb": _mem_gb(),
-            "command": _command_line(argv), "nginx": nginx.version, "port": nginx.port,
-            "wrk_cmd": wrk_cmd, "rounds": args.rounds, "duration": args.duration,
-            "settle": args.settle, "warmup": args.warmup, "threads": args.threads,
-            "connections": args.connections, "load_before": fmt_load(load_before),
-            "waited_s": waited,
-        }
-        n = len(configs)
-        failed: dict[str, str] = {}
-        total = args.rounds * n
-        done = 0
-        for rnd in range(1, args.rounds + 1):
-            k = (rnd - 1) % n
-            order = configs[k:] + configs[:k]
-            for pos, cfg in enumerate(order, 1):
-                done += 1
-                if cfg.name in failed:
-                    continue
-                log(f"round {rnd}/{args.rounds} run {pos}/{n} ({done}/{total}): {cfg.name}")
-                try:
-                    run = run_one(cfg, rnd, pos, args, children, nginx, workdir)
-                except TracerFailed as exc:
-                    msg = str(exc)
-                    log(f"ERROR: {msg}")
-                    failed[cfg.name] = msg
-                    run = Run(config=cfg.name, round=rnd, position=pos, error=msg)
-                    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-                    errs = [ln for ln in lines[1:] if re.search(r"error|Error|Exception", ln)]
-                    short = " / ".join([lines[0], *(errs[:2] or lines[1:4])])
-                    notes.append(f"{cfg.name} failed in round {rnd} and was dropped from the "
-                                 f"remaining rounds: {short[:400]}")
-                runs.append(run)
-                if run.error is None:
-                    extra = ""
-                    if run.tracer_cpu_pct is not None:
-                        extra = (f", tracer {run.tracer_cpu_pct:.1f}% CPU, "
-                                 f"{_num(run.tracer_rss_mb, '.0f')} MB, "
-                                 f"lost {run.events_lost if run.events_lost is not None else '?'}")
-                    log(f"  {run.conn_s:,.0f} conn/s{extra}")
-                time.sleep(args.settle)
+        bench = Bench(args, children, Nginx(args.nginx_bin, children, workdir), workdir)
+        _measure(args, argv, bench, configs, runs, notes, stats, meta)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping child processes")
@@ -1219,31 +1587,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        children.stop_all()
-        if bpf_stats_old is not None:
-            Path("/proc/sys/kernel/bpf_stats_enabled").write_text(bpf_stats_old + "\n")
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _raise_interrupt)
-        if not args.keep_output:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if not runs:
-        return 130 if interrupted else 1
-    meta["load_after"] = fmt_load(loadavg())
-    meta["wall_s"] = time.monotonic() - t_start
-    meta["interrupted"] = interrupted
-    rows = summarize(configs, runs)
-    report = render_report(meta, configs, runs, rows, notes)
-    out = args.output or default_output(args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "configs": [asdict(c) | {"env": None} for c in configs],
-         "summary": rows, "runs": [asdict(r) for r in runs], "notes": notes}, indent=1) + "\n")
-    print(report)
-    log(f"report written to {out} (raw numbers: {out.with_suffix('.json')}); "
-        f"wall time {meta['wall_s'] / 60:.1f} min")
+        _clean_up(children, stats, workdir, args.keep_output)
+    if not runs or not meta:
+        return 130 if interrupted else (0 if args.tune else 1)
+    t_start = meta.pop("started", t_start)
+    meta.update(load_after=fmt_load(loadavg()), wall_s=time.monotonic() - t_start,
+                interrupted=interrupted)
+    write_results(args, meta, configs, runs, notes)
     if interrupted:
         return 130
     return 1 if any(r.error for r in runs) else 0

@@ -18,25 +18,29 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fcntl
 import os
 import platform
-import pty
 import re
-import signal
 import socket
-import struct
-import subprocess
 import sys
-import termios
-import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .load import SCALE_SYSCTLS, JsonTracer, Role, Sysctls, find_closewait, run_command
+from .load import SCALE_SYSCTLS, Option, Role, Sysctls, find_closewait, run_command
+from .tracer import JsonTracer, LiveTracer
+
+
+OPTIONS: tuple[Option, ...] = (
+    ("--count", int, 10_000, "sockets of each kind"),
+    ("--threshold", float, 5.0, "leak threshold, s"),
+    ("--timeout", float, 120.0, "longest wait past the threshold for every flag, s"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("scale", __doc__, OPTIONS, argv, run, report)
 
 
 def status_kb(pid: int, key: str) -> int | None:
@@ -75,139 +79,83 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LiveTracer:
-    """closewait-trace's live view in a pseudo-terminal (120 x 40), with --metrics."""
-
-    def __init__(self, argv: Sequence[str], metrics_port: int) -> None:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
-        self.proc = subprocess.Popen(list(argv), stdin=slave, stdout=slave, stderr=slave,
-                                     env=env, start_new_session=True)
-        os.close(slave)
-        self.master = master
-        self.metrics_port = metrics_port
-        self.out = bytearray()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            with self.lock:
-                self.out += data
-                if len(self.out) > 4_000_000:  # keep the end: the last frames and the summary
-                    del self.out[:-2_000_000]
-
-    def text(self) -> str:
-        with self.lock:
-            raw = bytes(self.out)
-        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode(errors="replace"))
-
-    def metrics(self) -> dict[str, float] | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                        timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        vals = {"sockets": 0.0, "leaking": 0.0}
-        for line in text.splitlines():
-            if line.startswith("closewait_sockets{"):
-                vals["sockets"] += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("closewait_leaking_sockets{"):
-                vals["leaking"] += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("closewait_tracer_tick_max_seconds "):
-                vals["tick_max"] = float(line.rsplit(" ", 1)[1])
-        return vals
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
+def _start_tracers(cw: str, thr: float) -> tuple[JsonTracer, LiveTracer]:
+    """Both tracers, once ready (the live one: once its metrics answer)."""
+    js = JsonTracer([cw, "--json", "--threshold", f"{thr}s"]).start()
+    mport = free_port()
+    live = LiveTracer([cw, "--threshold", f"{thr}s", "--metrics", str(mport)], mport).start()
+    try:
+        js.wait_ready(300)
+    except AssertionError as exc:
+        raise RuntimeError(f"the --json tracer did not become ready: {exc}") from None
+    deadline = time.monotonic() + 300
+    while live.metrics() is None:
+        if time.monotonic() > deadline or live.proc.poll() is not None:
+            raise RuntimeError("the live tracer did not start:\n" + live.text()[-2000:])
         time.sleep(0.5)
+    return js, live
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    cw = args.closewait_trace or find_closewait()
-    n = args.count
-    thr = args.threshold
-    res: dict[str, Any] = {"count": n, "threshold_s": thr}
-    misses: list[str] = []
+def _watch(live: LiveTracer, js: JsonTracer, n: int, t_set: float, until: float,
+           res: dict[str, Any]) -> None:
+    """Poll the live view's metrics until both tracers have flagged all 2 n sockets (or
+    `until`), then a few more ticks; record when and how long its ticks took."""
+    live_all_open = live_all_flagged = None
+    tick_max = 0.0
+    while time.monotonic() < until:
+        m = live.metrics() or {}
+        now = time.monotonic()
+        tick_max = max(tick_max, m.get("tick_max", 0.0))
+        if live_all_open is None and m.get("sockets", 0) >= 2 * n:
+            live_all_open = now
+        if live_all_flagged is None and m.get("leaking", 0) >= 2 * n:
+            live_all_flagged = now
+        if live_all_flagged and js.first_all_at:
+            break
+        time.sleep(0.25)
+    time.sleep(3)  # a few more ticks with all of them open
+    m = live.metrics() or {}
+    res["live_tick_max_s"] = max(tick_max, m.get("tick_max", 0.0))
+    res["live_open_seen"] = m.get("sockets")
+    for key, at in (("live_all_open_after_s", live_all_open),
+                    ("live_all_flagged_after_s", live_all_flagged),
+                    ("json_all_flagged_after_s", js.first_all_at)):
+        res[key] = None if at is None else at - t_set
+    res["json_map_kb"] = bpf_map_bytes(js.pid) // 1024
+    res["live_rss_mb"] = (status_kb(live.pid, "VmHWM") or 0) / 1024
+
+
+def _measure(args: argparse.Namespace, res: dict[str, Any]) -> tuple[JsonTracer, LiveTracer]:
+    """The run itself: listeners, both tracers, then 2 x N leaks made at once and watched."""
+    n, thr = args.count, args.threshold
     roles: list[Role] = []
     js: JsonTracer | None = None
     live: LiveTracer | None = None
-    with Sysctls(SCALE_SYSCTLS):
-        try:
-            lst = Role(["listen", "--backlog", str(n + 1000)]).start()
-            srv = Role(["server", "--mode", "close-now", "--backlog", str(n + 1000)]).start()
-            roles += [lst, srv]
-            js = JsonTracer([cw, "--json", "--threshold", f"{thr}s"])
-            mport = free_port()
-            live = LiveTracer([cw, "--threshold", f"{thr}s", "--metrics", str(mport)], mport)
-            if not js.ready.wait(300):
-                raise RuntimeError("the --json tracer did not become ready")
-            deadline = time.monotonic() + 300
-            while live.metrics() is None:
-                if time.monotonic() > deadline or live.proc.poll() is not None:
-                    raise RuntimeError("the live tracer did not start:\n" + live.text()[-2000:])
-                time.sleep(0.5)
-            js.want = 2 * n
-            t0 = time.monotonic()
-            queued = Role(["connect-close", "--port", str(lst.port), "--count", str(n)]).start()
-            held = Role(["hold", "--port", str(srv.port), "--count", str(n)]).start()
-            roles += [queued, held]
-            queued.wait_done(600)
-            held.wait_done(600)
-            t_set = time.monotonic()
-            res["setup_s"] = t_set - t0
-            live_all_open = live_all_flagged = None
-            tick_max = 0.0
-            deadline = t_set + thr + args.timeout
-            while time.monotonic() < deadline:
-                m = live.metrics() or {}
-                now = time.monotonic()
-                tick_max = max(tick_max, m.get("tick_max", 0.0))
-                if live_all_open is None and m.get("sockets", 0) >= 2 * n:
-                    live_all_open = now
-                if live_all_flagged is None and m.get("leaking", 0) >= 2 * n:
-                    live_all_flagged = now
-                if live_all_flagged and js.first_all_at:
-                    break
-                time.sleep(0.25)
-            time.sleep(3)  # a few more ticks with all of them open
-            m = live.metrics() or {}
-            res["live_tick_max_s"] = max(tick_max, m.get("tick_max", 0.0))
-            res["live_open_seen"] = m.get("sockets")
-            res["live_all_open_after_s"] = None if live_all_open is None else live_all_open - t_set
-            res["live_all_flagged_after_s"] = (None if live_all_flagged is None
-                                               else live_all_flagged - t_set)
-            res["json_all_flagged_after_s"] = (None if js.first_all_at is None
-                                               else js.first_all_at - t_set)
-            res["json_map_kb"] = bpf_map_bytes(js.proc.pid) // 1024
-            res["live_rss_mb"] = (status_kb(live.proc.pid, "VmHWM") or 0) / 1024
-        finally:
-            if js is not None:
-                js.stop()
-            if live is not None:
-                live.stop()
-            for r in roles:
-                r.stop()
-    s = js.summary or {}
-    res["json_summary"] = {k: s.get(k) for k in ("open", "flagged", "cw_reported", "events_lost",
-                                                "complete", "lost", "tracer")}
-    res["json_groups"] = [(g["cause"], g["pid"], g["count"]) for g in s.get("groups", [])]
-    text = live.text() if live is not None else ""
-    res["live_grouped"] = "by process and service" in text
-    res["live_more_line"] = bool(re.search(r"\.\.\. \d+ more; grouped below", text))
-    res["live_summary_no_loss"] = "no events lost" in text
-    res["live_tail"] = text[-3000:]
+    try:
+        lst = Role(["listen", "--backlog", str(n + 1000)]).start()
+        srv = Role(["server", "--mode", "close-now", "--backlog", str(n + 1000)]).start()
+        roles += [lst, srv]
+        js, live = _start_tracers(args.closewait_trace or find_closewait(), thr)
+        js.want = 2 * n
+        t0 = time.monotonic()
+        roles.append(Role(["connect-close", "--port", str(lst.port), "--count", str(n)]).start())
+        roles.append(Role(["hold", "--port", str(srv.port), "--count", str(n)]).start())
+        for r in roles[2:]:
+            r.wait_done(600)
+        t_set = time.monotonic()
+        res["setup_s"] = t_set - t0
+        _watch(live, js, n, t_set, t_set + thr + args.timeout, res)
+    finally:
+        for t in (js, live):
+            if t is not None:
+                t.stop()
+        for r in roles:
+            r.stop()
+    return js, live
 
+
+def _misses(res: dict[str, Any], s: dict[str, Any], n: int) -> list[str]:
+    misses = []
     if s.get("open", 0) < 2 * n:
         misses.append(f"--json tracer counted {s.get('open')} open, not {2 * n}")
     if s.get("flagged", 0) < 2 * n:
@@ -222,7 +170,23 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         misses.append("live view did not group the sockets")
     if not res["live_summary_no_loss"]:
         misses.append("live view's summary does not say 'no events lost'")
-    return res, misses
+    return misses
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    res: dict[str, Any] = {"count": args.count, "threshold_s": args.threshold}
+    with Sysctls(SCALE_SYSCTLS):
+        js, live = _measure(args, res)
+    s = js.summary or {}
+    res["json_summary"] = {k: s.get(k) for k in ("open", "flagged", "cw_reported", "events_lost",
+                                                "complete", "lost", "tracer")}
+    res["json_groups"] = [(g["cause"], g["pid"], g["count"]) for g in s.get("groups", [])]
+    text = live.text()
+    res["live_grouped"] = "by process and service" in text
+    res["live_more_line"] = bool(re.search(r"\.\.\. \d+ more; grouped below", text))
+    res["live_summary_no_loss"] = "no events lost" in text
+    res["live_tail"] = text[-3000:]
+    return res, _misses(res, s, args.count)
 
 
 def report(res: dict[str, Any], misses: list[str], argv: Sequence[str]) -> str:
@@ -275,17 +239,6 @@ def report(res: dict[str, Any], misses: list[str], argv: Sequence[str]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=10_000,
-                    help="sockets of each kind (default 10000)")
-    ap.add_argument("--threshold", type=float, default=5.0, help="leak threshold, s (default 5)")
-    ap.add_argument("--timeout", type=float, default=120.0,
-                    help="longest wait past the threshold for every flag, s (default 120)")
-    return run_command("scale", ap, argv, run, report)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,23 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .load import JsonTracer, Role, find_closewait, run_command
+from .load import Option, Role, find_closewait, run_command
 from .scale import status_kb
+from .tracer import JsonTracer
+
+
+OPTIONS: tuple[Option, ...] = (
+    ("--minutes", float, 10.0, "duration"),
+    ("--warmup", float, 120.0, "seconds before RSS counts"),
+    ("--count", int, 15_000, "connections per client per round"),
+    ("--leak-every", int, 5000, "one leak per this many connections"),
+    ("--threshold", float, 3.0, "leak threshold, s"),
+    ("--rss-slack", float, 2.0, "RSS growth after the warm-up still called flat, MB"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("soak", __doc__, OPTIONS, argv, run, report)
 
 
 def one_round(count: int, leak_every: int, threshold: float) -> tuple[list[tuple[str, str]], int]:
@@ -55,54 +70,89 @@ def one_round(count: int, leak_every: int, threshold: float) -> tuple[list[tuple
             r.stop()
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    cw = args.closewait_trace or find_closewait()
-    t = JsonTracer([cw, "--json", "--threshold", f"{args.threshold:g}s"])
-    if not t.ready.wait(300):
-        t.stop()
-        raise RuntimeError("the tracer did not become ready: " +
-                           (t.proc.stderr.read()[-2000:] if t.proc.stderr else ""))
-    start = time.monotonic()
-    end = start + args.minutes * 60
-    samples: list[tuple[float, float]] = []
-    stop_sampling = threading.Event()
+class RssSampler:
+    """The tracer's RSS every 5 s, in a thread: (seconds since start, MB)."""
 
-    def sample() -> None:
-        while not stop_sampling.is_set():
-            kb = status_kb(t.proc.pid, "VmRSS")
+    def __init__(self, pid: int, start: float) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._pid, self._start = pid, start
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            kb = status_kb(self._pid, "VmRSS")
             if kb is not None:
-                samples.append((time.monotonic() - start, kb / 1024))
-            stop_sampling.wait(5)
+                self.samples.append((time.monotonic() - self._start, kb / 1024))
+            self._stop.wait(5)
 
-    threading.Thread(target=sample, daemon=True).start()
-    cpu0 = t.cpu_s()
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _churn(args: argparse.Namespace, start: float, rss: RssSampler
+           ) -> tuple[Counter[tuple[str, str]], int, int]:
+    """Rounds until the time is up: the leaks made, the rounds, the connections."""
     expected: Counter[tuple[str, str]] = Counter()
     rounds = conns = 0
+    while time.monotonic() < start + args.minutes * 60:
+        leaks, n = one_round(args.count, args.leak_every, args.threshold)
+        expected.update(leaks)
+        rounds += 1
+        conns += n
+        print(f"[soak {time.monotonic() - start:6.0f} s] round {rounds}: {n:,} connections, "
+              f"{len(leaks)} leaks; tracer RSS {rss.samples[-1][1] if rss.samples else 0:.0f} MB",
+              file=sys.stderr)
+    time.sleep(3)
+    return expected, rounds, conns
+
+
+def _misses(res: dict[str, Any], t: JsonTracer, expected: Counter[tuple[str, str]],
+            after: list[float], rss_slack: float) -> list[str]:
+    misses = []
+    if res["missed"]:
+        misses.append(f"{len(expected - t.leaks)} leaks not flagged, e.g. {res['missed'][:3]}")
+    if res["extra"]:
+        misses.append(f"{len(t.leaks - expected)} connections flagged that were no leak, "
+                      f"e.g. {res['extra'][:3]}")
+    if res["events_lost"] != 0:
+        misses.append(f"events lost: {res['lost']}")
+    if after and after[-1] - after[0] > rss_slack:
+        misses.append(f"RSS grew {after[-1] - after[0]:.1f} MB after the warm-up "
+                      f"(slack {rss_slack:g} MB)")
+    if not after:
+        misses.append("no RSS sample after the warm-up: run longer than --warmup")
+    return misses
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    cw = args.closewait_trace or find_closewait()
+    t = JsonTracer([cw, "--json", "--threshold", f"{args.threshold:g}s"]).start()
     try:
-        while time.monotonic() < end:
-            leaks, n = one_round(args.count, args.leak_every, args.threshold)
-            expected.update(leaks)
-            rounds += 1
-            conns += n
-            print(f"[soak {time.monotonic() - start:6.0f} s] round {rounds}: {n:,} connections, "
-                  f"{len(leaks)} leaks; tracer RSS {samples[-1][1] if samples else 0:.0f} MB",
-                  file=sys.stderr)
-        time.sleep(3)
+        t.wait_ready(300)
+    except AssertionError as exc:
+        t.stop()
+        raise RuntimeError(f"the tracer did not become ready: {exc}") from None
+    start = time.monotonic()
+    rss = RssSampler(t.pid, start)
+    cpu0 = t.cpu_s()
+    try:
+        expected, rounds, conns = _churn(args, start, rss)
     finally:
-        stop_sampling.set()
+        rss.stop()
         cpu1 = t.cpu_s()
         wall = time.monotonic() - start
         t.stop()
     s = t.summary or {}
-    after = [mb for ts, mb in samples if ts >= args.warmup]
+    after = [mb for ts, mb in rss.samples if ts >= args.warmup]
+    missed = sorted((expected - t.leaks).elements())[:10]
     res: dict[str, Any] = {
         "minutes": args.minutes, "warmup_s": args.warmup, "threshold_s": args.threshold,
         "rounds": rounds, "connections": conns, "wall_s": wall,
         "cpu_pct": 100 * (cpu1 - cpu0) / wall if wall else 0.0,
         "leaks_made": sum(expected.values()), "leaks_flagged": t.leak_count,
-        "missed": sorted((expected - t.leaks).elements())[:10],
-        "missed_records": {f"{k[0]} {k[1]}": t.closed.get(k, [])
-                           for k in sorted((expected - t.leaks).elements())[:10]},
+        "missed": missed,
+        "missed_records": {f"{k[0]} {k[1]}": t.closed.get(k, []) for k in missed},
         "extra": sorted((t.leaks - expected).elements())[:10],
         "rss_first_after_warmup": after[0] if after else None,
         "rss_last": after[-1] if after else None,
@@ -112,22 +162,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "events_lost": s.get("events_lost"), "lost": s.get("lost"),
         "cw_entered": s.get("cw_entered"), "flagged": s.get("flagged"),
         "closed_by": s.get("closed_by"), "open_at_end": s.get("open"),
-        "samples": samples,
+        "samples": rss.samples,
     }
-    misses = []
-    if res["missed"]:
-        misses.append(f"{len(expected - t.leaks)} leaks not flagged, e.g. {res['missed'][:3]}")
-    if res["extra"]:
-        misses.append(f"{len(t.leaks - expected)} connections flagged that were no leak, "
-                      f"e.g. {res['extra'][:3]}")
-    if s.get("events_lost") != 0:
-        misses.append(f"events lost: {s.get('lost')}")
-    if after and after[-1] - after[0] > args.rss_slack:
-        misses.append(f"RSS grew {after[-1] - after[0]:.1f} MB after the warm-up "
-                      f"(slack {args.rss_slack:g} MB)")
-    if not after:
-        misses.append("no RSS sample after the warm-up: run longer than --warmup")
-    return res, misses
+    return res, _misses(res, t, expected, after, args.rss_slack)
 
 
 def report(res: dict[str, Any], misses: list[str], argv: Sequence[str]) -> str:
@@ -168,22 +205,6 @@ def report(res: dict[str, Any], misses: list[str], argv: Sequence[str]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10.0, help="duration (default 10)")
-    ap.add_argument("--warmup", type=float, default=120.0,
-                    help="seconds before RSS counts (default 120)")
-    ap.add_argument("--count", type=int, default=15_000,
-                    help="connections per client per round (default 15000)")
-    ap.add_argument("--leak-every", type=int, default=5000,
-                    help="one leak per this many connections (default 5000)")
-    ap.add_argument("--threshold", type=float, default=3.0, help="leak threshold, s (default 3)")
-    ap.add_argument("--rss-slack", type=float, default=2.0,
-                    help="RSS growth after the warm-up still called flat, MB (default 2)")
-    return run_command("soak", ap, argv, run, report)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@
 #define CW_EXIT_APP_ABORT 2       /* CLOSE_WAIT -> CLOSE by the application (unread data: RST sent) */
 #define CW_EXIT_RESET 3           /* CLOSE_WAIT -> CLOSE outside the owner: RST received, timeout */
 #define CW_EXIT_LISTENER_CLOSED 4 /* never accepted, its listener was closed */
+#define CW_EXIT_PROCESS_EXIT 5    /* closed because its holder's process ended (killed or exited):
+                                   * cw_event.exit_code says how */
 
 /* Indices of the per-CPU stats array. */
 #define CW_STAT_RINGBUF_LOST 0  /* bpf_ringbuf_reserve failed: an event was lost */
@@ -71,18 +73,31 @@
 #define CW_STAT_PENDING_FULL 9  /* tracepoint backend: the accept-matching map was full */
 #define CW_STAT_CW_NS_SUM 10    /* total ns spent in CLOSE_WAIT by sockets that left it */
 #define CW_STAT_CW_LEFT 11      /* sockets that left CLOSE_WAIT (the histogram's count) */
+#define CW_STAT_CW_UNDECIDED 12 /* under a pid filter, sockets of an owner the kernel could not
+                                 * know (created before the tracer): sent to userspace, which
+                                 * decides from /proc; not counted in CW_STAT_CW_REPORTED */
+#define CW_STAT_PIDS_FULL 13    /* pid_filter was full: a new process of a traced one went
+                                 * unfollowed */
 #define CW_STAT_MAX 16
+
+/* pid_filter values: who put the PID there. */
+#define CW_PID_USER 1     /* userspace: a -p PID, or a descendant found in /proc at start */
+#define CW_PID_FOLLOWED 2 /* the kernel: created by a traced process (bpf/follow.h) */
 
 /* Number of log2 buckets of the CLOSE_WAIT duration histogram (microseconds). */
 #define CW_HIST_BUCKETS 40
 
-/* config[0]: settings written by userspace before the programs run. */
+/* config[0]: settings written by userspace. BCC attaches the programs when it loads them,
+ * before any map is written: every program does nothing until ready is set, which userspace
+ * does last, once the filters, this config and the seeds (listeners, pids) are in place. */
 struct cw_config {
     __u64 report_min_ns; /* a socket leaving CLOSE_WAIT sooner is only counted */
     __u32 filter_pids;   /* non-zero: only owners in pid_filter */
     __u32 filter_ports;  /* non-zero: only local or remote ports in port_filter */
     __u32 timeline_all;  /* non-zero: every socket passing the filters gets a timeline */
     __u32 accept_watch;  /* tracepoint backend: the accept syscall tracepoints are attached */
+    __u32 ready;         /* non-zero: everything above and the filter maps are written */
+    __u32 _pad;
 };
 
 /* What the kernel knows of one socket: the value of the socks and cw maps. */
@@ -115,6 +130,9 @@ struct cw_event {
     __s32 oldstate;
     __s32 newstate;
     __u32 exit_how; /* CW_EXIT_* for CW_EV_CW_EXIT */
+    __u32 exit_code; /* CW_EXIT_PROCESS_EXIT: the task's exit_code (signal = code & 0x7f,
+                      * status = (code >> 8) & 0xff), else 0 */
+    __u32 _pad;
     char comm[CW_COMM_LEN];
     struct cw_sock sock;
 };

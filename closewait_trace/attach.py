@@ -11,6 +11,7 @@ import ctypes as ct
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +25,7 @@ from .decode import CConfig, CListener, CSock, SockInfo, Stat
 from .errors import BccMissingError, BpfLoadError, KernelHeadersError
 from .features import Backend
 from .headers import HeaderCandidate
+from .kfields import KernelFields, resolve_kernel_fields
 
 #: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
 DISTRO_BCC_DIRS = (
@@ -73,6 +75,36 @@ def bpf_source_dir() -> Path:
     raise BpfLoadError(f"the BPF sources are missing (looked in {here / 'bpf'} and {here.parent / 'bpf'})")
 
 
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"/]+)"[ \t]*$')
+
+
+def bpf_source(src_dir: Path, name: str = "closewait.bpf.c") -> str:
+    """The program as one text: BCC rewrites map operations (``socks.lookup(...)``) only in
+    the text it is given, never in the headers that text includes, so every local
+    ``#include "x.h"`` of bpf/ is inlined here where it stands (under the preprocessor
+    conditionals around it; the headers' include guards keep each one defined once), between
+    ``#line`` directives that keep the compiler's messages pointing at the right file and line."""
+
+    def inline(fname: str, stack: tuple[str, ...]) -> list[str]:
+        if fname in stack:
+            raise BpfLoadError(f"the BPF sources include each other: {' -> '.join((*stack, fname))}")
+        try:
+            lines = (src_dir / fname).read_text().splitlines()
+        except OSError as exc:
+            raise BpfLoadError(f"cannot read the BPF source {src_dir / fname}: {exc}") from exc
+        out = [f'#line 1 "{fname}"']
+        for number, line in enumerate(lines, start=1):
+            m = _LOCAL_INCLUDE.match(line)
+            if m is None or not (src_dir / m.group(1)).is_file():
+                out.append(line)
+                continue
+            out.extend(inline(m.group(1), (*stack, fname)))
+            out.append(f'#line {number + 1} "{fname}"')
+        return out
+
+    return "\n".join(inline(name, ())) + "\n"
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     backend: Backend
@@ -86,6 +118,8 @@ class ProbeSettings:
     max_cw: int = 32768
     max_listeners: int = 4096
     ringbuf_pages: int = 64
+    #: kernel struct offsets for the C; None: resolved from the running kernel's BTF at load
+    kernel_fields: KernelFields | None = None
 
     def cflags(self, src_dir: Path) -> list[str]:
         flags = [
@@ -97,6 +131,8 @@ class ProbeSettings:
             f"-DCW_RINGBUF_PAGES={self.ringbuf_pages}",
             "-Wno-macro-redefined",
         ]
+        if self.pids:
+            flags.append("-DCW_FOLLOW_PIDS")
         if self.backend is Backend.FENTRY:
             flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
             if self.sys_accept4_nargs == 4:
@@ -130,6 +166,51 @@ def _log_tail(log: IO[bytes], lines: int = 3) -> str:
     return " | ".join(useful[-lines:])
 
 
+def _compile(
+    source: str,
+    cflags: list[str],
+    candidates: list[HeaderCandidate],
+    notices: list[str],
+    on_compile: Callable[[HeaderCandidate], None] | None,
+) -> tuple[Any, HeaderCandidate]:
+    """BCC's BPF object from the first header set that compiles the source (notices about the
+    choice appended to ``notices``)."""
+    bcc = import_bcc()
+    if not candidates:
+        raise KernelHeadersError(
+            "no kernel headers found: install linux-headers-$(uname -r)"
+            " (or linux-headers-amd64 on Debian), or pass --kernel-headers DIR"
+        )
+    failures: list[str] = []
+    for cand in candidates:
+        if on_compile is not None:
+            on_compile(cand)
+        os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
+        with _captured_stderr() as log:
+            try:
+                bpf = bcc.BPF(text=source.encode(), cflags=cflags)
+            except Exception as exc:  # BCC raises bare Exception
+                msg = str(exc)
+                if "compile" in msg.lower():
+                    failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
+                    continue
+                raise BpfLoadError(
+                    f"loading the BPF programs failed: {msg}; {_log_tail(log, 8)}"
+                ) from exc
+        if failures:
+            notices.append(
+                f"kernel headers: compiled with {cand.origin} after "
+                f"{len(failures)} header set(s) failed ({failures[0][:160]})"
+            )
+        elif cand.notice:
+            notices.append(cand.notice)
+        return bpf, cand
+    raise KernelHeadersError(
+        "no installed kernel header set compiles the BPF programs: "
+        + "; ".join(f[:200] for f in failures)
+    )
+
+
 @dataclass
 class Probes:
     """The loaded programs and their maps."""
@@ -138,10 +219,14 @@ class Probes:
     settings: ProbeSettings
     header: HeaderCandidate | None
     notices: list[str] = field(default_factory=list)
+    #: the struct offsets compiled in, and the features left out for want of them
+    kernel_fields: KernelFields = field(default_factory=KernelFields)
     _closed: bool = False
     _batch_ok: bool = True
     #: the accept syscall tracepoints are attached (they tax every syscall: see the C)
     accept_watch: bool = False
+    #: the programs act (config.ready): set by arm() once the filters and seeds are written
+    armed: bool = False
     #: raw cw map value -> decoded record, from the previous poll: a socket sitting in
     #: CLOSE_WAIT is decoded once, not at every poll
     _decoded: dict[bytes, SockInfo] = field(default_factory=dict)
@@ -157,49 +242,15 @@ class Probes:
         on_compile: Callable[[HeaderCandidate], None] | None = None,
     ) -> Probes:
         """Compile against the first header set that works, load, attach, configure."""
-        bcc = import_bcc()
         src_dir = bpf_source_dir()
-        source = (src_dir / "closewait.bpf.c").read_text()
-        notices: list[str] = []
-        failures: list[str] = []
-        bpf = None
-        chosen: HeaderCandidate | None = None
-        candidates = list(headers)
-        if not candidates:
-            raise KernelHeadersError(
-                "no kernel headers found: install linux-headers-$(uname -r)"
-                " (or linux-headers-amd64 on Debian), or pass --kernel-headers DIR"
-            )
-        for cand in candidates:
-            if on_compile is not None:
-                on_compile(cand)
-            os.environ["BCC_KERNEL_SOURCE"] = str(cand.path)
-            with _captured_stderr() as log:
-                try:
-                    bpf = bcc.BPF(text=source.encode(), cflags=settings.cflags(src_dir))
-                except Exception as exc:  # BCC raises bare Exception
-                    msg = str(exc)
-                    if "compile" in msg.lower():
-                        failures.append(f"{cand.origin}: {_log_tail(log) or msg}")
-                        continue
-                    raise BpfLoadError(
-                        f"loading the BPF programs failed: {msg}; {_log_tail(log, 8)}"
-                    ) from exc
-            chosen = cand
-            if failures:
-                notices.append(
-                    f"kernel headers: compiled with {cand.origin} after "
-                    f"{len(failures)} header set(s) failed ({failures[0][:160]})"
-                )
-            elif cand.notice:
-                notices.append(cand.notice)
-            break
-        if bpf is None:
-            raise KernelHeadersError(
-                "no installed kernel header set compiles the BPF programs: "
-                + "; ".join(f[:200] for f in failures)
-            )
-        probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices)
+        fields = settings.kernel_fields
+        if fields is None:
+            fields = resolve_kernel_fields()
+        notices: list[str] = fields.notices()
+        bpf, chosen = _compile(bpf_source(src_dir), settings.cflags(src_dir) + fields.cflags(),
+                               list(headers), notices, on_compile)
+        probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices,
+                     kernel_fields=fields)
         try:
             probes._attach()
             probes._configure()
@@ -280,9 +331,18 @@ class Probes:
             pending[peer] = pending.Leaf(key.value)
 
     def _configure(self) -> None:
+        """Filters and settings; the programs stay idle (ready = 0) until arm()."""
         self.set_pids(self.settings.pids)
         self.set_ports(self.settings.ports)
         self._write_config(accept_watch=False)
+
+    def arm(self) -> None:
+        """Let the programs act: written last, after the filters and the seeds, so that no
+        event is counted or reported under settings that are not yet in force."""
+        if self.armed or self._closed:
+            return
+        self.armed = True
+        self._write_config(accept_watch=self.accept_watch)
 
     def _write_config(self, *, accept_watch: bool) -> None:
         cfg = CConfig()
@@ -291,19 +351,24 @@ class Probes:
         cfg.filter_ports = 1 if self.settings.ports else 0
         cfg.timeline_all = 1 if self.settings.timeline_all else 0
         cfg.accept_watch = 1 if accept_watch else 0
+        cfg.ready = 1 if self.armed else 0
         table = self.bpf[b"config"]
         table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 
     # --- filters and seeds --------------------------------------------------------------
 
     def set_pids(self, pids: Iterable[int]) -> None:
+        """The PIDs userspace wants traced (the -p PIDs and the descendants it found). The
+        kernel's own entries (processes it saw a traced process create) are left to it: it
+        adds them at creation and forgets them at exit."""
         table = self.bpf[b"pid_filter"]
         wanted = set(pids)
-        for key in list(table.keys()):
-            if key.value not in wanted:
-                del table[key]
-        for pid in wanted:
-            table[ct.c_uint32(pid)] = ct.c_uint8(1)
+        present: dict[int, int] = {int(k.value): int(v.value) for k, v in table.items()}
+        for pid, mark in present.items():
+            if mark == decode.PidMark.USER and pid not in wanted:
+                del table[ct.c_uint32(pid)]
+        for pid in wanted - set(present):
+            table[ct.c_uint32(pid)] = ct.c_uint8(decode.PidMark.USER)
 
     def set_ports(self, ports: Iterable[int]) -> None:
         table = self.bpf[b"port_filter"]

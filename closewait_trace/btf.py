@@ -1,6 +1,8 @@
 """A minimal reader of the kernel's BTF (BPF Type Format), enough to answer questions about
-kernel functions: does ``tcp_close`` exist, what is its BTF type id, how many parameters does
-``inet_csk_accept`` take on this kernel.
+kernel functions (does ``tcp_close`` exist, what is its BTF type id, how many parameters does
+``inet_csk_accept`` take on this kernel) and about struct layouts (at which byte offset, and
+with which size, ``task_struct.exit_code`` or ``sock.__sk_common.skc_net`` sits on this
+kernel, through nested and anonymous members).
 
 Layout (Documentation/bpf/btf.rst, include/uapi/linux/btf.h)::
 
@@ -38,6 +40,8 @@ __all__ = [
     "load_btf",
     "func_arg_count",
     "func_btf_id",
+    "Member",
+    "member",
     "clear_cache",
 ]
 
@@ -98,6 +102,24 @@ _TRAILER: tuple[tuple[int, int] | None, ...] = (
 _FIXED = tuple(t[0] if t else 0 for t in _TRAILER)
 _PER_VLEN = tuple(t[1] if t else 0 for t in _TRAILER)
 _VALID = tuple(t is not None for t in _TRAILER)
+
+
+#: Kinds that only qualify or rename another type: followed to find the real one.
+_ALIASES = frozenset({BtfKind.TYPEDEF, BtfKind.VOLATILE, BtfKind.CONST, BtfKind.RESTRICT,
+                      BtfKind.TYPE_TAG})
+#: Kinds whose size_or_type word is their size in bytes.
+_SIZED = frozenset({BtfKind.INT, BtfKind.STRUCT, BtfKind.UNION, BtfKind.ENUM, BtfKind.ENUM64,
+                    BtfKind.FLOAT})
+_POINTER_SIZE = 8  # vmlinux BTF of a 64-bit kernel
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a (possibly nested) struct member lies: bytes from the start of the outer
+    struct, and its size in bytes."""
+
+    offset: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -184,6 +206,7 @@ class BtfFile:
         self._func_ids = func_ids
         self._funcs: dict[str, _FuncEntry] | None = None
         self._func_by_name_off: dict[int, int] | None = None
+        self._structs: dict[str, int] | None = None
         self._lock = threading.Lock()
 
     def _string(self, off: int) -> str:
@@ -292,6 +315,90 @@ class BtfFile:
         params = self.func_params(name)
         return None if params is None else len(params)
 
+    # -- struct layouts -----------------------------------------------------------------------
+    def _record(self, type_id: int) -> tuple[int, int, int]:
+        """(kind, vlen, size_or_type) of a type id."""
+        kind = self.kind(type_id)
+        base = self._offsets[type_id - 1]
+        return kind, self._words[base + 1] & 0xFFFF, self._words[base + 2]
+
+    def _strip(self, type_id: int) -> int:
+        """Follow typedefs and qualifiers to the type they name."""
+        for _ in range(64):
+            if type_id == 0 or self.kind(type_id) not in _ALIASES:
+                return type_id
+            type_id = self._record(type_id)[2]
+        raise self._corrupt(f"type {type_id}: a typedef or qualifier chain does not end")
+
+    def type_size(self, type_id: int) -> int:
+        """Size in bytes of a type (0 for void and functions)."""
+        type_id = self._strip(type_id)
+        if type_id == 0:
+            return 0
+        kind, _vlen, size_or_type = self._record(type_id)
+        if kind in _SIZED:
+            return size_or_type
+        if kind == BtfKind.PTR:
+            return _POINTER_SIZE
+        if kind == BtfKind.ARRAY:
+            base = self._offsets[type_id - 1]
+            elem, nelems = self._words[base + 3], self._words[base + 5]
+            return nelems * self.type_size(elem)
+        return 0
+
+    def _struct_index(self) -> dict[str, int]:
+        index = self._structs
+        if index is None:
+            index = {}
+            for tid in range(1, len(self._offsets) + 1):
+                kind = self.kind(tid)
+                if kind in (BtfKind.STRUCT, BtfKind.UNION):
+                    index.setdefault(self.name(tid), tid)  # first definition wins
+            index.pop("", None)
+            self._structs = index
+        return index
+
+    def _find_member(self, type_id: int, name: str) -> tuple[int, int] | None:
+        """(bit offset, type id) of member ``name`` of a struct or union, looking inside its
+        anonymous struct and union members too; None if absent or a bitfield."""
+        kind, vlen, _size = self._record(type_id)
+        if kind not in (BtfKind.STRUCT, BtfKind.UNION):
+            return None
+        base = self._offsets[type_id - 1] + 3
+        kflag = self._words[base - 2] >> 31
+        for k in range(vlen):
+            name_off, mtype, moff = self._words[base + 3 * k: base + 3 * k + 3]
+            bits = moff & 0xFFFFFF if kflag else moff
+            if kflag and moff >> 24:
+                if self._string(name_off) == name:
+                    return None  # a bitfield: not readable as whole bytes
+                continue
+            if name_off and self._string(name_off) == name:
+                return bits, mtype
+            if not name_off:
+                inner = self._find_member(self._strip(mtype), name)
+                if inner is not None:
+                    return bits + inner[0], inner[1]
+        return None
+
+    def member(self, struct: str, path: str) -> Member | None:
+        """Byte offset and size of ``path`` (``"flags"``, ``"__sk_common.skc_net"``) inside
+        ``struct <struct>``; None when the struct or a member is absent, a member is a
+        bitfield, or the path steps through something other than a struct or union."""
+        type_id = self._struct_index().get(struct)
+        if type_id is None:
+            return None
+        bits = 0
+        for part in path.split("."):
+            found = self._find_member(self._strip(type_id), part)
+            if found is None:
+                return None
+            bits += found[0]
+            type_id = found[1]
+        if bits % 8:
+            return None
+        return Member(bits // 8, self.type_size(type_id))
+
 
 _cache: dict[str, tuple[tuple[int, int, int, int], BtfFile]] = {}
 _cache_lock = threading.Lock()
@@ -337,6 +444,11 @@ def func_arg_count(name: str, path: Path = VMLINUX_BTF) -> int | None:
     Raises TracingUnavailableError when the BTF file is missing, unreadable or corrupt.
     """
     return load_btf(path).func_arg_count(name)
+
+
+def member(struct: str, path_in_struct: str, path: Path = VMLINUX_BTF) -> Member | None:
+    """Offset and size of a member of a kernel struct (see BtfFile.member)."""
+    return load_btf(path).member(struct, path_in_struct)
 
 
 def func_btf_id(name: str, path: Path = VMLINUX_BTF) -> int | None:

@@ -478,7 +478,7 @@ def doctor(as_json: bool) -> None:
 
 
 def _scenario_names() -> list[str]:
-    from .scenarios import SCENARIOS
+    from .workloads.scenarios import SCENARIOS
 
     return list(SCENARIOS)
 
@@ -511,7 +511,7 @@ def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
     case instead (a process at its open-files limit, a forgotten close(), an edge-triggered
     epoll accept loop, a slow handler, a large backlog, a client pool).
     """
-    from .scenarios import DEFAULT, SCENARIOS, listing
+    from .workloads.scenarios import DEFAULT, SCENARIOS, listing
 
     if list_scenarios:
         for line in listing():
@@ -534,8 +534,8 @@ def _run_demo(scenario: str | None, options: Options, output: Output,
               record: Path | None) -> None:
     from dataclasses import replace
 
-    from .demo import Workload
-    from .scenarios import DEFAULT, SCENARIOS, ScenarioRun, describe
+    from .workloads.scenarios import Workload
+    from .workloads.scenarios import DEFAULT, SCENARIOS, ScenarioRun, describe
     from .startup import stop_on_signals
 
     chosen = SCENARIOS[scenario or DEFAULT]

@@ -10,6 +10,7 @@ import ctypes as ct
 import enum
 import functools
 import ipaddress
+import signal
 import socket
 from dataclasses import dataclass
 from . import textsafe
@@ -49,6 +50,13 @@ class SockFlag(enum.IntFlag):
     PENDING = 1 << 10
 
 
+class PidMark(enum.IntEnum):
+    """pid_filter values: who put the PID there."""
+
+    USER = 1  # userspace: a -p PID or a descendant it found
+    FOLLOWED = 2  # the kernel: a process created by a traced one
+
+
 class EventType(enum.IntEnum):
     CW_EXIT = 1
     LISTEN = 2
@@ -64,6 +72,20 @@ class ExitHow(enum.IntEnum):
     APP_ABORT = 2
     RESET = 3
     LISTENER_CLOSED = 4
+    PROCESS_EXIT = 5
+
+
+def exit_code_text(code: int) -> str:
+    """A task's exit code as people say it: "killed by signal 9 (SIGKILL)", "exited with
+    status 3" (the wait(2) encoding: signal in the low 7 bits, status in the next byte)."""
+    sig = code & 0x7F
+    if sig:
+        try:
+            name = f" ({signal.Signals(sig).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {sig}{name}" + (", core dumped" if code & 0x80 else "")
+    return f"exited with status {(code >> 8) & 0xFF}"
 
 
 class Stat(enum.IntEnum):
@@ -79,10 +101,13 @@ class Stat(enum.IntEnum):
     PENDING_FULL = 9
     CW_NS_SUM = 10
     CW_LEFT = 11
+    CW_UNDECIDED = 12
+    PIDS_FULL = 13
 
 
 #: Stats whose non-zero value means something was missed.
-LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL)
+LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL,
+              Stat.PIDS_FULL)
 
 
 class CConfig(ct.Structure):
@@ -92,6 +117,8 @@ class CConfig(ct.Structure):
         ("filter_ports", ct.c_uint32),
         ("timeline_all", ct.c_uint32),
         ("accept_watch", ct.c_uint32),
+        ("ready", ct.c_uint32),
+        ("_pad", ct.c_uint32),
     ]
 
 
@@ -126,6 +153,8 @@ class CEvent(ct.Structure):
         ("oldstate", ct.c_int32),
         ("newstate", ct.c_int32),
         ("exit_how", ct.c_uint32),
+        ("exit_code", ct.c_uint32),
+        ("_pad", ct.c_uint32),
         ("comm", ct.c_char * COMM_LEN),
         ("sock", CSock),
     ]
@@ -230,6 +259,8 @@ class Event:
     exit_how: ExitHow
     comm: str
     sock: SockInfo
+    #: ExitHow.PROCESS_EXIT: the holder's exit code (see exit_code_text), else 0
+    exit_code: int = 0
 
 
 def sock_from_c(c: CSock) -> SockInfo:
@@ -271,6 +302,7 @@ def decode_event(data: bytes | bytearray | memoryview) -> Event:
         exit_how=ExitHow(c.exit_how),
         comm=_comm(c.comm),
         sock=sock_from_c(c.sock),
+        exit_code=c.exit_code,
     )
 
 
@@ -310,6 +342,7 @@ def encode_event(e: Event) -> bytes:
     c.oldstate = e.oldstate
     c.newstate = e.newstate
     c.exit_how = int(e.exit_how)
+    c.exit_code = e.exit_code
     c.comm = e.comm.encode()[: COMM_LEN - 1]
     c.sock = encode_sock(e.sock)
     return bytes(c)

@@ -11,7 +11,7 @@ import enum
 import errno as errno_mod
 from dataclasses import dataclass, field
 
-from .decode import ExitHow
+from .decode import ExitHow, exit_code_text
 from .facts import ListenerHolder, Process
 from .join import Accepted, Connection, Direction
 
@@ -129,6 +129,20 @@ def _durations_text(d: DurationStats, port: int) -> str:
             f" p90 {_secs(d.p90_ns)}, max {_secs(d.max_ns)}")
 
 
+def _released_at_exit(conn: Connection, now_ns: int, who: str, evidence: list[str]) -> Verdict:
+    """The kernel closed it because its holder's process ended: the application never did."""
+    how = exit_code_text(conn.exit_code) if conn.exit_code is not None else "ended"
+    evidence.append(f"the process {how} while holding it")
+    cause = Cause.OUTBOUND_NOT_CLOSED if conn.direction is Direction.OUTBOUND else Cause.NOT_CLOSED
+    sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
+    return Verdict(
+        cause, sure,
+        f"never closed by {who}: the kernel closed it at process exit ({how}) after"
+        f" {_secs(conn.age_ns(now_ns))} in CLOSE_WAIT",
+        tuple(evidence),
+    )
+
+
 def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     """The cause of one connection's stay in CLOSE_WAIT."""
     evidence: list[str] = []
@@ -139,6 +153,8 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     if facts.process is not None and not facts.process.alive:
         evidence.append(f"owner pid {facts.process.pid} has exited")
 
+    if not conn.is_open and conn.exit_how is ExitHow.PROCESS_EXIT:
+        return _released_at_exit(conn, now_ns, who, evidence)
     closed_by_app = conn.exit_how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT)
     if not conn.is_open and closed_by_app:
         return _closed_by_app(conn, facts, now_ns, evidence)

@@ -69,6 +69,7 @@ class Connection:
     first_seen_ns: int = 0
     cw_exit_ns: int | None = None
     exit_how: ExitHow | None = None
+    exit_code: int | None = None  # ExitHow.PROCESS_EXIT: the holder's exit code
     closer_pid: int | None = None
     app_close_ns: int | None = None
     flagged_ns: int | None = None
@@ -411,7 +412,8 @@ class Tracker:
         ):
             how = ExitHow.APP_ABORT  # enrichment saw an inode: it was accepted after all
         conn.exit_how = how
-        if how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT):
+        conn.exit_code = ev.exit_code if how is ExitHow.PROCESS_EXIT else None
+        if how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT, ExitHow.PROCESS_EXIT):
             conn.closer_pid = s.closer_tgid or ev.tgid
             if conn.app_close_ns is None:
                 conn.app_close_ns = s.ts_close or ev.ts

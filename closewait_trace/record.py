@@ -61,7 +61,7 @@ def event_to_json(e: Event) -> dict[str, Any]:
     return {
         "ts": e.ts, "type": int(e.type), "tgid": e.tgid, "tid": e.tid,
         "oldstate": e.oldstate, "newstate": e.newstate, "exit_how": int(e.exit_how),
-        "comm": e.comm, "sock": sock_to_json(e.sock),
+        "comm": e.comm, "sock": sock_to_json(e.sock), "exit_code": e.exit_code,
     }
 
 
@@ -70,7 +70,7 @@ def event_from_json(d: dict[str, Any]) -> Event:
         ts=int(d["ts"]), type=EventType(int(d["type"])), tgid=int(d["tgid"]), tid=int(d["tid"]),
         oldstate=int(d["oldstate"]), newstate=int(d["newstate"]),
         exit_how=ExitHow(int(d["exit_how"])), comm=str(d["comm"]),
-        sock=sock_from_json(d["sock"]),
+        sock=sock_from_json(d["sock"]), exit_code=int(d.get("exit_code", 0)),
     )
 
 
@@ -299,6 +299,9 @@ class RecordingWorld:
     def set_accept_watch(self, on: bool) -> None:
         self.inner.set_accept_watch(on)
 
+    def arm(self) -> None:
+        self.inner.arm()
+
     def finished(self) -> bool:
         return self.inner.finished()
 
@@ -495,6 +498,9 @@ class ReplayWorld:
         pass
 
     def set_accept_watch(self, on: bool) -> None:
+        pass
+
+    def arm(self) -> None:
         pass
 
     def finished(self) -> bool:

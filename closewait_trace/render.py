@@ -23,7 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .decode import LOSS_STATS, ExitHow, Stat
+from .decode import LOSS_STATS, ExitHow, Stat, exit_code_text
 from .diagnose import Verdict, group_verdicts
 from . import timeline as tl
 from .facts import Listener, ListenerHolder, NetnsSource
@@ -38,6 +38,7 @@ EXIT_WORDS = {
     ExitHow.APP_ABORT: "app-abort",
     ExitHow.RESET: "reset",
     ExitHow.LISTENER_CLOSED: "listener-closed",
+    ExitHow.PROCESS_EXIT: "process-exit",
     ExitHow.NONE: "unknown",
 }
 
@@ -201,6 +202,9 @@ def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
         "flagged": conn.flagged_ns is not None,
         "verdict": verdict.as_dict() if verdict else None,
     }
+    if conn.exit_code is not None:
+        sig = conn.exit_code & 0x7F
+        d["exit_signal" if sig else "exit_status"] = sig or (conn.exit_code >> 8) & 0xFF
     if conn.established_ns is not None and conn.cw_enter_ns is not None:
         d["established_before_fin_s"] = round((conn.cw_enter_ns - conn.established_ns) / 1e9, 6)
     if conn.accepted_ns is not None and conn.cw_enter_ns is not None:
@@ -353,6 +357,8 @@ def conn_line(kind: str, conn: Connection, view: View) -> str:
         parts.append(f"cw={conn_age(conn, view.now_ns)}")
     else:
         exit_word = EXIT_WORDS[conn.exit_how] if conn.exit_how is not None else "lost"
+        if conn.exit_code is not None:
+            exit_word += f"({exit_code_text(conn.exit_code)})"
         parts.append(f"cw={conn_age(conn, view.now_ns)} exit={exit_word}")
     if conn.netns is not None:
         parts.append(netns_text(conn))

@@ -70,8 +70,10 @@ class Session:
         """Seed what predates the probes, then say we are ready."""
         try:
             self._seed()
+            self._watch_pids(self._now)  # descendants that exist now, before the programs act
             if self.options.accept_watch is AcceptWatch.ALWAYS:
                 self.world.set_accept_watch(True)
+            self.world.arm()
         except WorldEnded:
             self._ended = True
         self._started = True

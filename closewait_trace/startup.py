@@ -90,6 +90,7 @@ def open_live_world(
         "tracer_pid": os.getpid(),
         "wall_offset_ns": time.time_ns() - time.monotonic_ns(),
         "accept_watch": options.accept_watch.value if backend is Backend.TRACEPOINT else "always",
+        "features_off": dict(probes.kernel_fields.disabled),
     }
     return LiveWorld(probes), info
 

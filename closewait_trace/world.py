@@ -98,6 +98,9 @@ class World(HostFacts, Protocol):
     def set_pids(self, pids: Iterable[int]) -> None: ...
     def seed_listener(self, port: int, pid: int, comm: str) -> None: ...
     def set_accept_watch(self, on: bool) -> None: ...
+    def arm(self) -> None:
+        """Filters and seeds are written: the kernel programs act from now on."""
+        ...
     def finished(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -268,6 +271,9 @@ class LiveWorld(HostWorld):
 
     def set_accept_watch(self, on: bool) -> None:
         self.probes.set_accept_watch(on)
+
+    def arm(self) -> None:
+        self.probes.arm()
 
     def finished(self) -> bool:
         return False

@@ -35,13 +35,24 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     for config in ("none", "closewait", "floor"):
         assert re.search(rf"^\| {config} \| [0-9,]+ ", text, re.M), text
     # closewait-trace ran, saw the load's CLOSE_WAIT sockets (every connection's client side)
-    # and lost nothing: per-run row | round | # | config | conn/s | CPU | RSS | lost | ready |
-    # stop | CW seen | ...
-    row = re.search(r"^\| 1 \| \d \| closewait \| .*$", text, re.M)
-    assert row is not None, text
-    cells = [c.strip() for c in row.group(0).strip("|").split("|")]
-    conn_s, lost, cw_seen = (int(cells[i].replace(",", "")) for i in (3, 6, 9))
-    assert lost == 0 and conn_s > 0 and cw_seen > conn_s, cells
+    # and lost nothing.
+    run = _per_run_row(text, "closewait")
+    conn_s, lost, cw_seen = (int(run[h].replace(",", "")) for h in ("conn/s", "events lost",
+                                                                      "CW seen"))
+    assert lost == 0 and conn_s > 0 and cw_seen > conn_s, run
+
+
+def _per_run_row(report: str, config: str) -> dict[str, str]:
+    """The first per-run row of a configuration, by column header."""
+    section = report[report.index("## Per-run raw numbers"):]
+    header = re.search(r"^\| round \|.*$", section, re.M)
+    row = re.search(rf"^\| \d+ \| \d+ \| {re.escape(config)} \| .*$", section, re.M)
+    assert header is not None and row is not None, report
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    return dict(zip(cells(header.group(0)), cells(row.group(0))))
 
 
 def test_scale_command_small(tmp_path: Path) -> None:
@@ -65,3 +76,21 @@ def test_soak_command_short(tmp_path: Path) -> None:
     m = re.search(r"\| leaks made / flagged \| (\d+) / (\d+) \|", text)
     assert m is not None and m.group(1) == m.group(2) and int(m.group(1)) > 0, text
     assert "| events lost | 0 |" in text
+
+
+def test_overhead_benchmark_incident_quick(tmp_path: Path) -> None:
+    """The incident variant: the leaks are made during each run's load, and closewait-trace
+    still loses nothing. Short: 200 leaks of each kind, 1 round of 3 s, no cold start."""
+    import shutil
+
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
+        kernel_skip("nginx and wrk are missing: run scripts/setup.sh --dev")
+    out = tmp_path / "incident.md"
+    r = _run(["bench.overhead", "--quick", "--only", "none,closewait", "--incident",
+              "--incident-leaks", "200", "--no-cold-start", "-o", str(out)], 600)
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    text = out.read_text()
+    assert "200 never-accepted and 200 accepted-not-closed" in text, text
+    run = _per_run_row(text, "closewait")
+    assert run["events lost"] == "0" and int(run["conn/s"].replace(",", "")) > 0, run
+    assert "BPF programs at ready" in run["notes"], run

@@ -51,3 +51,44 @@ def test_probe_features_after_ensure_tracefs() -> None:
     assert isinstance(backend, Backend)
     assert features.choose_backend(f, backend.label) is backend
     assert len(features.backend_reasons(f)) == 4
+
+
+def _bpftool_offset(types: list[dict[str, object]], struct: str, path: str) -> int:
+    """offsetof(struct, path) from bpftool's own BTF dump: an independent reading."""
+    by_id = {int(str(t["id"])): t for t in types}
+    cur = next(t for t in types if t.get("name") == struct and t["kind"] == "STRUCT")
+    bits = 0
+    for part in path.split("."):
+        members = cur["members"]
+        assert isinstance(members, list)
+        m = next(m for m in members if m["name"] == part)
+        bits += int(m["bits_offset"])
+        cur = by_id[int(m["type_id"])]
+        while cur["kind"] in ("TYPEDEF", "CONST", "VOLATILE"):
+            cur = by_id[int(str(cur["type_id"]))]
+    return bits // 8
+
+
+@pytest.mark.parametrize("struct, path", [
+    ("task_struct", "flags"), ("task_struct", "exit_code"), ("task_struct", "tgid"),
+    ("task_struct", "real_parent"), ("sock", "__sk_common.skc_family"),
+    ("sock", "__sk_common.skc_net"), ("net", "ns.inum"),
+])
+def test_real_btf_member_offsets_match_bpftool(struct: str, path: str) -> None:
+    import json
+    import subprocess
+    dump = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(btf.VMLINUX_BTF)],
+                          check=True, capture_output=True, text=True).stdout
+    btf.clear_cache()
+    found = btf.member(struct, path)
+    assert found is not None
+    assert found.offset == _bpftool_offset(json.loads(dump)["types"], struct, path)
+
+
+def test_every_kernel_field_the_c_reads_resolves_on_this_kernel() -> None:
+    from closewait_trace.kfields import KERNEL_FIELDS, resolve_kernel_fields
+    btf.clear_cache()
+    fields = resolve_kernel_fields()
+    assert dict(fields.disabled) == {}
+    assert set(fields.offsets) == {row.name for row in KERNEL_FIELDS}
+    assert fields.enabled == {row.feature for row in KERNEL_FIELDS}

@@ -20,7 +20,7 @@ import pytest
 from closewait_trace.holders import Holder, ProcState, Waiting, find_holders, listener_holders
 from tests.kernel.podman import container
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]  # /proc and sock_diag from userspace: no BPF program involved
 
 PREFORK = r"""
 import json, os, select, socket, sys, time

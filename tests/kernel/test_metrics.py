@@ -96,6 +96,7 @@ def test_metrics_during_a_real_leak() -> None:
         srv.stop()
 
 
+@pytest.mark.host_only  # userspace behaviour: the same on every kernel
 def test_agent_serves_health_logs_records_and_restarts_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "records.jsonl"
     srv = Server(accept=False, backlog=8).start()
@@ -113,6 +114,10 @@ def test_agent_serves_health_logs_records_and_restarts_cleanly(tmp_path: Path) -
         assert leak["connection"]["verdict"]["cause"] == "never-accepted"
         text = agent.wait_http("/metrics", 200, 5)
         assert _value(text, "closewait_tracer_info", node="node-under-test") == 1
+        with open("/proc/net/tcp") as f:  # listening where configured, and only there
+            rows = [line.split() for line in f.readlines()[1:]]
+        mine = [r for r in rows if r[1].endswith(f":{agent.port:04X}") and r[3] == "0A"]
+        assert mine and all(r[1].startswith("0100007F:") for r in mine)
         rc, out, err = agent.stop()
         assert rc == 0 and out == b"", (rc, out, err)  # no terminal output
         assert http_get(agent.url + "/healthz")[0] == 0  # the endpoint went with it
@@ -147,10 +152,11 @@ def _two_leaks(agent: Agent) -> tuple[dict[str, Any], dict[str, Any], Server, Se
         return lambda r: (r["type"] == "leak"
                           and r["connection"]["local"].endswith(f":{port}"))
 
-    return (agent.wait_record(leak_on(never.port), 30),
-            agent.wait_record(leak_on(kept.port), 30), never, kept)
+    return (agent.wait_record(leak_on(never.port), 60),
+            agent.wait_record(leak_on(kept.port), 60), never, kept)
 
 
+@pytest.mark.host_only  # proven on this host's kernel and backend (docs/deploy.md)
 def test_the_units_capabilities_are_enough(tmp_path: Path) -> None:
     """uid 0 with only the systemd unit's CapabilityBoundingSet: everything works."""
     caps = unit_capabilities()
@@ -161,7 +167,12 @@ def test_the_units_capabilities_are_enough(tmp_path: Path) -> None:
         never, kept, *servers = _two_leaks(agent)
         assert never["connection"]["verdict"]["cause"] == "never-accepted"
         assert kept["connection"]["verdict"]["cause"] == "accepted-not-closed"
-        assert kept["connection"]["pid"] == servers[1].pid and kept["connection"]["fd"]
+        assert kept["connection"]["pid"] == servers[1].pid
+        # The holder's descriptor: at the flag, or in a later update of the same socket (a
+        # busy host's /proc scan can come a tick later).
+        cid = kept["connection"]["id"]
+        assert agent.wait_record(lambda r: r.get("connection", {}).get("id") == cid
+                                 and r["connection"]["fd"] is not None, 10)
         assert agent.stop()[0] == 0
     finally:
         if agent.proc is not None and agent.proc.poll() is None:
@@ -170,6 +181,7 @@ def test_the_units_capabilities_are_enough(tmp_path: Path) -> None:
             s.stop()
 
 
+@pytest.mark.host_only
 @pytest.mark.parametrize("missing", ["CAP_BPF", "CAP_PERFMON"])
 def test_without_bpf_or_perfmon_the_agent_says_so_in_one_line(tmp_path: Path,
                                                                missing: str) -> None:
@@ -185,6 +197,7 @@ def test_without_bpf_or_perfmon_the_agent_says_so_in_one_line(tmp_path: Path,
     assert "Operation not permitted" in lines[0]
 
 
+@pytest.mark.host_only
 def test_without_sys_ptrace_owners_of_accepted_sockets_are_unknown(tmp_path: Path) -> None:
     caps = [c for c in unit_capabilities() if c != "CAP_SYS_PTRACE"]
     agent = Agent(tmp_path / "r.jsonl", ["--threshold", "1s"], prefix=bounded(caps))

@@ -38,7 +38,7 @@ from closewait_trace.netns import (
 )
 from tests.kernel.podman import CLOSE_WAIT_SERVER, close_wait_server
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]  # /proc and sock_diag from userspace: no BPF program involved
 
 CW = (TcpState.CLOSE_WAIT,)
 

@@ -26,7 +26,7 @@ import yaml
 from .agentproc import Agent, free_port, http_get
 from .harness import Server
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "closewait.rules.yml"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from closewait_trace.scenarios import SCENARIOS
+from closewait_trace.workloads.scenarios import SCENARIOS
 
 from .harness import Record, Tracer
 
@@ -266,7 +266,9 @@ def test_mixed_scenario_is_the_plain_demo_with_its_description() -> None:
     t = run_scenario("mixed", 6)
     causes = {c["verdict"]["cause"] for c in conns(t, "leak") if c["verdict"]}
     assert set(SCENARIOS["mixed"].expected) <= causes, causes
-    assert set(roles(t)) == {"never-accept", "no-close", "healthy", "idle-closer"}
+    # The notice names every child: the four servers and their clients.
+    assert set(roles(t)) == {"never-accept", "no-close", "healthy", "idle-closer", "clients",
+                             "pool"}
 
 
 @pytest.mark.host_only  # the CLI's notice; the mixed scenario covers the kernel side

@@ -234,3 +234,84 @@ def test_string_section_must_end_with_nul() -> None:
     data[-1] = ord("x")
     with pytest.raises(TracingUnavailableError, match="NUL-terminated"):
         BtfFile(bytes(data))
+
+
+# --- struct member offsets ------------------------------------------------------------------
+
+
+def layouts(order: str = "<") -> BtfBuilder:
+    """task_struct / sock (here inet_sk: sample() has a sock) / net shapes in miniature: nested structs, an anonymous union and
+    struct, typedefs and qualifiers on the way, a bitfield struct (kind_flag), an array."""
+    b = sample(order)
+    u = b.u32
+    u8 = b.add(BtfKind.INT, "u8", 0, 1, u(8))
+    u16 = b.add(BtfKind.INT, "u16", 0, 2, u(16))
+    uint = b.add(BtfKind.INT, "unsigned int", 0, 4, u(32))
+    ns_common = b.add(BtfKind.STRUCT, "ns_common", 2, 16,
+                      u(b.s("stashed"), uint, 0) + u(b.s("inum"), uint, 64))
+    net = b.add(BtfKind.STRUCT, "net", 2, 64, u(b.s("passive"), uint, 0) + u(b.s("ns"), ns_common, 128))
+    net_ptr = b.add(BtfKind.PTR, "", 0, net)
+    possible_net = b.add(BtfKind.STRUCT, "", 1, 8, u(b.s("net"), net_ptr, 0))
+    possible_net_t = b.add(BtfKind.TYPEDEF, "possible_net_t", 0, possible_net)
+    anon_ports = b.add(BtfKind.STRUCT, "", 2, 4, u(b.s("skc_dport"), u16, 0) + u(b.s("skc_num"), u16, 16))
+    anon_union = b.add(BtfKind.UNION, "", 2, 4, u(b.s("skc_portpair"), uint, 0) + u(0, anon_ports, 0))
+    const_u16 = b.add(BtfKind.CONST, "", 0, u16)
+    # bitfields: kind_flag set, offset = bitfield_size << 24 | bit offset
+    sock_common = b.add(BtfKind.STRUCT, "sock_common", 5, 64,
+                        u(b.s("skc_daddr"), uint, 0) + u(0, anon_union, 96)
+                        + u(b.s("skc_family"), const_u16, 128)
+                        + u(b.s("skc_reuse"), u8, (4 << 24) | 144)
+                        + u(b.s("skc_net"), possible_net_t, 384), kflag=1)
+    comm = b.add(BtfKind.ARRAY, "", 0, 0, u(u8, uint, 16))
+    b.add(BtfKind.STRUCT, "inet_sk", 2, 256, u(b.s("__sk_common"), sock_common, 0) + u(b.s("sk_comm"), comm, 512))
+    task_ptr = b.add(BtfKind.PTR, "", 0, 0)
+    vol_uint = b.add(BtfKind.VOLATILE, "", 0, uint)
+    b.add(BtfKind.STRUCT, "task_struct", 4, 2048,
+          u(b.s("__state"), vol_uint, 0) + u(b.s("flags"), uint, 352)
+          + u(b.s("exit_code"), uint, 9312) + u(b.s("real_parent"), task_ptr, 10240))
+    b.add(BtfKind.FWD, "inet_sk", 0, 0)  # a forward declaration of the same name changes nothing
+    return b
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("struct, path, offset, size", [
+    ("task_struct", "flags", 44, 4),
+    ("task_struct", "exit_code", 1164, 4),
+    ("task_struct", "real_parent", 1280, 8),
+    ("task_struct", "__state", 0, 4),  # through a volatile
+    ("inet_sk", "__sk_common.skc_net", 48, 8),  # a typedef'd anonymous struct
+    ("inet_sk", "__sk_common.skc_net.net", 48, 8),
+    ("inet_sk", "__sk_common.skc_family", 16, 2),  # through a const
+    ("inet_sk", "__sk_common.skc_num", 14, 2),  # inside an anonymous struct inside an anonymous union
+    ("inet_sk", "__sk_common.skc_portpair", 12, 4),
+    ("inet_sk", "sk_comm", 64, 16),  # an array: elements x size
+    ("sock_common", "skc_daddr", 0, 4),
+    ("net", "ns.inum", 24, 4),
+    ("net", "ns", 16, 16),
+])
+def test_member_offsets_through_nested_and_anonymous_members(
+        tmp_path: Path, order: str, struct: str, path: str, offset: int, size: int) -> None:
+    p = write(tmp_path, layouts(order).blob())
+    assert btf.member(struct, path, p) == btf.Member(offset, size)
+
+
+@pytest.mark.parametrize("struct, path", [
+    ("task_struct", "nope"),
+    ("nostruct", "flags"),
+    ("inet_sk", "__sk_common.skc_reuse"),  # a bitfield: not readable as bytes
+    ("inet_sk", "__sk_common.skc_daddr.x"),  # steps into an int
+    ("fwd", "x"),  # only a forward declaration
+    ("", "x"),
+])
+def test_member_absent(tmp_path: Path, struct: str, path: str) -> None:
+    assert btf.member(struct, path, write(tmp_path, layouts().blob())) is None
+
+
+def test_endless_typedef_chain_is_corrupt(tmp_path: Path) -> None:
+    b = layouts()
+    first = len(b.types) + 1
+    b.add(BtfKind.TYPEDEF, "a", 0, first + 1)
+    b.add(BtfKind.TYPEDEF, "b", 0, first)
+    b.add(BtfKind.STRUCT, "loop", 1, 4, b.u32(b.s("x"), first, 0))
+    with pytest.raises(TracingUnavailableError, match="does not end"):
+        btf.member("loop", "x", write(tmp_path, b.blob()))

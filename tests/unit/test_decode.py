@@ -213,12 +213,12 @@ def test_header_parses_to_the_expected_structs(header_text: str) -> None:
         "cw_accept_err",
     ]
     # Spot values computed by hand from the header, so the parser cannot drift unnoticed.
-    assert structs["cw_config"].size == 24
+    assert structs["cw_config"].size == 32
     assert structs["cw_sock"].size == 120
     assert [f.offset for f in structs["cw_sock"].fields][-3:] == [72, 88, 104]
-    assert structs["cw_event"].size == 168
+    assert structs["cw_event"].size == 176
     ev = {f.name: f for f in structs["cw_event"].fields}
-    assert (ev["comm"].offset, ev["sock"].offset, ev["sock"].ctype) == (32, 48, "struct cw_sock")
+    assert (ev["comm"].offset, ev["sock"].offset, ev["sock"].ctype) == (40, 56, "struct cw_sock")
     assert structs["cw_peer"].size == 24
     assert structs["cw_accept_stat"].size == 40
     assert structs["cw_accept_err"].size == 8
@@ -254,7 +254,7 @@ def test_struct_fields_offsets_and_size(header_text: str, name: str) -> None:
         # same size, other signedness
         ("__s32 last_err;", "__u32 last_err;", "cw_accept_stat.last_err: type __u32"),
         # drop a field
-        ("    __u32 accept_watch;  /* tracepoint backend: the accept syscall tracepoints are attached */\n};\n\n/* What the kernel", "};\n\n/* What the kernel",
+        ("    __u32 ready;         /* non-zero: everything above and the filter maps are written */\n", "",
          "cw_config: fields"),
         # an array length constant changes
         ("#define CW_COMM_LEN 16", "#define CW_COMM_LEN 32", "cw_sock.owner_comm: size 32"),
@@ -287,6 +287,7 @@ def _prefixed(defines: dict[str, int], prefix: str, exclude: tuple[str, ...] = (
         ("CW_EXIT_", ExitHow, ()),
         ("CW_STAT_", Stat, ("CW_STAT_MAX",)),
         ("CW_TCP_", TcpState, ()),
+        ("CW_PID_", D.PidMark, ()),
     ],
 )
 def test_enum_constants_mirror_the_header(
@@ -399,8 +400,8 @@ def test_round_trip_bytes(family: int, laddr: bytes, raddr: bytes) -> None:
     assert len(raw) == ct.sizeof(CEvent)
     again = encode_event(decode_event(raw))
     assert again == raw
-    # the address bytes sit where the header says: cw_event.sock (48) + cw_sock.laddr (72)
-    assert again[48 + 72 : 48 + 88] == laddr
+    # the address bytes sit where the header says: cw_event.sock (56) + cw_sock.laddr (72)
+    assert again[56 + 72 : 56 + 88] == laddr
 
 
 def test_round_trip_records() -> None:
@@ -431,3 +432,24 @@ def test_decode_of_a_longer_buffer_reads_the_record_only() -> None:
 def test_decode_short_buffer_raises(length: int) -> None:
     with pytest.raises(ValueError, match=f"{length} bytes, expected {ct.sizeof(CEvent)}"):
         decode_event(b"\0" * length)
+
+
+@pytest.mark.parametrize("code, text", [
+    (9, "killed by signal 9 (SIGKILL)"),
+    (15, "killed by signal 15 (SIGTERM)"),
+    (0x86, "killed by signal 6 (SIGABRT), core dumped"),
+    (3 << 8, "exited with status 3"),
+    (0, "exited with status 0"),
+    (0x7E, "killed by signal 126"),
+])
+def test_exit_code_text(code: int, text: str) -> None:
+    assert D.exit_code_text(code) == text
+
+
+def test_process_exit_event_carries_its_exit_code() -> None:
+    raw = bytearray(_raw_event(family=socket.AF_INET, laddr=V4_MAPPED_L, raddr=V4_MAPPED_R))
+    c = CEvent.from_buffer(raw)
+    c.exit_how, c.exit_code = int(ExitHow.PROCESS_EXIT), 9
+    ev = decode_event(bytes(raw))
+    assert (ev.exit_how, ev.exit_code) == (ExitHow.PROCESS_EXIT, 9)
+    assert encode_event(ev) == bytes(raw)

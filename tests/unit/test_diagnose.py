@@ -221,6 +221,23 @@ def test_closed_after_flag_is_closed_late() -> None:
     assert v.evidence == ("accepted 1.0s before the peer's FIN; the handler took the rest",)
 
 
+@pytest.mark.parametrize("code, how, direction, cause", [
+    (9, "killed by signal 9 (SIGKILL)", Direction.INBOUND, Cause.NOT_CLOSED),
+    (3 << 8, "exited with status 3", Direction.OUTBOUND, Cause.OUTBOUND_NOT_CLOSED),
+])
+def test_closed_at_process_exit_is_a_leak_never_a_slow_handler(
+        code: int, how: str, direction: Direction, cause: Cause) -> None:
+    conn = connection(key=KEY, accepted=Accepted.YES, accepted_ns=ENTER - S,
+                      flagged_ns=ENTER + 10 * S, cw_exit_ns=ENTER + 12 * S, direction=direction,
+                      exit_how=ExitHow.PROCESS_EXIT, exit_code=code, owner_pid=42,
+                      owner_comm="app")
+    v = diagnose(conn, Facts(process=ProcessFacts(pid=42, alive=False)), NOW)
+    assert (v.cause, v.confidence) == (cause, Confidence.CERTAIN)
+    assert v.summary == (f"never closed by pid 42 (app): the kernel closed it at process exit"
+                         f" ({how}) after 12.0s in CLOSE_WAIT")
+    assert v.evidence == ("owner pid 42 has exited", f"the process {how} while holding it")
+
+
 def test_closed_late_reports_peer_timing_and_port_durations() -> None:
     conn = connection(key=KEY, accepted=Accepted.YES, accepted_ns=ENTER - S,
                       established_ns=ENTER - 3 * S, flagged_ns=ENTER + 10 * S,

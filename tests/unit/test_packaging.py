@@ -17,8 +17,10 @@ def test_wheel_contains_the_bpf_sources_and_the_package_finds_them(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     (wheel,) = tmp_path.glob("closewait_trace-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "closewait_trace/bpf/closewait.bpf.c" in names
-    assert "closewait_trace/bpf/closewait.h" in names
+    shipped = {n.removeprefix("closewait_trace/bpf/") for n in names
+               if n.startswith("closewait_trace/bpf/")}
+    assert {"closewait.bpf.c", "closewait.h", "maps.h", "transitions.h"} <= shipped
+    assert shipped == {p.name for p in (ROOT / "bpf").iterdir()}
     assert "closewait_trace/py.typed" in names
     # Installed elsewhere, the package finds its C next to itself, not in a checkout.
     target = tmp_path / "site"

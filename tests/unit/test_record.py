@@ -130,6 +130,7 @@ class _FakeWorld:
     def descendants(self, pids: object) -> list[int]: return [7]
     def set_pids(self, pids: object) -> None: pass
     def seed_listener(self, port: int, pid: int, comm: str) -> None: pass
+    def arm(self) -> None: pass
     def finished(self) -> bool: return False
     def close(self) -> None: pass
 

@@ -48,6 +48,7 @@ class ScriptedWorld:
     def set_pids(self, pids: Any) -> None: pass
     def seed_listener(self, port: int, pid: int, comm: str) -> None: pass
     def set_accept_watch(self, on: bool) -> None: self.watch.append(on)
+    def arm(self) -> None: pass
     def finished(self) -> bool: return False
     def close(self) -> None: pass
 

@@ -4,8 +4,9 @@ Each scenario is a small real server and its clients, in child processes on 127.
 (ephemeral ports), built from the cases in the seed posts: a process at its open-files limit,
 a handler that forgets close(), an edge-triggered epoll accept loop that stops early, a slow
 handler, a slow server behind a large backlog, and a client pool whose server closes idle
-connections. The roles themselves are in closewait_trace/demo.py; here is what to run, in
-which order, and what the tracer should find.
+connections; and the mixed demo (`demo` alone), four small servers at once. The roles
+themselves are in roles.py; here is what to run, in which order, and what the tracer should
+find.
 
 Order of a run: the servers start and bind (they say their port), the clients start and wait
 (gated), the tracer attaches, then the servers listen, and the clients start one after the
@@ -18,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .demo import Children, DemoError
+from .children import Children, DemoError
 
 
 @dataclass(frozen=True)
 class Role:
-    """One child process: `python -m closewait_trace.demo ARGV...`.
+    """One child process: `python -m closewait_trace.workloads ARGV...`.
 
     In argv, "{NAME}" is replaced by the port of the server role labelled NAME. A server
     binds and prints "PORT n", then listens when told to and prints "LISTENING"; a client
@@ -57,6 +58,11 @@ class Scenario:
 
 # --- parameters (the tests read them through Scenario.params) -------------------------------
 
+
+def _params(**values: float) -> Mapping[str, float]:
+    return MappingProxyType(values)
+
+
 FD_LIMIT_NOFILE = 32
 FD_LIMIT_BACKLOG = 8
 FD_LIMIT_CONNECTS = 20
@@ -81,30 +87,42 @@ BACKLOG_PERIOD = 5.0
 POOL_IDLE = 1.0
 POOL_SIZE = 5
 
+MIXED_LEAKS = 2  # per leaky server, and the pool's size
+MIXED_PERIOD = 0.5
 
-def _burst(count: int, size: int, patience: float, period: float, rounds: int,
-           connect_timeout: float = 2.0, port: str = "{server}") -> tuple[str, ...]:
+
+def _burst(*, patience: float, count: int = 1, size: int = 32, period: float = 0.0,
+           rounds: int = 0, connect_timeout: float = 2.0, port: str = "{server}"
+           ) -> tuple[str, ...]:
+    """The `burst` role's arguments (rounds 0: for ever)."""
     return ("burst", port, str(count), str(size), str(patience), str(period), str(rounds),
             str(connect_timeout))
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
-        name="mixed",
-        seed="all",
+        name="mixed", seed="all", threshold_s=3.0, duration_s=20.0,
+        expected=("never-accepted", "accepted-not-closed", "outbound-not-closed"),
         title="the mixed demo: never-accept, no-close, healthy and pool servers at once",
         description=(
             "four servers at once: one never calls accept(), one accepts and never closes,"
             " a healthy one, and one that closes idle connections of a client pool."
         ),
-        roles=(),  # run by demo.Workload
-        threshold_s=3.0,
-        duration_s=20.0,
-        expected=("never-accepted", "accepted-not-closed", "outbound-not-closed"),
+        roles=(
+            Role("never-accept", ("never-accept",), server=True),
+            Role("no-close", ("no-close",), server=True),
+            Role("healthy", ("healthy",), server=True),
+            Role("idle-closer", ("idle-closer", "1.0"), server=True),
+            Role("clients", ("clients", "{never-accept},{no-close},{healthy}",
+                             "{never-accept},{no-close}", str(MIXED_LEAKS), str(MIXED_PERIOD))),
+            Role("pool", ("pool-client", "{idle-closer}", str(MIXED_LEAKS)), ready=True),
+        ),
     ),
     Scenario(
-        name="fd-limit",
-        seed="seed 000",
+        name="fd-limit", seed="seed 000", threshold_s=1.0, duration_s=8.0,
+        expected=("accept-failing",),
+        params=_params(nofile=FD_LIMIT_NOFILE, backlog=FD_LIMIT_BACKLOG,
+                       connects=FD_LIMIT_CONNECTS),
         title="CLOSE_WAIT count equals the accept queue size: the open-files limit is reached",
         description=(
             f"the server runs with RLIMIT_NOFILE {FD_LIMIT_NOFILE} and has filled its fd"
@@ -117,17 +135,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         roles=(
             Role("server", ("fd-limit-server", str(FD_LIMIT_NOFILE), str(FD_LIMIT_BACKLOG)),
                  server=True),
-            Role("clients", _burst(FD_LIMIT_CONNECTS, 45, 0.5, 0, 1, connect_timeout=0.2)),
+            Role("clients", _burst(count=FD_LIMIT_CONNECTS, size=45, patience=0.5, rounds=1,
+                                       connect_timeout=0.2)),
         ),
-        threshold_s=1.0,
-        duration_s=8.0,
-        expected=("accept-failing",),
-        params=MappingProxyType({"nofile": FD_LIMIT_NOFILE, "backlog": FD_LIMIT_BACKLOG,
-                                 "connects": FD_LIMIT_CONNECTS}),
     ),
     Scenario(
-        name="forgotten-close",
-        seed="seeds 004, 000",
+        name="forgotten-close", seed="seeds 004, 000", threshold_s=1.0, duration_s=6.0,
+        expected=("accepted-not-closed",), params=_params(connections=FORGOTTEN_CONNECTIONS),
         title="a handler reads to EOF and returns without close()",
         description=(
             "thread-per-connection server whose handler reads until recv() returns EOF and"
@@ -137,16 +151,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         ),
         roles=(
             Role("server", ("forgetful-server",), server=True),
-            Role("clients", _burst(1, 32, 0.2, 0.5, FORGOTTEN_CONNECTIONS)),
+            Role("clients", _burst(patience=0.2, period=0.5, rounds=FORGOTTEN_CONNECTIONS)),
         ),
-        threshold_s=1.0,
-        duration_s=6.0,
-        expected=("accepted-not-closed",),
-        params=MappingProxyType({"connections": FORGOTTEN_CONNECTIONS}),
     ),
     Scenario(
-        name="et-accept",
-        seed="seed 003",
+        name="et-accept", seed="seed 003", threshold_s=1.0, duration_s=8.0,
+        expected=("et-accept-loop",),
+        params=_params(limit=ET_LIMIT, burst=ET_BURST, payload=ET_PAYLOAD),
         title="edge-triggered epoll accept loop that returns before EAGAIN",
         description=(
             "non-blocking listener registered EPOLLIN|EPOLLET, limit"
@@ -161,17 +172,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         roles=(
             Role("server", ("et-server", str(ET_LIMIT), str(ET_FIRST_POLL_DELAY)), server=True),
             Role("holder", ("hold", "{server}"), ready=True),
-            Role("burst", _burst(ET_BURST, ET_PAYLOAD, ET_CLIENT_WAIT, 0, 1)),
+            Role("burst", _burst(count=ET_BURST, size=ET_PAYLOAD, patience=ET_CLIENT_WAIT,
+                                   rounds=1)),
         ),
-        threshold_s=1.0,
-        duration_s=8.0,
-        expected=("et-accept-loop",),
-        params=MappingProxyType({"limit": ET_LIMIT, "burst": ET_BURST,
-                                 "payload": ET_PAYLOAD}),
     ),
     Scenario(
-        name="slow-handler",
-        seed="seed 001 (C3)",
+        name="slow-handler", seed="seed 001 (C3)", threshold_s=1.0, duration_s=10.0,
+        expected=("closed-late",), params=_params(delay=SLOW_DELAY, patience=SLOW_PATIENCE),
         title="the handler is slower than the client: closed late",
         description=(
             f"thread-per-connection server whose handler sleeps {SLOW_DELAY:g}s before it"
@@ -181,16 +188,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         ),
         roles=(
             Role("server", ("slow-server", str(SLOW_DELAY)), server=True),
-            Role("clients", _burst(1, 32, SLOW_PATIENCE, 1.0, 0)),
+            Role("clients", _burst(patience=SLOW_PATIENCE, period=1.0)),
         ),
-        threshold_s=1.0,
-        duration_s=10.0,
-        expected=("closed-late",),
-        params=MappingProxyType({"delay": SLOW_DELAY, "patience": SLOW_PATIENCE}),
     ),
     Scenario(
-        name="large-backlog",
-        seed="seed 001 (C4)",
+        name="large-backlog", seed="seed 001 (C4)", threshold_s=1.0, duration_s=12.0,
+        expected=("drained-late",),
+        params=_params(backlog=BACKLOG_SIZE, service=BACKLOG_SERVICE, burst=BACKLOG_BURST,
+                       patience=BACKLOG_PATIENCE),
         title="a slow sequential server behind a large backlog: accepted after the peer left",
         description=(
             f"one connection at a time, {BACKLOG_SERVICE:g}s each, behind listen"
@@ -202,31 +207,24 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         roles=(
             Role("server", ("sequential-server", str(BACKLOG_SIZE), str(BACKLOG_SERVICE)),
                  server=True),
-            Role("clients", _burst(BACKLOG_BURST, 32, BACKLOG_PATIENCE, BACKLOG_PERIOD, 0)),
+            Role("clients", _burst(count=BACKLOG_BURST, patience=BACKLOG_PATIENCE,
+                                     period=BACKLOG_PERIOD)),
         ),
-        threshold_s=1.0,
-        duration_s=12.0,
-        expected=("drained-late",),
-        params=MappingProxyType({"backlog": BACKLOG_SIZE, "service": BACKLOG_SERVICE,
-                                 "burst": BACKLOG_BURST, "patience": BACKLOG_PATIENCE}),
     ),
     Scenario(
-        name="client-pool",
-        seed="seed 002 (C5)",
+        name="client-pool", seed="seed 002 (C5)", threshold_s=1.0, duration_s=6.0,
+        expected=("outbound-not-closed",), params=_params(idle=POOL_IDLE, pool=POOL_SIZE),
         title="a client pool keeps connections the server closed (CLOSE_WAIT on the client)",
         description=(
-            f"a client keeps a pool of {POOL_SIZE} idle connections and never reads them;"
-            f" the server closes connections idle for {POOL_IDLE:g}s (a keep-alive timeout)."
-            " The pool's sockets sit in CLOSE_WAIT on the client side."
+            "a client keeps a pool of"
+            f" {POOL_SIZE} idle connections and never reads them; the server closes connections"
+            f" idle for {POOL_IDLE:g}s (a keep-alive timeout). The pool's sockets sit in"
+            " CLOSE_WAIT on the client side."
         ),
         roles=(
             Role("server", ("idle-closer", str(POOL_IDLE)), server=True),
             Role("pool", ("pool-client", "{server}", str(POOL_SIZE)), ready=True),
         ),
-        threshold_s=1.0,
-        duration_s=6.0,
-        expected=("outbound-not-closed",),
-        params=MappingProxyType({"idle": POOL_IDLE, "pool": POOL_SIZE}),
     ),
 )}
 
@@ -241,9 +239,8 @@ def listing() -> list[str]:
 
 
 class ScenarioRun:
-    """A scenario's child processes; the same interface as demo.Workload: start_servers()
-    (they bind), then start_clients() once the tracer is attached (they listen, the clients
-    go), stop() in any case."""
+    """A scenario's child processes: start_servers() (they bind), then start_clients() once
+    the tracer is attached (they listen, the clients go), stop() in any case."""
 
     def __init__(self, scenario: Scenario) -> None:
         if not scenario.roles:
@@ -257,9 +254,8 @@ class ScenarioRun:
         try:
             for role in self.scenario.roles:
                 if role.server:
-                    self.children.spawn(role.label, role.argv)
-                    line = self.children.expect(role.label, "PORT ")
-                    self.ports[role.label] = int(line.split()[1])
+                    child = self.children.spawn(role.label, role.argv)
+                    self.ports[role.label] = child.expect_port()
             for role in self.scenario.roles:
                 if not role.server:
                     argv = [a.format(**self.ports) for a in role.argv]
@@ -270,23 +266,30 @@ class ScenarioRun:
 
     def start_clients(self) -> None:
         """The tracer is attached: the servers listen, then the clients start in order."""
-        servers = [r for r in self.scenario.roles if r.server]
-        for role in servers:
-            self.children.say(role.label)
-        for role in servers:
-            self.children.expect(role.label, "LISTENING")
+        servers = [self.children[r.label] for r in self.scenario.roles if r.server]
+        for child in servers:
+            child.say()
+        for child in servers:
+            child.expect("LISTENING")
         for role in self.scenario.roles:
             if role.server:
                 continue
-            self.children.say(role.label)
+            self.children[role.label].say()
             if role.ready:
-                self.children.expect(role.label, "READY")
+                self.children[role.label].expect("READY")
 
     def pids(self) -> dict[str, int]:
         return self.children.pids()
 
     def stop(self) -> None:
         self.children.stop()
+
+
+class Workload(ScenarioRun):
+    """The mixed demo (`closewait-trace demo` without --scenario)."""
+
+    def __init__(self) -> None:
+        super().__init__(SCENARIOS[DEFAULT])
 
 
 def describe(pids: Mapping[str, int], ports: Mapping[str, int]) -> str:
@@ -297,5 +300,5 @@ def describe(pids: Mapping[str, int], ports: Mapping[str, int]) -> str:
     )
 
 
-__all__ = ["DEFAULT", "Role", "SCENARIOS", "Scenario", "ScenarioRun", "DemoError", "describe",
-           "listing"]
+__all__ = ["DEFAULT", "Role", "SCENARIOS", "Scenario", "ScenarioRun", "DemoError", "Workload",
+           "describe", "listing"]

@@ -1,0 +1,131 @@
+/* common.h - what every handler uses: the context of one state change, the configuration,
+ * the user's filters, the counters and the ring buffer. */
+#ifndef CW_COMMON_H
+#define CW_COMMON_H
+
+#define CW_AF_INET 2
+#define CW_AF_INET6 10
+#define CW_IPPROTO_TCP 6
+#define CW_EAGAIN 11
+
+/* The connection's addresses as the tracepoint gives them (BCC defines the tracepoint's
+ * argument struct only at the probe itself, so helpers take this instead). */
+struct cw_tuple {
+    u16 family;
+    u16 lport;
+    u16 rport;
+    u8 laddr[CW_ADDR_LEN];
+    u8 raddr[CW_ADDR_LEN];
+};
+
+/* One state change of one socket, as the handlers see it. */
+struct cw_ctx {
+    struct cw_config *cfg;
+    u64 sk;    /* the struct sock address */
+    u64 now;   /* ns, CLOCK_MONOTONIC */
+    int oldstate;
+    int newstate;
+    const void *saddr; /* the tracepoint's 16-byte address fields, read only when needed */
+    const void *daddr;
+    struct cw_tuple t;
+};
+
+/* Addresses only where they are needed. The tracepoint stores IPv4 addresses
+ * IPv4-mapped in the v6 fields as well. */
+static __always_inline void load_addrs(struct cw_ctx *c)
+{
+    bpf_probe_read_kernel(c->t.laddr, CW_ADDR_LEN, c->saddr);
+    bpf_probe_read_kernel(c->t.raddr, CW_ADDR_LEN, c->daddr);
+}
+
+static __always_inline void stat_add(int idx, u64 n)
+{
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline void stat_inc(int idx)
+{
+    stat_add(idx, 1);
+}
+
+/* The configuration, or NULL while userspace has not finished writing it: every program
+ * starts with this and does nothing until then. */
+static __always_inline struct cw_config *get_config(void)
+{
+    int zero = 0;
+    struct cw_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->ready)
+        return 0;
+    return cfg;
+}
+
+/* Does a socket pass the user's -p/--port filters? An unknown owner passes the pid filter:
+ * userspace resolves it from /proc and decides. */
+static __always_inline int passes(struct cw_config *cfg, struct cw_sock *s)
+{
+    if (cfg->filter_ports) {
+        u16 p = s->lport;
+        if (!port_filter.lookup(&p)) {
+            p = s->rport;
+            if (!port_filter.lookup(&p))
+                return 0;
+        }
+    }
+    if (cfg->filter_pids && (s->flags & CW_F_OWNER_KNOWN)) {
+        u32 t = s->owner_tgid;
+        if (!pid_filter.lookup(&t))
+            return 0;
+    }
+    return 1;
+}
+
+static __always_inline void emit(u32 type, struct cw_sock *s, u64 now, int oldstate, int newstate,
+                                 u32 how, u32 exit_code)
+{
+    struct cw_event *ev = events.ringbuf_reserve(sizeof(struct cw_event));
+    if (!ev) {
+        stat_inc(CW_STAT_RINGBUF_LOST);
+        return;
+    }
+    u64 id = bpf_get_current_pid_tgid();
+    ev->ts = now;
+    ev->type = type;
+    ev->tgid = id >> 32;
+    ev->tid = (u32)id;
+    ev->oldstate = oldstate;
+    ev->newstate = newstate;
+    ev->exit_how = how;
+    ev->exit_code = exit_code;
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    __builtin_memcpy(&ev->sock, s, sizeof(ev->sock));
+    events.ringbuf_submit(ev, 0);
+}
+
+/* A state change of a socket under a timeline watch. */
+static __always_inline void emit_state(struct cw_ctx *c, struct cw_sock *s)
+{
+    if (s->flags & CW_F_TIMELINE)
+        emit(CW_EV_STATE, s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
+}
+
+/* Push the socks entry of a CLOSE_WAIT socket to the cw map if userspace should see it. */
+static __always_inline void sync_cw(struct cw_config *cfg, u64 sk, struct cw_sock *s)
+{
+    if (!(s->flags & CW_F_IN_CW))
+        return;
+    if (!(s->flags & CW_F_REPORTED)) {
+        if (!passes(cfg, s))
+            return;
+        s->flags |= CW_F_REPORTED;
+        if (cfg->filter_pids && !(s->flags & CW_F_OWNER_KNOWN))
+            stat_inc(CW_STAT_CW_UNDECIDED);
+        else
+            stat_inc(CW_STAT_CW_REPORTED);
+    }
+    if (cw.update(&sk, s))
+        stat_inc(CW_STAT_CW_FULL);
+}
+
+#endif /* CW_COMMON_H */

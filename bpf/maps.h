@@ -1,0 +1,57 @@
+/* maps.h - every map of the BPF programs, with who inserts an entry and who deletes it.
+ * Included once, by closewait.bpf.c. */
+#ifndef CW_MAPS_H
+#define CW_MAPS_H
+
+#ifndef CW_MAX_SOCKS
+#define CW_MAX_SOCKS 131072
+#endif
+#ifndef CW_MAX_CW
+#define CW_MAX_CW 32768
+#endif
+#ifndef CW_MAX_LISTENERS
+#define CW_MAX_LISTENERS 4096
+#endif
+#ifndef CW_MAX_PIDS
+#define CW_MAX_PIDS 16384
+#endif
+#ifndef CW_RINGBUF_PAGES
+#define CW_RINGBUF_PAGES 64
+#endif
+
+/* Every TCP socket the tracer has seen created (or first seen in CLOSE_WAIT).
+ * Inserted: LISTEN -> SYN_RECV (passive), CLOSE -> SYN_SENT (active), -> CLOSE_WAIT (unknown).
+ * Deleted: -> CLOSE (the address is reused after free). */
+BPF_HASH(socks, u64, struct cw_sock, CW_MAX_SOCKS);
+
+/* Sockets now in CLOSE_WAIT that passed the filters: what userspace polls.
+ * Inserted: -> CLOSE_WAIT, or at accept of a CLOSE_WAIT socket that passes only then.
+ * Deleted: CLOSE_WAIT -> LAST_ACK / CLOSE. */
+BPF_HASH(cw, u64, struct cw_sock, CW_MAX_CW);
+
+/* Listening ports and the process that called listen(), seeded by userspace at start.
+ * Inserted: -> LISTEN (process context). Deleted: LISTEN -> CLOSE of the same socket. */
+BPF_HASH(listeners, u16, struct cw_listener, CW_MAX_LISTENERS);
+
+/* Processes that pass -p: value CW_PID_USER or CW_PID_FOLLOWED.
+ * Inserted: by userspace (the -p PIDs and their descendants, CW_PID_USER); with -p, at
+ * task:task_newtask for a new process of a traced one (CW_PID_FOLLOWED).
+ * Deleted: by userspace (its own entries, when not wanted any more); at sched_process_exit
+ * of a followed process. */
+BPF_HASH(pid_filter, u32, u8, CW_MAX_PIDS);
+/* Ports that pass --port. Written by userspace only. */
+BPF_HASH(port_filter, u16, u8, 4096);
+BPF_ARRAY(config, struct cw_config, 1);
+
+/* Counters: CW_STAT_* per CPU, CLOSE_WAIT durations in log2(us) buckets per CPU. */
+BPF_PERCPU_ARRAY(stats, u64, CW_STAT_MAX);
+BPF_PERCPU_ARRAY(cw_hist, u64, CW_HIST_BUCKETS);
+
+/* accept()/accept4() outcomes per process and failures per errno.
+ * Inserted at sys_exit_accept*, never deleted (bounded; a full map is counted in userspace). */
+BPF_HASH(accept_stats, u32, struct cw_accept_stat, 4096);
+BPF_HASH(accept_errs, struct cw_accept_err, u64, 1024);
+
+BPF_RINGBUF_OUTPUT(events, CW_RINGBUF_PAGES);
+
+#endif /* CW_MAPS_H */

@@ -1,0 +1,97 @@
+"""Kernel struct fields the BPF programs read, at the running kernel's offsets.
+
+The programs never include a kernel struct definition (they compile against any header set,
+even another kernel's): where they need a field, they read it with
+``bpf_probe_read_kernel(&v, sizeof v, (void *)ptr + CW_OFF_<NAME>)``, and the offset comes
+from the running kernel's BTF (/sys/kernel/btf/vmlinux), passed to the compiler as a
+``-D`` constant. ``KERNEL_FIELDS`` is the one table of those fields: a feature that needs a
+new field adds a row. A feature whose fields are not all found (no BTF, a renamed member, a
+size the C does not expect) is compiled out (``CW_HAVE_<FEATURE>`` undefined) and said so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import btf as _btf
+from .errors import TracingUnavailableError
+
+__all__ = ["KernelField", "KERNEL_FIELDS", "KernelFields", "resolve_kernel_fields"]
+
+
+@dataclass(frozen=True)
+class KernelField:
+    """One field the C reads: ``CW_OFF_<name>`` is ``offsetof(struct <struct>, <path>)``."""
+
+    name: str
+    struct: str
+    path: str
+    size: int  # bytes the C reads: the kernel's member must have this size
+    feature: str  # what needs it; compiled in as CW_HAVE_<FEATURE> when all its rows resolve
+
+
+KERNEL_FIELDS: tuple[KernelField, ...] = (
+    # A socket's CLOSE_WAIT ended because its holder exited or was killed (issue 15): the
+    # close runs in the exiting task (PF_EXITING in flags), whose exit code is set by then.
+    KernelField("TASK_FLAGS", "task_struct", "flags", 4, "process-exit"),
+    KernelField("TASK_EXIT_CODE", "task_struct", "exit_code", 4, "process-exit"),
+)
+
+
+def _macro(feature: str) -> str:
+    return "CW_HAVE_" + feature.upper().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class KernelFields:
+    """The resolved table: offsets of the fields of every feature that is on, and for each
+    feature that is off, why."""
+
+    offsets: Mapping[str, int] = field(default_factory=dict)
+    enabled: frozenset[str] = frozenset()
+    disabled: Mapping[str, str] = field(default_factory=dict)
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DCW_OFF_{name}={off}" for name, off in sorted(self.offsets.items())]
+        return flags + [f"-D{_macro(feature)}" for feature in sorted(self.enabled)]
+
+    def notices(self) -> list[str]:
+        return [f"{feature} is off: {why}" for feature, why in sorted(self.disabled.items())]
+
+
+def _problem(btf: _btf.BtfFile, row: KernelField) -> tuple[int | None, str]:
+    """(offset, "") or (None, why not)."""
+    where = f"{row.struct}.{row.path}"
+    found = btf.member(row.struct, row.path)
+    if found is None:
+        return None, f"{where} is not in the kernel's BTF"
+    if found.size != row.size:
+        return None, f"{where} is {found.size} bytes on this kernel, {row.size} expected"
+    return found.offset, ""
+
+
+def resolve_kernel_fields(fields: Iterable[KernelField] = KERNEL_FIELDS,
+                          path: Path = _btf.VMLINUX_BTF) -> KernelFields:
+    """Offsets of ``fields`` in the BTF at ``path``; a feature with any field missing is off."""
+    rows = list(fields)
+    features = sorted({r.feature for r in rows})
+    try:
+        btf = _btf.load_btf(path)
+    except TracingUnavailableError as exc:
+        return KernelFields(disabled={f: f"no kernel struct offsets ({exc})" for f in features})
+    offsets: dict[str, int] = {}
+    disabled: dict[str, str] = {}
+    for row in rows:
+        off, why = _problem(btf, row)
+        if off is None:
+            disabled.setdefault(row.feature, why)
+        else:
+            offsets[row.name] = off
+    wanted = {r.name for r in rows if r.feature not in disabled}
+    return KernelFields(
+        offsets={k: v for k, v in offsets.items() if k in wanted},
+        enabled=frozenset(f for f in features if f not in disabled),
+        disabled=disabled,
+    )
