@@ -26,8 +26,10 @@ import click
 from rich.console import Console
 
 from . import __version__
+from .containers import select_containers
 from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
 from .headers import HeaderCandidate
+from .netns import resolve_netns
 from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, AcceptWatch, Options, \
     TimelineMode
 from .render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
@@ -88,6 +90,14 @@ _PID = click.option("-p", "--pid", "pids", type=click.IntRange(1, PID_MAX_LIMIT)
                     " Repeatable.")
 _PORT = click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
                      help="Trace only sockets with this local or remote port. Repeatable.")
+_CONTAINER = click.option(
+    "--container", "containers", metavar="ID-or-NAME", multiple=True,
+    help="Only sockets of this container (name, id prefix, pod name, namespace/pod or pod"
+    " UID). Repeatable.")
+_NETNS = click.option("--netns", "netns", metavar="INODE-or-PATH", multiple=True,
+                      help="Only sockets of this network namespace (its inode as `lsns -t"
+                      " net` shows it, a path like /proc/PID/ns/net, or an `ip netns`"
+                      " name). Repeatable.")
 _DURATION = click.option("--duration", type=DURATION, default=None,
                          help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
 _THRESHOLD = click.option("--threshold", type=DURATION, default="10s", show_default=True,
@@ -137,7 +147,7 @@ def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-_TRACE_OPTIONS = (_PID, _PORT, _DURATION, _THRESHOLD, _REPORT_MIN, _BACKEND, _HEADERS,
+_TRACE_OPTIONS = (_PID, _PORT, _CONTAINER, _NETNS, _DURATION, _THRESHOLD, _REPORT_MIN, _BACKEND, _HEADERS,
                   _ACCEPT_WATCH, _MAX_SOCKETS, _MAX_CW, _JSON, _PLAIN, _TIMELINE, _EXPORT,
                   _METRICS)
 
@@ -175,7 +185,16 @@ def _pop_options(params: dict[str, Any], output: Output) -> Options:
         duration_s=duration / 1e9 if duration else None, max_socks=params.pop("max_sockets"),
         max_cw=params.pop("max_close_wait"), timelines=output.timelines,
         accept_watch=AcceptWatch(params.pop("accept_watch")),
+        containers=_containers(params.pop("containers")),
+        netns=frozenset(resolve_netns(n) for n in params.pop("netns")),
     )
+
+
+def _containers(queries: tuple[str, ...]) -> tuple[str, ...]:
+    """--container values, each checked to name a running container (UsageError)."""
+    for query in queries:
+        select_containers(query)
+    return tuple(q.strip() for q in queries)
 
 
 def tracing_command(fn: Callable[..., None]) -> Callable[..., None]:
@@ -367,9 +386,11 @@ def record(path: Path, *, options: Options, output: Output) -> None:
 @click.option("-p", "--pid", "pids", type=click.IntRange(1, PID_MAX_LIMIT), multiple=True,
               help="Only sockets owned by this process. Repeatable.")
 @_PORT
+@_CONTAINER
+@_NETNS
 @click.option("-v", "--verbose", is_flag=True, help="List every socket too.")
 def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
-             verbose: bool) -> None:
+             containers: tuple[str, ...], netns: tuple[str, ...], verbose: bool) -> None:
     """Show the sockets in CLOSE_WAIT now, grouped by process and listener, with the causes
     a single look can tell (no BPF needed: sock_diag and /proc only)."""
     import json
@@ -382,7 +403,9 @@ def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
         if not privileged:
             raise PrivilegeError("snapshot needs root to see which process holds each socket"
                                  f" ({why})")
-        snap = take(ports=frozenset(ports), pids=frozenset(pids))
+        snap = take(ports=frozenset(ports), pids=frozenset(pids),
+                    containers=_containers(containers),
+                    netns=frozenset(resolve_netns(n) for n in netns))
         if as_json:
             click.echo(json.dumps(snap.as_dict()))
         else:

@@ -12,6 +12,7 @@ import errno as errno_mod
 from dataclasses import dataclass, field
 
 from .decode import ExitHow, exit_code_text
+from .facts import ListenerHolder, Process
 from .join import Accepted, Connection, Direction
 
 
@@ -44,22 +45,27 @@ class AcceptStats:
     errors: dict[int, int] = field(default_factory=dict)  # errno -> count
 
 
-@dataclass(frozen=True)
-class ProcessFacts:
-    pid: int
-    alive: bool
-    open_fds: int | None = None
-    fd_limit: int | None = None
-    threads: dict[str, int] = field(default_factory=dict)  # syscall -> threads blocked in it
+#: The one process type (facts.Process), by the name the diagnosis used first.
+ProcessFacts = Process
 
 
 @dataclass(frozen=True)
 class ListenerFacts:
+    """The listener a never-accepted connection waits on, as seen for that connection."""
+
     port: int
     queue: int
     backlog: int
     fd: int | None = None  # the owner's fd for the listener
     edge_triggered: bool | None = None  # that fd is in an epoll set with EPOLLET
+    laddr: str | None = None
+    netns: int | None = None
+    inode: int = 0
+    #: why this listener (the only one of its namespace and port, or the one of a
+    #: SO_REUSEPORT group whose queue is not empty); None: not chosen among several
+    reason: str | None = None
+    #: the processes holding it now, and what each does about it
+    holders: tuple[ListenerHolder, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class Facts:
     """What enrichment found around one connection; every part may be missing."""
 
     accept: AcceptStats | None = None
-    process: ProcessFacts | None = None
+    process: Process | None = None
     listener: ListenerFacts | None = None
     durations: DurationStats | None = None
 
@@ -151,37 +157,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         return _released_at_exit(conn, now_ns, who, evidence)
     closed_by_app = conn.exit_how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT)
     if not conn.is_open and closed_by_app:
-        # Certain once it crossed the threshold; below it, a slow close rather than a leak.
-        sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
-        dur = conn.age_ns(now_ns)
-        if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
-            evidence.append(
-                f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the accept queue"
-                " after the peer had closed"
-            )
-            return Verdict(
-                Cause.DRAINED_LATE,
-                sure,
-                f"accepted late and closed after {_secs(dur)} in CLOSE_WAIT:"
-                " the accept queue drains slower than clients give up",
-                tuple(evidence),
-            )
-        if conn.established_ns is not None and conn.cw_enter_ns is not None:
-            evidence.append(f"the peer closed {_secs(conn.cw_enter_ns - conn.established_ns)}"
-                            " after the connection was established (its timeout?)")
-        if conn.accepted_ns is not None and conn.cw_enter_ns is not None \
-                and conn.accepted_ns <= conn.cw_enter_ns:
-            evidence.append(f"accepted {_secs(conn.cw_enter_ns - conn.accepted_ns)} before the"
-                            " peer's FIN; the handler took the rest")
-        if facts.durations is not None:
-            evidence.append(_durations_text(facts.durations, conn.service_port))
-        return Verdict(
-            Cause.CLOSED_LATE,
-            sure,
-            f"closed by the application after {_secs(dur)} in CLOSE_WAIT:"
-            " a slow handler, or a peer timeout shorter than the service time",
-            tuple(evidence),
-        )
+        return _closed_by_app(conn, facts, now_ns, evidence)
 
     if conn.direction is Direction.OUTBOUND:
         evidence.append(f"connected to {conn.raddr}:{conn.rport}; the server closed it")
@@ -201,42 +177,7 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
         return _never_accepted(conn, facts, now_ns, who, evidence)
 
     if conn.accepted is Accepted.YES:
-        if conn.accepted_ns is not None:
-            evidence.append(f"accepted {_secs(now_ns - conn.accepted_ns)} ago")
-            if conn.accepted_after_fin and conn.cw_enter_ns is not None:
-                evidence.append(
-                    f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
-                )
-        elif conn.history:
-            evidence.append(
-                "accept() not seen (it may have been blocked in accept() before tracing"
-                " started); the socket has an inode, so it was accepted"
-            )
-        if conn.fd is not None:
-            evidence.append(f"still open as fd {conn.fd}")
-        if conn.eof_read:
-            evidence.append("the application has read everything the peer sent, its FIN"
-                            " included (Recv-Q 0), and still did not close")
-            return Verdict(
-                Cause.NOT_CLOSED,
-                Confidence.CERTAIN,
-                f"accepted by {who}, read the EOF and never closed: a missing close() in the"
-                " application",
-                tuple(evidence),
-            )
-        if conn.eof_read is False:
-            unread = conn.unread_bytes or 0
-            evidence.append(f"the EOF is not read yet ({unread} data bytes unread):"
-                            " the handler is slow, blocked, or never reads")
-        proc = facts.process
-        if proc is not None and proc.threads:
-            evidence.append(f"threads of pid {proc.pid}: {threads_text(proc.threads)}")
-        return Verdict(
-            Cause.NOT_CLOSED,
-            Confidence.CERTAIN,
-            f"accepted by {who} and never closed after the peer closed",
-            tuple(evidence),
-        )
+        return _accepted_not_closed(conn, facts, now_ns, who, evidence)
 
     if conn.history:
         evidence.append("the tracer did not see this socket's creation or accept")
@@ -248,17 +189,106 @@ def diagnose(conn: Connection, facts: Facts, now_ns: int) -> Verdict:
     )
 
 
+def _closed_by_app(conn: Connection, facts: Facts, now_ns: int, evidence: list[str]
+                   ) -> Verdict:
+    """Closed by the application after a stay in CLOSE_WAIT: late, or drained late."""
+    # Certain once it crossed the threshold; below it, a slow close rather than a leak.
+    sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
+    dur = conn.age_ns(now_ns)
+    if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
+        evidence.append(
+            f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the accept queue"
+            " after the peer had closed"
+        )
+        return Verdict(
+            Cause.DRAINED_LATE,
+            sure,
+            f"accepted late and closed after {_secs(dur)} in CLOSE_WAIT:"
+            " the accept queue drains slower than clients give up",
+            tuple(evidence),
+        )
+    if conn.established_ns is not None and conn.cw_enter_ns is not None:
+        evidence.append(f"the peer closed {_secs(conn.cw_enter_ns - conn.established_ns)}"
+                        " after the connection was established (its timeout?)")
+    if conn.accepted_ns is not None and conn.cw_enter_ns is not None \
+            and conn.accepted_ns <= conn.cw_enter_ns:
+        evidence.append(f"accepted {_secs(conn.cw_enter_ns - conn.accepted_ns)} before the"
+                        " peer's FIN; the handler took the rest")
+    if facts.durations is not None:
+        evidence.append(_durations_text(facts.durations, conn.service_port))
+    return Verdict(
+        Cause.CLOSED_LATE,
+        sure,
+        f"closed by the application after {_secs(dur)} in CLOSE_WAIT:"
+        " a slow handler, or a peer timeout shorter than the service time",
+        tuple(evidence),
+    )
+
+
+def _accepted_not_closed(conn: Connection, facts: Facts, now_ns: int, who: str,
+                         evidence: list[str]) -> Verdict:
+    """Accepted, and not closed since the peer closed."""
+    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
+        evidence.append(f"accepted by pid {conn.acceptor_pid} ({conn.acceptor_comm or '?'});"
+                        f" held now by {who} (inherited, or passed over a unix socket)")
+    if conn.accepted_ns is not None:
+        evidence.append(f"accepted {_secs(now_ns - conn.accepted_ns)} ago")
+        if conn.accepted_after_fin and conn.cw_enter_ns is not None:
+            evidence.append(
+                f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
+            )
+    elif conn.history:
+        evidence.append(
+            "accept() not seen (it may have been blocked in accept() before tracing"
+            " started); the socket has an inode, so it was accepted"
+        )
+    if conn.fd is not None:
+        evidence.append(f"still open as fd {conn.fd}")
+    if conn.eof_read:
+        evidence.append("the application has read everything the peer sent, its FIN"
+                        " included (Recv-Q 0), and still did not close")
+        return Verdict(
+            Cause.NOT_CLOSED,
+            Confidence.CERTAIN,
+            f"accepted by {who}, read the EOF and never closed: a missing close() in the"
+            " application",
+            tuple(evidence),
+        )
+    if conn.eof_read is False:
+        unread = conn.unread_bytes or 0
+        evidence.append(f"the EOF is not read yet ({unread} data bytes unread):"
+                        " the handler is slow, blocked, or never reads")
+    proc = facts.process
+    if proc is not None and proc.threads:
+        evidence.append(f"threads of pid {proc.pid}: {threads_text(proc.threads)}")
+    return Verdict(
+        Cause.NOT_CLOSED,
+        Confidence.CERTAIN,
+        f"accepted by {who} and never closed after the peer closed",
+        tuple(evidence),
+    )
+
+
+def _listener_evidence(lst: ListenerFacts, evidence: list[str]) -> None:
+    where = f"{lst.laddr}:{lst.port}" if lst.laddr and lst.netns is not None \
+        else f":{lst.port}"
+    evidence.append(f"listener {where} accept queue {lst.queue}/{lst.backlog}"
+                    + (" (full: capacity is backlog+1)" if lst.queue > lst.backlog > 0
+                       else "")
+                    + (f" in netns {lst.netns} (inode {lst.inode})"
+                       if lst.netns is not None else ""))
+    if lst.reason:
+        evidence.append(f"listener chosen as {lst.reason}")
+
+
 def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
                     evidence: list[str]) -> Verdict:
     """A socket in the accept queue: which of the accept-side failures keeps it there."""
     acc = facts.accept
     lst = facts.listener
     proc = facts.process
-    queued = lst is not None and lst.queue > 0
     if lst is not None:
-        evidence.append(f"listener :{lst.port} accept queue {lst.queue}/{lst.backlog}"
-                        + (" (full: capacity is backlog+1)" if lst.queue > lst.backlog > 0
-                           else ""))
+        _listener_evidence(lst, evidence)
     at_limit = False
     if proc is not None and proc.open_fds is not None and proc.fd_limit is not None:
         at_limit = proc.open_fds >= proc.fd_limit - 1
@@ -281,7 +311,19 @@ def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
                        f"never accepted: {who} has no file descriptor left for accept()"
                        " (open-files limit reached; no failed accept() seen yet)",
                        tuple(evidence))
+    if lst is not None and lst.holders:
+        by_holders = _holders_verdict(conn, lst, evidence)
+        if by_holders is not None:
+            return by_holders
 
+    return _not_draining(conn, facts, now_ns, who, evidence)
+
+
+def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
+                  evidence: list[str]) -> Verdict:
+    """Nothing fails and no holder is to blame: how the process treats its queue."""
+    acc, lst, proc = facts.accept, facts.listener, facts.process
+    queued = lst is not None and lst.queue > 0
     if acc is not None and acc.ok:
         evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(now_ns - acc.last_ok_ns)}"
                         " ago")
@@ -327,20 +369,86 @@ def _never_accepted(conn: Connection, facts: Facts, now_ns: int, who: str,
         tuple(evidence))
 
 
+def responsible_holders(holders: tuple[ListenerHolder, ...] | list[ListenerHolder]
+                        ) -> tuple[str, list[ListenerHolder]]:
+    """Which holders of a listener should be accepting and are not, and how:
+    "stopped" (cannot run), "busy" (every holder that accepts is serving connections and
+    none waits for the listener), "never-polls" (holds it and never waits for it), "ready"
+    (someone waits for it now: none to blame) or "" (nothing known). A holder that only
+    keeps the fd (a pre-fork master) is named only when no other holder could accept."""
+    if not holders:
+        return "", []
+    stopped = [h for h in holders if h.stopped]
+    if stopped:
+        return "stopped", stopped
+    if any(h.ready for h in holders):
+        return "ready", []
+    busy = [h for h in holders if h.serving > 0]
+    if busy:
+        return "busy", busy
+    return "never-polls", list(holders)
+
+
+def _holder_text(h: ListenerHolder) -> str:
+    parts = [f"holder pid {h.pid} ({h.comm}): {h.state}", f"waits for it: {h.waiting}"]
+    if h.serving:
+        parts.append(f"serving {h.serving} connection(s) of this port")
+    if h.busy_in:
+        parts.append("threads in " + ", ".join(h.busy_in))
+    if h.open_files is not None and h.max_open_files is not None:
+        parts.append(f"open files {h.open_files}/{h.max_open_files}")
+    return ", ".join(parts)
+
+
+def _pids_text(holders: list[ListenerHolder]) -> str:
+    return ", ".join(f"pid {h.pid} ({h.comm})" for h in holders)
+
+
+def _holders_verdict(conn: Connection, lst: ListenerFacts, evidence: list[str]
+                     ) -> Verdict | None:
+    """A listener held by several processes (pre-fork servers, passed fds): the verdict
+    names the holder that should accept and does not."""
+    kind, who = responsible_holders(lst.holders)
+    evidence.extend(_holder_text(h) for h in lst.holders)
+    sure = Confidence.CERTAIN if conn.inode == 0 else Confidence.LIKELY
+    where = f"{lst.laddr}:{lst.port}" if lst.laddr else f":{lst.port}"
+    if kind == "stopped":
+        holds, stopped = ("hold", "are") if len(who) > 1 else ("holds", "is")
+        return Verdict(Cause.NEVER_ACCEPTED, sure,
+                       f"never accepted: {_pids_text(who)} {holds} the listener {where} and"
+                       f" {stopped} stopped (SIGSTOP or a debugger): nothing accepts from its"
+                       " queue", tuple(evidence))
+    if kind == "busy":
+        return Verdict(Cause.NEVER_ACCEPTED, Confidence.LIKELY,
+                       f"never accepted: every process that accepts from {where} is busy"
+                       f" serving connections ({_pids_text(who)}); none waits for the"
+                       " listener", tuple(evidence))
+    if kind == "never-polls":
+        return Verdict(Cause.NEVER_ACCEPTED, sure,
+                       f"never accepted: {_pids_text(who)}"
+                       f" {'hold' if len(who) > 1 else 'holds'} the listener {where} but"
+                       " never waits for it (no thread in accept() or polling it), and no"
+                       " other process accepts from it", tuple(evidence))
+    return None
+
+
 def group_verdicts(conns: list[Connection], verdicts: dict[tuple[int, int], Verdict]
                    ) -> list[dict[str, object]]:
     """One line per (process, service port, cause): how many sockets, and why."""
-    groups: dict[tuple[object, int, str], list[Connection]] = {}
+    groups: dict[tuple[object, int, str, int | None], list[Connection]] = {}
     for c in conns:
         v = verdicts.get(c.key)
         cause = v.cause.value if v else Cause.UNKNOWN.value
-        groups.setdefault((c.owner_pid, c.service_port, cause), []).append(c)
+        groups.setdefault((c.owner_pid, c.service_port, cause, c.netns), []).append(c)
     out: list[dict[str, object]] = []
-    for (pid, port, cause), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    for (pid, port, cause, netns), members in sorted(groups.items(),
+                                                     key=lambda kv: -len(kv[1])):
         first = members[0]
         v = verdicts.get(first.key)
+        ctr = first.container
         out.append({
             "pid": pid, "comm": first.owner_comm, "port": port, "cause": cause,
+            "netns": netns, "container": ctr.label if ctr is not None else None,
             "count": len(members), "direction": first.direction.value,
             "summary": v.summary if v else "", "confidence": v.confidence.value if v else None,
             "evidence": list(v.evidence) if v else [],

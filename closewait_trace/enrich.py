@@ -32,14 +32,17 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from closewait_trace.decode import TcpState  # one definition, shared with the decoder
 from closewait_trace.errors import EnrichError, UsageError
 from . import textsafe
 
+if TYPE_CHECKING:
+    from . import facts
+
 __all__ = [
     "DiagSocket",
-    "Listener",
     "ProcessIndex",
     "SocketOwner",
     "TcpState",
@@ -129,6 +132,8 @@ class DiagSocket:
     rqueue: int
     wqueue: int
     cookie: int
+    #: the network namespace (inode) it was found in; None where unknown (one namespace)
+    netns: int | None = None
 
     @property
     def accepted(self) -> bool:
@@ -734,32 +739,19 @@ def listening_ports_of(pid: int, index: ProcessIndex) -> set[int]:
     return {s.lport for s in listeners() if s.inode in inodes}
 
 
-@dataclass(frozen=True)
-class Listener:
-    """A listening socket with its accept queue and the processes that hold it."""
+def listeners_with_owners(index: ProcessIndex, *, nl: socket.socket | None = None,
+                          netns: int | None = None) -> list[facts.Listener]:
+    """Every TCP listener with its accept-queue length, backlog and owners: of the caller's
+    network namespace, or of the one ``nl`` (a sock_diag socket opened there) answers for,
+    named ``netns``. Socket inodes are unique host-wide, so owners are found by inode."""
+    from . import facts as facts_  # facts names SocketOwner, defined here
 
-    family: int
-    laddr: str
-    lport: int
-    queue: int
-    backlog: int
-    owners: tuple[SocketOwner, ...]
-    inode: int = 0
-
-
-def listeners_with_owners(index: ProcessIndex) -> list[Listener]:
-    """Every TCP listener with its accept-queue length, backlog and owners."""
-    socks = listeners()
+    socks = listeners(nl=nl)
     owners = index.pids_of_inodes(s.inode for s in socks if s.inode)
     return [
-        Listener(
-            family=s.family,
-            laddr=s.laddr,
-            lport=s.lport,
-            queue=s.rqueue,
-            backlog=s.wqueue,
-            owners=tuple(owners.get(s.inode, ())),
-            inode=s.inode,
+        facts_.Listener(
+            family=s.family, laddr=s.laddr, lport=s.lport, queue=s.rqueue, backlog=s.wqueue,
+            owners=tuple(owners.get(s.inode, ())), netns=netns, inode=s.inode,
         )
         for s in socks
     ]
@@ -774,11 +766,13 @@ _X86_64_SYSCALLS = {
     0: "read", 7: "poll", 23: "select", 35: "nanosleep", 43: "accept", 45: "recvfrom",
     47: "recvmsg", 202: "futex", 230: "clock_nanosleep", 232: "epoll_wait", 270: "pselect6",
     271: "ppoll", 281: "epoll_pwait", 288: "accept4", 441: "epoll_pwait2",
+    34: "pause", 61: "wait4", 128: "rt_sigtimedwait", 130: "rt_sigsuspend", 247: "waitid",
 }
 _ARM64_SYSCALLS = {
     22: "epoll_pwait", 63: "read", 73: "ppoll", 98: "futex", 101: "nanosleep",
     115: "clock_nanosleep", 202: "accept", 207: "recvfrom", 212: "recvmsg", 242: "accept4",
-    441: "epoll_pwait2",
+    441: "epoll_pwait2", 95: "waitid", 133: "rt_sigsuspend", 137: "rt_sigtimedwait",
+    260: "wait4",
 }
 
 #: Syscalls in which a thread waits for events rather than works.

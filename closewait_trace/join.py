@@ -16,7 +16,10 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .containers import ContainerIdentity
 from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
+from .facts import Listener
+from .facts import NetnsSource
 
 
 class Direction(enum.Enum):
@@ -86,6 +89,18 @@ class Connection:
     #: the kernel record last copied in: a poll that returns the very same (cached, unchanged)
     #: record costs nothing
     kernel: SockInfo | None = field(default=None, repr=False)
+    #: its network namespace (inode), and how that is known (None: not known)
+    netns: int | None = None
+    netns_source: NetnsSource | None = None
+    #: the owner's cgroup and container (None: not read, or the owner is unknown)
+    container: ContainerIdentity | None = None
+    #: the process the kernel saw accept or connect it; the owner is whoever holds it now
+    #: (a forked child, a process it was passed to over SCM_RIGHTS)
+    acceptor_pid: int | None = None
+    acceptor_comm: str | None = None
+    #: never accepted: the listener it is queued on (or the best candidate), and why that one
+    listener: Listener | None = None
+    listener_reason: str | None = None
 
     @property
     def preexisting(self) -> bool:
@@ -127,15 +142,6 @@ class Change:
     kind: ChangeKind
     conn: Connection | None = None
     listener: Listener | None = None
-
-
-@dataclass(frozen=True)
-class Listener:
-    port: int
-    family: int
-    addr: str
-    pid: int
-    comm: str
 
 
 def _direction(flags: SockFlag) -> Direction:
@@ -188,6 +194,9 @@ class Tracker:
         self._preexisting_seq = 0
         #: Steps of sockets under a timeline watch, by socket address, until they close.
         self.steps_by_sk: dict[int, list[Step]] = {}
+        #: Stays a filter the kernel could not apply excluded (another container or network
+        #: namespace): not reported again, forgotten when they leave the cw map.
+        self.ignored: set[tuple[int, int]] = set()
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -222,7 +231,7 @@ class Tracker:
                 continue
             key = s.key
             seen.add(key)
-            if key in self._recently_closed:
+            if key in self._recently_closed or key in self.ignored:
                 continue  # its exit event was handled before this poll was read
             conn = self.open.get(key)
             if conn is None:
@@ -251,20 +260,27 @@ class Tracker:
             self.closed.append(conn)
             changes.append(Change(ChangeKind.LOST, conn))
         self._expire_recent(now_ns)
+        if self.ignored:
+            self.ignored &= seen
         return changes
+
+    def ignore(self, conn: Connection) -> None:
+        """Drop an open connection that the filters exclude, for the rest of its stay."""
+        self.open.pop(conn.key, None)
+        self._missing.pop(conn.key, None)
+        if conn.key[0] != 0:
+            self.ignored.add(conn.key)
 
     def apply_event(self, ev: Event, now_ns: int) -> list[Change]:
         if ev.type is EventType.CW_EXIT:
             return self._on_exit(ev, now_ns)
         if ev.type is EventType.LISTEN:
             lst = Listener(
-                port=ev.sock.lport,
-                family=ev.sock.family,
-                addr=ev.sock.laddr,
-                pid=ev.sock.owner_tgid,
-                comm=ev.sock.owner_comm,
+                family=ev.sock.family, laddr=ev.sock.laddr, lport=ev.sock.lport, queue=0,
+                backlog=0, netns=getattr(ev.sock, "netns", None) or None,
+                pid=ev.sock.owner_tgid, comm=ev.sock.owner_comm,
             )
-            self.listeners[lst.port] = lst
+            self.listeners[lst.lport] = lst
             return [Change(ChangeKind.LISTEN, listener=lst)]
         if ev.type is EventType.UNLISTEN:
             old = self.listeners.pop(ev.sock.lport, None)
@@ -311,7 +327,7 @@ class Tracker:
 
     def add_listener(self, lst: Listener) -> None:
         """A listener found by the start-up scan."""
-        self.listeners.setdefault(lst.port, lst)
+        self.listeners.setdefault(lst.lport, lst)
 
     def tick(self, now_ns: int) -> list[Change]:
         """Flag the open connections that crossed the threshold (at most MAX_NEW_PER_TICK)."""
@@ -347,8 +363,13 @@ class Tracker:
         conn.kernel = s
         before = (conn.accepted, conn.owner_pid, conn.app_close_ns)
         if s.flags & SockFlag.OWNER_KNOWN:
-            conn.owner_pid = s.owner_tgid
-            conn.owner_comm = s.owner_comm
+            conn.acceptor_pid, conn.acceptor_comm = s.owner_tgid, s.owner_comm
+            if conn.fd is None:  # a holder found by its fd stays the owner
+                conn.owner_pid = s.owner_tgid
+                conn.owner_comm = s.owner_comm
+        kernel_netns = getattr(s, "netns", None)  # once the kernel side reports it
+        if kernel_netns:
+            conn.netns, conn.netns_source = int(kernel_netns), NetnsSource.KERNEL
         accepted = _accepted(s)
         # The kernel's "not accepted" never overrides enrichment's "accepted".
         if accepted is Accepted.YES or conn.accepted is Accepted.UNKNOWN:
@@ -375,7 +396,8 @@ class Tracker:
         else:
             conn = self.open.get(s.key)
             if conn is None:
-                if s.key in self._recently_closed:
+                if s.key in self._recently_closed or s.key in self.ignored:
+                    self.ignored.discard(s.key)
                     return []
                 conn = self._new_connection(s, now_ns)
             else:

@@ -133,7 +133,9 @@ class _Values:
     def of(cls, view: View, listeners: Sequence[tuple[int, int, int]],
            container_of: Callable[[int], str]) -> _Values:
         def who(c: Connection) -> tuple[str, str]:
-            container = container_of(c.owner_pid) if c.owner_pid is not None else ""
+            # the enrichment stage's identity where it read one (recorded, replayed)
+            known = c.container.label if c.container is not None else None
+            container = known or (container_of(c.owner_pid) if c.owner_pid is not None else "")
             return visible(c.owner_comm or ""), visible(container)
 
         groups: Counter[tuple[str, ...]] = Counter(

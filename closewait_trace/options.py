@@ -52,6 +52,9 @@ class Options:
     max_cw: int = DEFAULT_MAX_CW
     keep_closed: int = DEFAULT_KEEP_CLOSED
     accept_watch: AcceptWatch = AcceptWatch.AUTO
+    #: --container values (names, id prefixes, pods) and --netns inodes (userspace filters)
+    containers: tuple[str, ...] = ()
+    netns: frozenset[int] = frozenset()
 
     @property
     def timeline_all(self) -> bool:
@@ -72,6 +75,8 @@ class Options:
             "max_cw": self.max_cw,
             "keep_closed": self.keep_closed,
             "accept_watch": self.accept_watch.value,
+            "containers": list(self.containers),
+            "netns": sorted(self.netns),
         }
 
     @classmethod
@@ -91,4 +96,6 @@ class Options:
             max_cw=int(d.get("max_cw", DEFAULT_MAX_CW)),
             keep_closed=int(d.get("keep_closed", DEFAULT_KEEP_CLOSED)),
             accept_watch=AcceptWatch(str(d.get("accept_watch", "auto"))),
+            containers=tuple(str(c) for c in d.get("containers", ())),
+            netns=frozenset(int(n) for n in d.get("netns", ())),
         )

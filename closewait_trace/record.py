@@ -23,10 +23,14 @@ from typing import IO, Any, TypeVar
 from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, Stat
 from .enrich import DiagSocket, SocketOwner, TcpState
 from .errors import CloseWaitError
-from .world import AcceptCounters, Counters, ListenerInfo, ProcessInfo, World, WorldEnded
+from .containers import ContainerIdentity
+from .facts import Listener, ListenerHolder, Namespaces, Process, container_from_dict
+from .world import AcceptCounters, Counters, World, WorldEnded
 
 FORMAT = "closewait-trace-record"
-FORMAT_VERSION = 1
+#: 2 adds the network namespaces, container identities and listener holders (and a netns
+#: on sock_diag rows and listeners); version 1 files are still read, namespace-blind.
+FORMAT_VERSION = 2
 #: The longest line `report` reads (a tick with 20,000 sockets in CLOSE_WAIT writes ~5 MB):
 #: a longer one is a corrupt file, not a reason to read without end.
 MAX_LINE = 64 << 20
@@ -98,12 +102,39 @@ def counters_from_json(d: dict[str, Any]) -> Counters:
     )
 
 
-def listener_to_json(x: ListenerInfo) -> dict[str, Any]:
+def listener_to_json(x: Listener) -> dict[str, Any]:
     return dataclasses.asdict(x)
 
 
-def listener_from_json(d: dict[str, Any]) -> ListenerInfo:
-    return ListenerInfo(**{**d, "owners": tuple(SocketOwner(**o) for o in d["owners"])})
+def listener_from_json(d: dict[str, Any]) -> Listener:
+    return Listener(**{**d, "owners": tuple(SocketOwner(**o) for o in d["owners"])})
+
+
+def holder_to_json(h: ListenerHolder) -> dict[str, Any]:
+    return dataclasses.asdict(h)
+
+
+def holder_from_json(d: dict[str, Any]) -> ListenerHolder:
+    return ListenerHolder(**{**d, "fds": tuple(int(f) for f in d["fds"]),
+                             "busy_in": tuple(str(b) for b in d.get("busy_in", ()))})
+
+
+def container_to_json(c: ContainerIdentity | None) -> dict[str, str] | None:
+    return None if c is None else c.as_dict()
+
+
+def container_of_json(d: dict[str, str] | None) -> ContainerIdentity | None:
+    return None if d is None else container_from_dict(d)
+
+
+def namespaces_of_json(d: dict[str, Any] | None) -> Namespaces | None:
+    if d is None:
+        return None
+    return Namespaces(int(d["host"]), tuple(int(n) for n in d["all"]))
+
+
+def diag_of_json(d: dict[str, Any] | None) -> DiagSocket | None:
+    return None if d is None else diag_from_json(d)
 
 
 # --- the tee --------------------------------------------------------------------------------
@@ -205,14 +236,40 @@ class RecordingWorld:
         self._put("counters", counters_to_json(v))
         return v
 
-    def diag_close_wait(self) -> list[DiagSocket]:
-        v = self.inner.diag_close_wait()
+    def diag_close_wait(self, netns: int | None = None) -> list[DiagSocket]:
+        v = self.inner.diag_close_wait(netns)
         self._put("diag", [diag_to_json(d) for d in v])
         return v
 
-    def listeners(self) -> list[ListenerInfo]:
-        v = self.inner.listeners()
+    def listeners(self, netns: int | None = None) -> list[Listener]:
+        v = self.inner.listeners(netns)
         self._put("listeners", [listener_to_json(x) for x in v])
+        return v
+
+    def namespaces(self) -> Namespaces | None:
+        v = self.inner.namespaces()
+        self._put("netns", None if v is None else {"host": v.host, "all": list(v.all)})
+        return v
+
+    def lookup(self, netns: int, family: int, laddr: str, lport: int, raddr: str,
+               rport: int) -> DiagSocket | None:
+        v = self.inner.lookup(netns, family, laddr, lport, raddr, rport)
+        self._put("lookup", None if v is None else diag_to_json(v))
+        return v
+
+    def netns_of(self, pid: int) -> int | None:
+        v = self.inner.netns_of(pid)
+        self._put("pidns", [pid, v])
+        return v
+
+    def container(self, pid: int) -> ContainerIdentity | None:
+        v = self.inner.container(pid)
+        self._put("container", [pid, container_to_json(v)])
+        return v
+
+    def holders(self, listener: Listener) -> list[ListenerHolder]:
+        v = self.inner.holders(listener)
+        self._put("holders", [holder_to_json(h) for h in v])
         return v
 
     def owners(self, inode: int) -> list[SocketOwner]:
@@ -223,7 +280,7 @@ class RecordingWorld:
     def refresh_owners(self) -> None:
         self.inner.refresh_owners()  # its effect shows in the owners() results recorded after
 
-    def process(self, pid: int) -> ProcessInfo:
+    def process(self, pid: int) -> Process:
         v = self.inner.process(pid)
         self._put("process", dataclasses.asdict(v))
         return v
@@ -305,6 +362,7 @@ class ReplayWorld:
         self.f = f
         self.path = path
         self.header = read_header(f, path)
+        self.version = int(self.header["version"])
         self.lineno = 1
         self.error: str | None = None
         self._done = False
@@ -369,11 +427,45 @@ class ReplayWorld:
     def counters(self) -> Counters:
         return self._value("counters", counters_from_json)
 
-    def diag_close_wait(self) -> list[DiagSocket]:
+    def diag_close_wait(self, netns: int | None = None) -> list[DiagSocket]:
         return self._value("diag", lambda r: [diag_from_json(d) for d in r])
 
-    def listeners(self) -> list[ListenerInfo]:
+    def listeners(self, netns: int | None = None) -> list[Listener]:
         return self._value("listeners", lambda r: [listener_from_json(x) for x in r])
+
+    # Format 1 did not record these: its replays answer "unknown" without reading a line,
+    # which is what the session that wrote it knew.
+
+    def namespaces(self) -> Namespaces | None:
+        if self.version < 2:
+            return None
+        return self._value("netns", namespaces_of_json)
+
+    def lookup(self, netns: int, family: int, laddr: str, lport: int, raddr: str,
+               rport: int) -> DiagSocket | None:
+        return self._value("lookup", diag_of_json)
+
+    def netns_of(self, pid: int) -> int | None:
+        if self.version < 2:
+            return None
+        return self._value("pidns", lambda r: self._for_pid(r, pid, lambda v: (
+            None if v is None else int(v))))
+
+    def container(self, pid: int) -> ContainerIdentity | None:
+        if self.version < 2:
+            return None
+        return self._value("container", lambda r: self._for_pid(r, pid, container_of_json))
+
+    def holders(self, listener: Listener) -> list[ListenerHolder]:
+        if self.version < 2:
+            return []
+        return self._value("holders", lambda r: [holder_from_json(h) for h in r])
+
+    @staticmethod
+    def _for_pid(r: list[Any], pid: int, convert: Callable[[Any], T]) -> T:
+        if int(r[0]) != pid:
+            raise ValueError(f"an answer about pid {r[0]}, asked about {pid}")
+        return convert(r[1])
 
     def owners(self, inode: int) -> list[SocketOwner]:
         def conv(r: dict[str, Any]) -> list[SocketOwner]:
@@ -386,9 +478,9 @@ class ReplayWorld:
     def refresh_owners(self) -> None:
         pass
 
-    def process(self, pid: int) -> ProcessInfo:
-        def conv(r: dict[str, Any]) -> ProcessInfo:
-            info = ProcessInfo(**{**r, "et_fds": tuple(r.get("et_fds", ())),
+    def process(self, pid: int) -> Process:
+        def conv(r: dict[str, Any]) -> Process:
+            info = Process(**{**r, "et_fds": tuple(r.get("et_fds", ())),
                                   "threads": dict(r.get("threads", {}))})
             if info.pid != pid:
                 raise ValueError(f"process {info.pid}, asked for {pid}")

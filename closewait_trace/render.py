@@ -26,7 +26,8 @@ from rich.text import Text
 from .decode import LOSS_STATS, ExitHow, Stat, exit_code_text
 from .diagnose import Verdict, group_verdicts
 from . import timeline as tl
-from .join import Change, ChangeKind, Connection, Direction, Listener
+from .facts import Listener, ListenerHolder, NetnsSource
+from .join import Change, ChangeKind, Connection, Direction
 from .options import TimelineMode
 from .textsafe import visible
 
@@ -126,10 +127,44 @@ def conn_age(conn: Connection, now_ns: int) -> str:
     return f">={text}" if conn.preexisting else text
 
 
+def container_text(conn: Connection) -> str:
+    """" [container]" for an owner in a container, else ""."""
+    ident = conn.container
+    label = ident.label if ident is not None else None
+    if ident is None or label is None:
+        return ""
+    if ident.pod_name:
+        pod = f"{ident.pod_namespace}/{ident.pod_name}" if ident.pod_namespace \
+            else ident.pod_name
+        return f" [{pod}/{label}]"
+    return f" [{label}]"
+
+
+def netns_text(conn: Connection) -> str:
+    """The socket's network namespace, marked unless the kernel reported it: "(by 4-tuple)"
+    when its 4-tuple was found in that namespace, "(owner's)" when it is the owner's."""
+    if conn.netns is None:
+        return "netns=?"
+    how = {NetnsSource.OWNER: "(owner's)", NetnsSource.SOCK_DIAG: "(by 4-tuple)"}
+    return f"netns={conn.netns}" + how.get(conn.netns_source, "") if conn.netns_source \
+        else f"netns={conn.netns}"
+
+
+def netns_dict(conn: Connection) -> dict[str, Any]:
+    return {"netns": conn.netns,
+            "netns_source": conn.netns_source.value if conn.netns_source else None}
+
+
+def holder_dict(h: ListenerHolder) -> dict[str, Any]:
+    return {"pid": h.pid, "comm": h.comm, "fds": list(h.fds), "state": h.state,
+            "waiting": h.waiting, "serving": h.serving, "busy_in": list(h.busy_in),
+            "open_files": h.open_files, "max_open_files": h.max_open_files}
+
+
 def owner_text(conn: Connection) -> str:
     if conn.owner_pid is None:
         return "?"
-    return f"{conn.owner_pid}/{conn.owner_comm or '?'}"
+    return f"{conn.owner_pid}/{conn.owner_comm or '?'}{container_text(conn)}"
 
 
 def accepted_text(conn: Connection) -> str:
@@ -152,6 +187,8 @@ def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
         "direction": conn.direction.value,
         "pid": conn.owner_pid,
         "comm": conn.owner_comm,
+        "container": conn.container.as_dict() if conn.container else None,
+        **netns_dict(conn),
         "accepted": conn.accepted.value,
         "accepted_after_fin": conn.accepted_after_fin,
         "fd": conn.fd,
@@ -172,6 +209,14 @@ def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
         d["established_before_fin_s"] = round((conn.cw_enter_ns - conn.established_ns) / 1e9, 6)
     if conn.accepted_ns is not None and conn.cw_enter_ns is not None:
         d["accept_after_fin_s"] = round((conn.accepted_ns - conn.cw_enter_ns) / 1e9, 6)
+    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
+        # changed hands: forked, passed over SCM_RIGHTS, handed over on reload
+        d["acceptor"] = {"pid": conn.acceptor_pid, "comm": conn.acceptor_comm}
+    if conn.listener is not None:
+        d["listener"] = {"local": endpoint(conn.listener.laddr, conn.listener.lport),
+                         "inode": conn.listener.inode, "netns": conn.listener.netns,
+                         "queue": conn.listener.queue, "backlog": conn.listener.backlog,
+                         "why": conn.listener_reason}
     return d
 
 
@@ -279,7 +324,7 @@ class JsonRenderer:
             elif ch.listener is not None:
                 lst = ch.listener
                 self._emit(
-                    ch.kind.value, view, port=lst.port, addr=lst.addr, pid=lst.pid, comm=lst.comm
+                    ch.kind.value, view, port=lst.lport, addr=lst.laddr, pid=lst.pid, comm=lst.comm
                 )
 
     def refresh(self, view: View) -> None:
@@ -315,6 +360,10 @@ def conn_line(kind: str, conn: Connection, view: View) -> str:
         if conn.exit_code is not None:
             exit_word += f"({exit_code_text(conn.exit_code)})"
         parts.append(f"cw={conn_age(conn, view.now_ns)} exit={exit_word}")
+    if conn.netns is not None:
+        parts.append(netns_text(conn))
+    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
+        parts.append(f"accepted-by={conn.acceptor_pid}/{conn.acceptor_comm or '?'}")
     if verdict is not None and kind == "LEAK":
         parts.append(f"-- {verdict.summary}")
         if verdict.evidence:
@@ -371,7 +420,7 @@ class PlainRenderer:
                 lst = ch.listener
                 self._line(
                     f"{view.wall(view.now_ns).strftime('%H:%M:%S.%f')[:-3]}  {word}  "
-                    f"{endpoint(lst.addr, lst.port)}  pid={lst.pid}/{lst.comm}"
+                    f"{endpoint(lst.laddr, lst.lport)}  pid={lst.pid}/{lst.comm}"
                 )
 
     def refresh(self, view: View) -> None:
@@ -406,7 +455,8 @@ def summary_lines(view: View) -> list[str]:
     if groups:
         lines.append("  still in CLOSE_WAIT, by process, service port and cause:")
     for g in groups[:10]:
-        lines.append(f"    {g['count']:>5} x pid {g['pid']}/{g['comm']} :{g['port']}"
+        ctr = f" [{g['container']}]" if g.get("container") else ""
+        lines.append(f"    {g['count']:>5} x pid {g['pid']}/{g['comm']}{ctr} :{g['port']}"
                      f"  {g['cause']} ({g['confidence']}): {g['summary']}")
         for ev in g["evidence"]:
             lines.append(f"            - {ev}")
@@ -525,11 +575,13 @@ class LiveRenderer:
         groups.add_column("service port")
         groups.add_column("state")
         groups.add_column("count", justify="right")
-        grouped: Counter[tuple[str, int, str]] = Counter(
-            (owner_text(c), c.service_port, accepted_text(c)) for c in view.open
+        groups.add_column("netns")
+        grouped: Counter[tuple[str, int, str, str]] = Counter(
+            (owner_text(c), c.service_port, accepted_text(c),
+             str(c.netns) if c.netns is not None else "?") for c in view.open
         )
-        for (owner, port, state), n in grouped.most_common(8):
-            groups.add_row(Text(visible(owner)), str(port), state, str(n))
+        for (owner, port, state, ns), n in grouped.most_common(8):
+            groups.add_row(Text(visible(owner)), str(port), state, str(n), ns)
         if grouped:
             parts.append(Panel(groups, title="by process and service", expand=False))
         if self.recent:

@@ -9,21 +9,20 @@ CLOSE_WAIT. All inputs come from a World (world.py), live or replayed from a rec
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .diagnose import (
-    AcceptStats, Confidence, DurationStats, Facts, ListenerFacts, ProcessFacts, Verdict,
-    diagnose,
-)
-from .enrich import DiagSocket, TupleIndex
-from .join import Accepted, Change, ChangeKind, Connection, Direction, Listener, Tracker
+from .diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
+from .enrich import DiagSocket
+from .enrichment import MAX_TRIES, Enrichment, container_matches
+from .join import Accepted, Change, ChangeKind, Connection, Tracker
 from .render import EXIT_WORDS, Renderer, TickStats, View
 from .options import AcceptWatch, Options
-from .world import Counters, ListenerInfo, ProcessInfo, World, WorldEnded
+from .world import Counters, World, WorldEnded
 
 
 @dataclass
@@ -60,9 +59,7 @@ class Session:
         self._last_slow_ns = 0
         self._started = False
         self._ended = False
-        # Per-tick caches: many connections flagged at once cost one scan, not one each.
-        self._tick_listeners: list[ListenerInfo] | None = None
-        self._tick_procs: dict[int, ProcessInfo] = {}
+        self.enrichment = Enrichment(world, self.tracker)
         self._accept_watch_until = 0
         self.ticks = TickStats()
         self._rediagnose_turn = 0
@@ -91,20 +88,18 @@ class Session:
                 continue
             owner = min(owners, key=lambda o: o.pid)
             self.world.seed_listener(lst.lport, owner.pid, owner.comm)
-            self.tracker.add_listener(
-                Listener(lst.lport, lst.family, lst.laddr, owner.pid, owner.comm)
-            )
-        rows = [
-            d for d in self.world.diag_close_wait()
-            if not self.options.ports or {d.lport, d.rport} & self.options.ports
-        ]
+            self.tracker.add_listener(dataclasses.replace(lst, pid=owner.pid, comm=owner.comm))
+        self.enrichment.begin_tick(now)
+        rows = [d for d in self._preexisting_close_wait()
+                if not self.options.ports or {d.lport, d.rport} & self.options.ports]
         changes = self.tracker.seed_preexisting(
             [(d.family, d.laddr, d.lport, d.raddr, d.rport) for d in rows], now)
         kept = 0
         for ch, d in zip(changes, rows):
             assert ch.conn is not None
-            self._enrich_one(ch.conn, d)
-            if self.options.pids and ch.conn.owner_pid not in self.options.pids:
+            self.enrichment.apply(ch.conn, d)
+            if self.options.pids and ch.conn.owner_pid not in self.options.pids \
+                    or not self._wanted(ch.conn, self.options.pids):
                 self.tracker.open.pop(ch.conn.key, None)
                 continue
             kept += 1
@@ -113,6 +108,13 @@ class Session:
                 f"{kept} socket(s) were already in CLOSE_WAIT; their age is counted"
                 " from now (shown as >=)"
             )
+
+    def _preexisting_close_wait(self) -> list[DiagSocket]:
+        """Sockets in CLOSE_WAIT now, in every network namespace the World can name."""
+        ns = self.enrichment.namespaces()
+        if ns is None:
+            return self.world.diag_close_wait()
+        return [d for n in ns.all for d in self.world.diag_close_wait(n)]
 
     # --- loop -----------------------------------------------------------------------------
 
@@ -151,8 +153,7 @@ class Session:
 
     def _step(self, events: list[Any], final: bool) -> None:
         now = self._now = self.world.now_ns()
-        self._tick_listeners = None
-        self._tick_procs = {}
+        self.enrichment.begin_tick(now)
         changes: list[Change] = []
         for ev in events:
             changes += self.tracker.apply_event(ev, now)
@@ -160,24 +161,25 @@ class Session:
         slow_due = now - self._last_slow_ns >= 1_000_000_000 or final
         new = [c.conn for c in changes if c.kind is ChangeKind.OPENED and c.conn]
         if slow_due or new:
-            self.counters = self.world.counters()
+            self._set_counters(self.world.counters())
         retried: list[Connection] = []
         if slow_due:
             # Owners found by /proc need a rescan the index allows only every second.
             fresh = {id(c) for c in new}
             retried = [c for c in self.tracker.open.values()
-                       if c.enrich_tries < 5 and not c.preexisting and id(c) not in fresh
+                       if c.enrich_tries < MAX_TRIES and not c.preexisting and id(c) not in fresh
                        and (c.inode is None or (c.inode != 0 and c.fd is None))]
         if new or retried:
-            self._enrich(new + retried)
+            self.enrichment.enrich(new + retried)
         changes = self._apply_pid_filter(changes)
         flagged = self.tracker.tick(now)
         if flagged:
             if not (slow_due or new):
-                self.counters = self.world.counters()  # the flag's verdict needs fresh counts
+                # the flag's verdict needs fresh counts
+                self._set_counters(self.world.counters())
             flagged_conns = [ch.conn for ch in flagged if ch.conn is not None]
-            self._refresh_read_state(flagged_conns)
-            self._owners_at_flag(flagged_conns)
+            self.enrichment.refresh_read_state(flagged_conns)
+            self.enrichment.owners_at_flag(flagged_conns)
         changes += flagged
         for ch in changes:
             if ch.conn is None:
@@ -205,16 +207,6 @@ class Session:
         self.renderer.refresh(view)
 
     # --- helpers --------------------------------------------------------------------------
-
-    def _enrich(self, conns: list[Connection]) -> None:
-        """Facts that need kernel structs: inode (accepted or not), owner fd, uid."""
-        needs = [c for c in conns if c.enrich_tries < 5]
-        if not needs:
-            return
-        diag = TupleIndex(self.world.diag_close_wait())
-        for conn in needs:
-            self._enrich_one(conn, diag.find(conn.family, conn.laddr, conn.lport, conn.raddr,
-                                             conn.rport))
 
     ACCEPT_WATCH_LINGER_NS = 30_000_000_000
 
@@ -255,99 +247,51 @@ class Session:
             self._accept_watch_until = now + self.ACCEPT_WATCH_LINGER_NS
         self.world.set_accept_watch(now < self._accept_watch_until)
 
-    def _refresh_read_state(self, conns: list[Connection]) -> None:
-        """At the flag, what the application has read by now (EOF or not)."""
-        accepted = [c for c in conns if c.inode]
-        if not accepted:
-            return
-        diag = TupleIndex(self.world.diag_close_wait())
-        for conn in accepted:
-            d = diag.find(conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
-            if d is not None and d.inode:
-                conn.eof_read = d.rqueue == 0
-                conn.unread_bytes = max(0, d.rqueue - 1)
+    def _set_counters(self, counters: Counters) -> None:
+        self.counters = self.enrichment.counters = counters
 
-    def _enrich_one(self, conn: Connection, d: DiagSocket | None) -> None:
-        conn.enriched = True
-        conn.enrich_tries += 1
-        if d is None:
-            return
-        conn.inode = d.inode
-        conn.uid = d.uid
-        if d.inode == 0:
-            if conn.accepted is Accepted.UNKNOWN and conn.direction is not Direction.OUTBOUND:
-                conn.accepted = Accepted.NO
-            if conn.direction is Direction.UNKNOWN:
-                conn.direction = Direction.INBOUND
-            if conn.owner_pid is None:
-                lst = self.tracker.listeners.get(conn.lport)
-                if lst is not None:
-                    conn.owner_pid, conn.owner_comm = lst.pid, lst.comm
-            return
-        # It has an inode: a file descriptor refers (or referred) to it. In CLOSE_WAIT the
-        # peer's FIN counts as one unread byte until the application reads the EOF.
-        conn.eof_read = d.rqueue == 0
-        conn.unread_bytes = max(0, d.rqueue - 1)
-        if conn.direction is not Direction.OUTBOUND and conn.accepted is not Accepted.YES:
-            if conn.lport in self.tracker.listeners or conn.direction is Direction.INBOUND:
-                conn.accepted = Accepted.YES
-                conn.direction = Direction.INBOUND
-        self._assign_owner(conn)
+    def _facts(self, conn: Connection) -> Facts:
+        durations = None if conn.is_open else self._duration_stats(conn.service_port)
+        return self.enrichment.facts(conn, durations)
 
-    def _assign_owner(self, conn: Connection) -> None:
-        """The process holding the socket's fd (a forked child may hold it, not the acceptor)."""
-        assert conn.inode
-        owners = self.world.owners(conn.inode)
-        if owners:
-            pref = [o for o in owners if o.pid == conn.owner_pid] or owners
-            conn.owner_pid, conn.owner_comm, conn.fd = pref[0].pid, pref[0].comm, pref[0].fd
+    def _wanted(self, conn: Connection, pids: frozenset[int] | set[int]) -> bool:
+        """The filters the kernel could not apply: the owner's pid where the kernel did not
+        know it, its container and its network namespace (filtered here for now)."""
+        opts = self.options
+        if pids and conn.owner_pid is not None and conn.owner_pid not in pids:
+            return False
+        if opts.netns and conn.netns not in opts.netns:
+            return False
+        if opts.containers and not any(container_matches(conn.container, q)
+                                       for q in opts.containers):
+            return False
+        return True
 
-    def _owners_at_flag(self, conns: list[Connection]) -> None:
-        """A leak is reported with the process that holds it: sockets whose holder was not
-        found yet (the fd index is rescanned at most once a second) get one fresh scan."""
-        need = [c for c in conns if c.inode and c.fd is None]
-        if not need:
-            return
-        self.world.refresh_owners()
-        for conn in need:
-            self._assign_owner(conn)
+    def _excluded_for_good(self, conn: Connection) -> bool:
+        """Its namespace or container is known, and not one asked for."""
+        opts = self.options
+        if opts.netns and conn.netns is not None and conn.netns not in opts.netns:
+            return True
+        return bool(opts.containers) and conn.container is not None and not any(
+            container_matches(conn.container, q) for q in opts.containers)
 
     def _apply_pid_filter(self, changes: list[Change]) -> list[Change]:
-        """Connections whose owner the kernel could not know are filtered here."""
-        if not self.options.pids:
+        """Connections the kernel's filters could not judge are filtered here."""
+        opts = self.options
+        if not (opts.pids or opts.netns or opts.containers):
             return changes
-        allowed = self.watch.pids | self.watch.descendants
+        allowed = self.watch.pids | self.watch.descendants if opts.pids else set()
         out = []
         for ch in changes:
             conn = ch.conn
-            if conn is not None and conn.owner_pid is not None and conn.owner_pid not in allowed:
-                self.tracker.open.pop(conn.key, None)
+            if conn is not None and not self._wanted(conn, allowed):
+                if self._excluded_for_good(conn):
+                    self.tracker.ignore(conn)  # another container or namespace
+                else:
+                    self.tracker.open.pop(conn.key, None)  # judged again when known
                 continue
             out.append(ch)
         return out
-
-    def _facts(self, conn: Connection) -> Facts:
-        pid = conn.owner_pid
-        acc = None
-        proc = None
-        if pid is not None:
-            st = self.counters.accept.get(pid)
-            if st is not None:
-                acc = AcceptStats(
-                    ok=st.ok, err=st.err, last_ok_ns=st.last_ok_ns, last_err_ns=st.last_err_ns,
-                    last_err=st.last_err,
-                    errors={e: n for (p, e), n in self.counters.accept_errs.items() if p == pid},
-                )
-            info = self._process(pid)
-            proc = ProcessFacts(pid=pid, alive=info.alive, open_fds=info.open_fds,
-                                fd_limit=info.fd_limit, threads=dict(info.threads))
-        lst_facts = None
-        if conn.direction is not Direction.OUTBOUND and conn.accepted is Accepted.NO:
-            lst_facts = self._listener_facts(conn.lport, pid)
-        durations = None
-        if not conn.is_open:
-            durations = self._duration_stats(conn.service_port)
-        return Facts(accept=acc, process=proc, listener=lst_facts, durations=durations)
 
     def _duration_stats(self, port: int) -> DurationStats | None:
         d = sorted(self.durations.get(port, ()))
@@ -355,27 +299,6 @@ class Session:
             return None
         return DurationStats(count=len(d), p50_ns=d[len(d) // 2],
                              p90_ns=d[min(len(d) - 1, int(len(d) * 0.9))], max_ns=d[-1])
-
-    def _process(self, pid: int) -> ProcessInfo:
-        info = self._tick_procs.get(pid)
-        if info is None:
-            info = self._tick_procs[pid] = self.world.process(pid)
-        return info
-
-    def _listener_facts(self, port: int, owner: int | None) -> ListenerFacts | None:
-        if self._tick_listeners is None:
-            self._tick_listeners = self.world.listeners()
-        for lst in self._tick_listeners:
-            if lst.lport != port:
-                continue
-            fds = [o for o in lst.owners if o.pid == owner] or list(lst.owners)
-            fd = fds[0].fd if fds else None
-            et = None
-            if fds:
-                et = fd in self._process(fds[0].pid).et_fds
-            return ListenerFacts(port=port, queue=lst.queue, backlog=lst.backlog, fd=fd,
-                                 edge_triggered=et)
-        return None
 
     def _account_closed(self, conn: Connection) -> None:
         self.closed_total += 1
@@ -390,7 +313,7 @@ class Session:
         if not self.watch.pids:
             return
         for pid in sorted(self.watch.pids):
-            if pid not in self.watch.exited and not self._process(pid).alive:
+            if pid not in self.watch.exited and not self.enrichment.process(pid).alive:
                 self.watch.exited.append(pid)
                 self.renderer.pid_exit(pid, self.view(now))
         live = [p for p in sorted(self.watch.pids) if p not in self.watch.exited]

@@ -8,17 +8,15 @@ its backlog, the owner's open files and thread states, edge-triggered epoll regi
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from . import enrich
-from .diagnose import Facts, ListenerFacts, ProcessFacts, Verdict, diagnose, group_verdicts
-from .errors import EnrichError
-from .join import Accepted, Connection, Direction
-from .render import endpoint
-from .world import ProcessInfo, process_info
+from .diagnose import ListenerFacts, Verdict, diagnose, group_verdicts
+from .enrichment import Enrichment, choose_listener, container_matches, family_name
+from .join import Connection, Direction, Tracker
+from .render import container_text, endpoint, holder_dict, netns_dict
+from .world import HostFacts, HostWorld
 
 
 @dataclass
@@ -26,8 +24,8 @@ class Snapshot:
     taken_ns: int
     connections: list[Connection]
     verdicts: dict[tuple[int, int], Verdict]
-    listeners: list[enrich.Listener]
-    et_listeners: dict[int, bool]
+    #: the listeners of never-accepted sockets, as each was seen (queue, holders)
+    listeners: list[ListenerFacts]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -36,9 +34,10 @@ class Snapshot:
             "close_wait": len(self.connections),
             "groups": group_verdicts(self.connections, self.verdicts),
             "listeners": [
-                {"local": endpoint(lst.laddr, lst.lport), "queue": lst.queue,
-                 "backlog": lst.backlog, "edge_triggered": self.et_listeners.get(lst.lport),
-                 "owners": [{"pid": o.pid, "fd": o.fd, "comm": o.comm} for o in lst.owners]}
+                {"local": endpoint(lst.laddr or "?", lst.port), "netns": lst.netns,
+                 "inode": lst.inode, "queue": lst.queue, "backlog": lst.backlog,
+                 "edge_triggered": lst.edge_triggered,
+                 "holders": [holder_dict(h) for h in lst.holders]}
                 for lst in self.listeners
             ],
             "sockets": [self._conn(c) for c in self.connections],
@@ -48,77 +47,51 @@ class Snapshot:
         v = self.verdicts.get(c.key)
         return {
             "local": endpoint(c.laddr, c.lport), "remote": endpoint(c.raddr, c.rport),
-            "family": "ipv6" if c.family == socket.AF_INET6 else "ipv4",
+            "family": family_name(c.family), **netns_dict(c),
+            "container": c.container.as_dict() if c.container else None,
             "direction": c.direction.value, "accepted": c.accepted.value, "pid": c.owner_pid,
             "comm": c.owner_comm, "fd": c.fd, "inode": c.inode, "eof_read": c.eof_read,
             "unread_bytes": c.unread_bytes, "verdict": v.as_dict() if v else None,
         }
 
 
-def take(*, ports: frozenset[int] = frozenset(), pids: frozenset[int] = frozenset()) -> Snapshot:
+def take(*, ports: frozenset[int] = frozenset(), pids: frozenset[int] = frozenset(),
+         containers: tuple[str, ...] = (), netns: frozenset[int] = frozenset(),
+         world: HostFacts | None = None) -> Snapshot:
+    """Every socket in CLOSE_WAIT now, in every network namespace, diagnosed."""
     now = time.monotonic_ns()
-    try:
-        cws = enrich.diag_sockets({enrich.TcpState.CLOSE_WAIT})
-    except EnrichError:
-        raise
-    index = enrich.ProcessIndex()
-    lsts = enrich.listeners_with_owners(index)
-    by_port = {lst.lport: lst for lst in lsts}
-    procs: dict[int, ProcessInfo] = {}
-
-    def proc(pid: int) -> ProcessInfo:
-        if pid not in procs:
-            procs[pid] = process_info(pid)
-        return procs[pid]
-
+    host = world or HostWorld()
+    stage = Enrichment(host, Tracker(threshold_ns=0, report_min_ns=0, start_ns=now))
+    stage.begin_tick(now)
+    ns = stage.namespaces()
+    rows = ([d for n in ns.all for d in host.diag_close_wait(n)] if ns is not None
+            else host.diag_close_wait())
     conns: list[Connection] = []
     verdicts: dict[tuple[int, int], Verdict] = {}
-    et_listeners: dict[int, bool] = {}
-    for n, d in enumerate(cws, 1):
+    listeners: dict[tuple[int | None, int], ListenerFacts] = {}
+    for n, d in enumerate(rows, 1):
         if ports and not {d.lport, d.rport} & ports:
             continue
-        lst = by_port.get(d.lport)
-        inbound = lst is not None or d.inode == 0
         conn = Connection(
             key=(0, n), family=d.family, laddr=d.laddr, lport=d.lport, raddr=d.raddr,
-            rport=d.rport, direction=Direction.INBOUND if inbound else Direction.OUTBOUND,
-            first_seen_ns=now, inode=d.inode, uid=d.uid, history=False, enriched=True,
-        )
-        if d.inode == 0:
-            conn.accepted = Accepted.NO
-            if lst is not None and lst.owners:
-                owner = min(lst.owners, key=lambda o: o.pid)
-                conn.owner_pid, conn.owner_comm = owner.pid, owner.comm
-        else:
-            if inbound:
-                conn.accepted = Accepted.YES
-            conn.eof_read = d.rqueue == 0
-            conn.unread_bytes = max(0, d.rqueue - 1)
-            owners = index.owners(d.inode)
-            if owners:
-                conn.owner_pid, conn.owner_comm, conn.fd = owners[0].pid, owners[0].comm, \
-                    owners[0].fd
-        if pids and conn.owner_pid not in pids:
+            rport=d.rport, direction=Direction.OUTBOUND, netns=d.netns, first_seen_ns=now,
+            history=False)
+        lst, _why = choose_listener(stage._listeners(d.netns), conn)
+        if lst is not None or d.inode == 0:
+            conn.direction = Direction.INBOUND
+        stage.apply(conn, d)
+        facts = stage.facts(conn)
+        if pids and conn.owner_pid not in pids or netns and conn.netns not in netns or \
+                containers and not any(container_matches(conn.container, q)
+                                       for q in containers):
             continue
-        facts = Facts()
-        if conn.owner_pid is not None:
-            info = proc(conn.owner_pid)
-            pf = ProcessFacts(pid=info.pid, alive=info.alive, open_fds=info.open_fds,
-                              fd_limit=info.fd_limit, threads=dict(info.threads))
-            lf = None
-            if lst is not None and conn.accepted is Accepted.NO:
-                mine = [o for o in lst.owners if o.pid == conn.owner_pid] or list(lst.owners)
-                fd = mine[0].fd if mine else None
-                et = fd in proc(mine[0].pid).et_fds if mine else None
-                et_listeners[lst.lport] = bool(et)
-                lf = ListenerFacts(port=lst.lport, queue=lst.queue, backlog=lst.backlog, fd=fd,
-                                   edge_triggered=et)
-            facts = Facts(process=pf, listener=lf)
         verdicts[conn.key] = diagnose(conn, facts, now)
         conns.append(conn)
-    shown = {c.lport for c in conns if c.direction is Direction.INBOUND}
-    return Snapshot(now, conns, verdicts, [lst for lst in lsts if lst.lport in shown],
-                    et_listeners)
+        if facts.listener is not None:
+            listeners.setdefault((facts.listener.netns, facts.listener.inode), facts.listener)
+    if isinstance(host, HostWorld) and world is None:
+        host.close()
+    return Snapshot(now, conns, verdicts, list(listeners.values()))
 
 
 def render_lines(snap: Snapshot, verbose: bool = False) -> list[str]:
@@ -128,23 +101,26 @@ def render_lines(snap: Snapshot, verbose: bool = False) -> list[str]:
     if groups:
         lines.append("by process, service port and cause:")
     for g in groups:
-        lines.append(f"  {g['count']:>5} x pid {g['pid']}/{g['comm']} :{g['port']}"
+        ctr = f" [{g['container']}]" if g.get("container") else ""
+        lines.append(f"  {g['count']:>5} x pid {g['pid']}/{g['comm']}{ctr} :{g['port']}"
                      f" {g['direction']}  {g['cause']} ({g['confidence']}): {g['summary']}")
         for ev in cast("list[str]", g["evidence"]):
             lines.append(f"          - {ev}")
     if snap.listeners:
         lines.append("listeners with sockets in CLOSE_WAIT:")
     for lst in snap.listeners:
-        owners = ", ".join(f"{o.pid}/{o.comm} fd {o.fd}" for o in lst.owners) or "?"
-        et = " edge-triggered" if snap.et_listeners.get(lst.lport) else ""
-        lines.append(f"  {endpoint(lst.laddr, lst.lport)}  accept queue {lst.queue}/"
-                     f"{lst.backlog}{et}  owners {owners}")
+        holders = ", ".join(f"{h.pid}/{h.comm} ({h.state}, waits: {h.waiting})"
+                            for h in lst.holders) or "?"
+        et = " edge-triggered" if lst.edge_triggered else ""
+        lines.append(f"  {endpoint(lst.laddr or '?', lst.port)}  netns {lst.netns}"
+                     f"  accept queue {lst.queue}/{lst.backlog}{et}  holders {holders}")
     if verbose:
         lines.append("sockets:")
         for c in snap.connections:
             v = snap.verdicts.get(c.key)
             fd = f" fd {c.fd}" if c.fd is not None else ""
             lines.append(f"  {endpoint(c.laddr, c.lport)} <-> {endpoint(c.raddr, c.rport)}"
-                         f"  pid {c.owner_pid}/{c.owner_comm}{fd}  inode {c.inode}"
+                         f"  pid {c.owner_pid}/{c.owner_comm}{fd}{container_text(c)}"
+                         f"  netns {c.netns}  inode {c.inode}"
                          f"  {c.accepted.value}  {v.cause.value if v else ''}")
     return lines

@@ -8,15 +8,19 @@ writes every answer to a file as it passes; record.ReplayWorld answers from such
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import enrich
+from . import containers, enrich, holders, netns
 from .attach import Probes
+from .containers import ContainerIdentity
 from .decode import Event, SockInfo, Stat
 from .enrich import DiagSocket, SocketOwner, TcpState
+from .errors import CloseWaitError
+from .facts import Listener, ListenerHolder, Namespaces, Process
 
 
 @dataclass(frozen=True)
@@ -38,46 +42,51 @@ class Counters:
     hist: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
-    pid: int
-    alive: bool
-    open_fds: int | None = None
-    fd_limit: int | None = None
-    #: syscall name -> threads blocked in it now ("running": on a CPU or in user space)
-    threads: dict[str, int] = field(default_factory=dict)
-    #: fds registered with EPOLLET in one of its epoll sets
-    et_fds: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class ListenerInfo:
-    family: int
-    laddr: str
-    lport: int
-    queue: int
-    backlog: int
-    owners: tuple[SocketOwner, ...]
+#: The one process type, under the name the World used first.
+ProcessInfo = Process
 
 
 class WorldEnded(Exception):
     """A replayed world ran out (end of a recording, or a line it cannot read) mid-step."""
 
 
-def process_info(pid: int) -> ProcessInfo:
+def process_info(pid: int) -> Process:
     """A process's open files, limit, thread states and edge-triggered fds, from /proc."""
     if not enrich.pid_alive(pid):
-        return ProcessInfo(pid, False)
+        return Process(pid, False)
     threads = enrich.thread_syscalls(pid)
     et = tuple(sorted(enrich.edge_triggered_fds(pid)))
     try:
         fds, limit = enrich.open_files(pid)
     except Exception:
-        return ProcessInfo(pid, True, threads=threads, et_fds=et)
-    return ProcessInfo(pid, True, fds, limit if limit >= 0 else None, threads, et)
+        return Process(pid, True, threads=threads, et_fds=et)
+    return Process(pid, True, fds, limit if limit >= 0 else None, threads, et)
 
 
-class World(Protocol):
+class HostFacts(Protocol):
+    """What the enrichment stage asks: sock_diag in each namespace, /proc, containers."""
+
+    def diag_close_wait(self, netns: int | None = None) -> list[DiagSocket]:
+        """The sockets in CLOSE_WAIT of one namespace (None: the tracer's own)."""
+        ...
+    def listeners(self, netns: int | None = None) -> list[Listener]: ...
+    def namespaces(self) -> Namespaces | None:
+        """The host's network namespaces; None: this World cannot tell (a format-1
+        recording), and every question is the tracer's own namespace's."""
+        ...
+    def lookup(self, netns: int, family: int, laddr: str, lport: int, raddr: str,
+               rport: int) -> DiagSocket | None: ...
+    def netns_of(self, pid: int) -> int | None: ...
+    def container(self, pid: int) -> ContainerIdentity | None: ...
+    def holders(self, listener: Listener) -> list[ListenerHolder]: ...
+    def owners(self, inode: int) -> list[SocketOwner]: ...
+    def refresh_owners(self) -> None: ...
+    def process(self, pid: int) -> Process: ...
+
+
+class World(HostFacts, Protocol):
+    """Everything a tracing session asks."""
+
     def now_ns(self) -> int: ...
     def checkpoint(self, stop: bool) -> bool:
         """The loop's decision to stop, so that a replay stops where the live run did."""
@@ -85,11 +94,6 @@ class World(Protocol):
     def events(self, timeout_ms: int) -> list[Event]: ...
     def close_wait(self) -> list[SockInfo]: ...
     def counters(self) -> Counters: ...
-    def diag_close_wait(self) -> list[DiagSocket]: ...
-    def listeners(self) -> list[ListenerInfo]: ...
-    def owners(self, inode: int) -> list[SocketOwner]: ...
-    def refresh_owners(self) -> None: ...
-    def process(self, pid: int) -> ProcessInfo: ...
     def descendants(self, pids: Collection[int]) -> list[int]: ...
     def set_pids(self, pids: Iterable[int]) -> None: ...
     def seed_listener(self, port: int, pid: int, comm: str) -> None: ...
@@ -101,18 +105,122 @@ class World(Protocol):
     def close(self) -> None: ...
 
 
-class LiveWorld:
-    """The running kernel (through the loaded probes), sock_diag and /proc."""
+class HostWorld:
+    """The machine without probes: sock_diag in every network namespace and /proc. What
+    `snapshot` asks; LiveWorld adds the kernel's side."""
 
-    def __init__(self, probes: Probes, clock: Callable[[], int] = time.monotonic_ns) -> None:
-        self.probes = probes
+    #: Containers (by pid) remembered; a pid's cgroup rarely changes while it lives.
+    MAX_CONTAINERS = 4096
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.clock = clock
         self.index = enrich.ProcessIndex()
-        self._pending: list[Event] = []
-        probes.open_events(self._pending.append)
+        self.diag = netns.NetnsDiag()
+        self.names = containers.NameResolver()
+        self._containers: dict[int, ContainerIdentity | None] = {}
 
     def now_ns(self) -> int:
         return self.clock()
+
+    def diag_close_wait(self, netns: int | None = None) -> list[DiagSocket]:
+        try:
+            if netns is None:
+                return enrich.diag_sockets({TcpState.CLOSE_WAIT})
+            found = self.diag.diag_sockets(netns, {TcpState.CLOSE_WAIT})
+        except CloseWaitError:
+            return []
+        return [dataclasses.replace(d, netns=netns) for d in found]
+
+    def listeners(self, netns: int | None = None) -> list[Listener]:
+        try:
+            if netns is None:
+                return enrich.listeners_with_owners(self.index)
+            sock, lock = self.diag._socket(netns)
+            with lock:
+                return enrich.listeners_with_owners(self.index, nl=sock, netns=netns)
+        except (CloseWaitError, OSError):
+            return []
+
+    def namespaces(self) -> Namespaces | None:
+        return Namespaces(self.diag.host_inode, tuple(sorted(self.diag.namespaces())))
+
+    def lookup(self, netns: int, family: int, laddr: str, lport: int, raddr: str,
+               rport: int) -> DiagSocket | None:
+        try:
+            found = self.diag.lookup(netns, family, laddr, lport, raddr, rport)
+        except CloseWaitError:
+            return None
+        return None if found is None else dataclasses.replace(found, netns=netns)
+
+    def netns_of(self, pid: int) -> int | None:
+        return netns.netns_inode(pid)
+
+    def container(self, pid: int) -> ContainerIdentity | None:
+        if pid in self._containers:
+            return self._containers[pid]
+        ident = containers.identity_of_pid(pid)
+        if ident is not None:
+            ident = self.names.resolve(ident)
+        if len(self._containers) >= self.MAX_CONTAINERS:
+            self._containers.clear()
+        self._containers[pid] = ident
+        return ident
+
+    def holders(self, listener: Listener) -> list[ListenerHolder]:
+        if not listener.inode:
+            return []
+        found = holders.listener_holders(listener.inode)
+        serving = self._serving(listener, [h.pid for h in found])
+        return [holder_facts(h, serving.get(h.pid, 0)) for h in found]
+
+    def _serving(self, listener: Listener, pids: list[int]) -> dict[int, int]:
+        """pid -> connections of the listener's port it holds now (one dump of the
+        listener's namespace)."""
+        if not pids:
+            return {}
+        try:
+            states = set(TcpState) - {TcpState.LISTEN, TcpState.SYN_SENT, TcpState.SYN_RECV,
+                                      TcpState.NEW_SYN_RECV, TcpState.TIME_WAIT}
+            socks = (enrich.diag_sockets(states) if listener.netns is None
+                     else self.diag.diag_sockets(listener.netns, states))
+        except CloseWaitError:
+            return {}
+        mine = {d.inode for d in socks if d.lport == listener.lport and d.inode}
+        return {pid: len(self.index.inodes_of(pid) & mine) for pid in pids}
+
+    def owners(self, inode: int) -> list[SocketOwner]:
+        return self.index.owners(inode)
+
+    def refresh_owners(self) -> None:
+        """Rescan the processes' fd tables now (owners() rescans at most once a second)."""
+        self.index.refresh()
+
+    def process(self, pid: int) -> Process:
+        return process_info(pid)
+
+    def close(self) -> None:
+        self.diag.close()
+
+
+def holder_facts(h: holders.Holder, serving: int) -> ListenerHolder:
+    """The recorded facts of one holder of a listener."""
+    waiting = set(h.accepting_tids) | set(h.polling_tids)
+    busy = sorted({t.syscall or "running" for t in h.threads if t.tid not in waiting})
+    return ListenerHolder(
+        pid=h.pid, comm=h.comm, fds=h.fds, state=h.state.value, waiting=h.waiting.value,
+        accepting=len(h.accepting_tids), polling=len(h.polling_tids),
+        open_files=h.open_files, max_open_files=h.max_open_files, serving=serving,
+        busy_in=tuple(busy))
+
+
+class LiveWorld(HostWorld):
+    """The running kernel (through the loaded probes), sock_diag and /proc."""
+
+    def __init__(self, probes: Probes, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        super().__init__(clock)
+        self.probes = probes
+        self._pending: list[Event] = []
+        probes.open_events(self._pending.append)
 
     def checkpoint(self, stop: bool) -> bool:
         return stop
@@ -140,33 +248,6 @@ class LiveWorld:
             accept_errs=self.probes.read_accept_errs(),
             hist=tuple(self.probes.read_hist()),
         )
-
-    def diag_close_wait(self) -> list[DiagSocket]:
-        try:
-            return enrich.diag_sockets({TcpState.CLOSE_WAIT})
-        except Exception:
-            return []
-
-    def listeners(self) -> list[ListenerInfo]:
-        try:
-            found = enrich.listeners_with_owners(self.index)
-        except Exception:
-            return []
-        return [
-            ListenerInfo(lst.family, lst.laddr, lst.lport, lst.queue, lst.backlog,
-                         tuple(lst.owners))
-            for lst in found
-        ]
-
-    def owners(self, inode: int) -> list[SocketOwner]:
-        return self.index.owners(inode)
-
-    def refresh_owners(self) -> None:
-        """Rescan the processes' fd tables now (owners() rescans at most once a second)."""
-        self.index.refresh()
-
-    def process(self, pid: int) -> ProcessInfo:
-        return process_info(pid)
 
     def descendants(self, pids: Collection[int]) -> list[int]:
         try:
@@ -198,4 +279,7 @@ class LiveWorld:
         return False
 
     def close(self) -> None:
-        self.probes.close()
+        try:
+            self.probes.close()
+        finally:
+            super().close()

@@ -8,13 +8,13 @@ import socket
 import pytest
 
 from closewait_trace.decode import ExitHow, SockFlag, TcpState
+from closewait_trace.facts import Listener
 from closewait_trace.join import (
     Accepted,
     Change,
     ChangeKind,
     Connection,
     Direction,
-    Listener,
     Tracker,
 )
 
@@ -177,7 +177,7 @@ def test_listener_closed_with_queued_children_never_accepted() -> None:
     # listener owner's context: exit_how() gives LISTENER_CLOSED (owner known, not accepted).
     out = t.apply_event(unlisten_event(9000, lpid, lcomm, ts=8 * S), 8 * S)
     assert [c.kind for c in out] == [ChangeKind.UNLISTEN]
-    assert out[0].listener == Listener(9000, socket.AF_INET, "0.0.0.0", lpid, lcomm)
+    assert out[0].listener == Listener(family=socket.AF_INET, laddr="0.0.0.0", lport=9000, queue=0, backlog=0, pid=lpid, comm=lcomm)
     for kid in kids:
         out = t.apply_event(cw_exit(kid, ts=8 * S + 1000, how=ExitHow.LISTENER_CLOSED, tgid=lpid), 8 * S)
         assert [c.kind for c in out] == [ChangeKind.CLOSED]
@@ -536,15 +536,15 @@ def test_listen_and_unlisten_events() -> None:
     t = tracker()
     (ch,) = t.apply_event(listen_event(8080, 55, "nginx", ts=1 * S), 1 * S)
     assert ch.kind is ChangeKind.LISTEN and ch.conn is None
-    assert ch.listener == Listener(port=8080, family=socket.AF_INET, addr="0.0.0.0", pid=55, comm="nginx")
+    assert ch.listener == Listener(family=socket.AF_INET, laddr="0.0.0.0", lport=8080, queue=0, backlog=0, pid=55, comm="nginx")
     assert t.listeners == {8080: ch.listener}
     (ch6,) = t.apply_event(
         listen_event(8443, 56, "envoy", ts=1 * S, addr="::", family=socket.AF_INET6), 1 * S
     )
-    assert ch6.listener == Listener(8443, socket.AF_INET6, "::", 56, "envoy")
+    assert ch6.listener == Listener(family=socket.AF_INET6, laddr="::", lport=8443, queue=0, backlog=0, pid=56, comm="envoy")
     # add_listener (start-up scan) never replaces what the kernel reported
-    t.add_listener(Listener(8080, socket.AF_INET, "0.0.0.0", 99, "other"))
-    t.add_listener(Listener(9090, socket.AF_INET, "127.0.0.1", 98, "scan"))
+    t.add_listener(Listener(family=socket.AF_INET, laddr="0.0.0.0", lport=8080, queue=0, backlog=0, pid=99, comm="other"))
+    t.add_listener(Listener(family=socket.AF_INET, laddr="127.0.0.1", lport=9090, queue=0, backlog=0, pid=98, comm="scan"))
     assert t.listeners[8080].pid == 55 and t.listeners[9090].pid == 98
     (gone,) = t.apply_event(unlisten_event(8080, 55, "nginx", ts=2 * S), 2 * S)
     assert gone.kind is ChangeKind.UNLISTEN and gone.listener == ch.listener
@@ -615,3 +615,33 @@ def test_thousands_at_once_are_opened_and_flagged_over_a_few_ticks_never_lost() 
         now += 200 * MS
     assert len(flagged) == len(set(flagged)) == n == t.flagged_total
     assert t.tick(now) == []
+
+
+def test_an_ignored_stay_is_not_reported_again_until_it_leaves() -> None:
+    t = tracker()
+    enter = 5 * S
+    entry = cw_entry(SK_A, enter=enter, accepted_at=enter - 2 * S)
+    [opened] = t.apply_poll([entry], enter + 300 * MS)
+    assert opened.conn is not None
+    t.ignore(opened.conn)  # another container's: excluded by --container
+    assert t.open == {}
+    assert t.apply_poll([entry], enter + 500 * MS) == []
+    assert t.tick(enter + 20 * S) == []  # never flagged
+    ev = cw_exit(entry, ts=enter + 30 * S, how=ExitHow.APP_CLOSE, tgid=OWNER_PID,
+                 comm=OWNER_COMM)
+    assert t.apply_event(ev, enter + 30 * S) == []  # its end is not reported either
+    assert t.ignored == set() and t.closed == []
+    # a new stay of the same socket address is a new stay: reported
+    again = cw_entry(SK_A, enter=enter + 40 * S, accepted_at=enter + 39 * S)
+    assert kinds(t.apply_poll([again], enter + 41 * S)) == \
+        [(ChangeKind.OPENED, (SK_A, enter + 40 * S))]
+
+
+def test_ignored_stays_are_forgotten_when_they_leave_the_map() -> None:
+    t = tracker()
+    entry = cw_entry(SK_B, enter=5 * S, accepted_at=4 * S)
+    [opened] = t.apply_poll([entry], 6 * S)
+    assert opened.conn is not None
+    t.ignore(opened.conn)
+    t.apply_poll([], 7 * S)
+    assert t.ignored == set()

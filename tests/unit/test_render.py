@@ -15,7 +15,8 @@ from rich.console import Console
 from closewait_trace import render
 from closewait_trace.decode import ExitHow, Stat
 from closewait_trace.diagnose import Cause, Confidence, Verdict
-from closewait_trace.join import Accepted, Change, ChangeKind, Connection, Direction, Listener
+from closewait_trace.facts import Listener
+from closewait_trace.join import Accepted, Change, ChangeKind, Connection, Direction
 from closewait_trace.render import (
     JsonRenderer,
     LiveRenderer,
@@ -35,7 +36,7 @@ SK = 0xFFFF_8880_1234_0000
 CONN_KEYS = {
     "id", "family", "local", "remote", "direction", "pid", "comm", "accepted",
     "accepted_after_fin", "fd", "inode", "cw_since", "cw_age_s", "cw_age_at_least", "open",
-    "exit", "closer_pid", "flagged", "verdict",
+    "exit", "closer_pid", "flagged", "verdict", "container", "netns", "netns_source",
 }
 CONN_OPTIONAL_KEYS = {"established_before_fin_s", "accept_after_fin_s"}
 RECORD_KEYS = {"schema", "type", "time"}
@@ -161,7 +162,7 @@ def test_json_records_for_open_leak_close_lost_and_listeners() -> None:
     r = JsonRenderer(out)
     conn = open_conn(established_ns=NOW - 40 * S)
     closed = open_conn(sk=SK + 1, cw_exit_ns=NOW - S, exit_how=ExitHow.APP_CLOSE, closer_pid=42)
-    lst = Listener(8080, socket.AF_INET, "0.0.0.0", 55, "nginx")
+    lst = Listener(family=socket.AF_INET, laddr="0.0.0.0", lport=8080, queue=0, backlog=0, pid=55, comm="nginx")
     v = view([conn])
     r.ready(v, {"target": "all processes", "backend": "kprobe"})
     r.changes([
@@ -331,7 +332,7 @@ def test_plain_lost_line_says_lost() -> None:
 
 
 def test_plain_listener_lines_and_ignored_updates() -> None:
-    lst6 = Listener(8443, socket.AF_INET6, "::", 56, "envoy")
+    lst6 = Listener(family=socket.AF_INET6, laddr="::", lport=8443, queue=0, backlog=0, pid=56, comm="envoy")
     lines = plain([Change(ChangeKind.LISTEN, listener=lst6),
                    Change(ChangeKind.UNLISTEN, listener=lst6),
                    Change(ChangeKind.UPDATED, open_conn())], view())

@@ -34,8 +34,13 @@ class ScriptedWorld:
     def events(self, timeout_ms: int) -> list[Any]: return []
     def close_wait(self) -> list[SockInfo]: return list(self.cw)
     def counters(self) -> Counters: return Counters()
-    def diag_close_wait(self) -> list[Any]: return []
-    def listeners(self) -> list[Any]: return []
+    def diag_close_wait(self, netns: int | None = None) -> list[Any]: return []
+    def listeners(self, netns: int | None = None) -> list[Any]: return []
+    def namespaces(self) -> None: return None
+    def lookup(self, *args: Any) -> None: return None
+    def netns_of(self, pid: int) -> None: return None
+    def container(self, pid: int) -> None: return None
+    def holders(self, listener: Any) -> list[Any]: return []
     def owners(self, inode: int) -> list[Any]: return []
     def refresh_owners(self) -> None: pass
     def process(self, pid: int) -> ProcessInfo: return ProcessInfo(pid, True)

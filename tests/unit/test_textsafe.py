@@ -160,7 +160,7 @@ def test_snapshot_command_escapes_names(monkeypatch: pytest.MonkeyPatch) -> None
 
     conns, v = hostile_view(HOSTILE)
     snap = snapshot.Snapshot(taken_ns=NOW, connections=conns, verdicts=v.verdicts,
-                             listeners=[], et_listeners={})
+                             listeners=[])
     monkeypatch.setattr(snapshot, "take", lambda **_kw: snap)
     monkeypatch.setattr(features, "is_privileged", lambda: (True, "running as root"))
     r = CliRunner().invoke(cli.main, ["snapshot", "-v"])
