@@ -140,6 +140,26 @@ class BtfFile:
         return TracingUnavailableError(f"corrupt BTF in {self.source}: {why}")
 
     def _parse(self, data: bytes) -> None:
+        order, hdr_len, type_off, type_len, str_off, str_len = self._header(data)
+        start = hdr_len + type_off
+        words = array("I")
+        if words.itemsize != 4:  # pragma: no cover - every Linux ABI has a 4-byte unsigned int
+            words = array("L")
+        words.frombytes(data[start : start + type_len])
+        native = "<" if sys.byteorder == "little" else ">"
+        if order != native:
+            words.byteswap()
+        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        self._words = words
+        self._index_types(words)
+        self._funcs: dict[str, _FuncEntry] | None = None
+        self._func_by_name_off: dict[int, int] | None = None
+        self._structs: dict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def _header(self, data: bytes) -> tuple[str, int, int, int, int, int]:
+        """(byte order, header length, type section offset and length, string section
+        offset and length), each checked against the blob."""
         if len(data) < _HEADER_MIN_LEN:
             raise self._corrupt(f"file is {len(data)} bytes, shorter than a BTF header")
         magic_le = struct.unpack_from("<H", data, 0)[0]
@@ -163,18 +183,10 @@ class BtfFile:
             raise self._corrupt("type section is not 4-byte aligned")
         if str_len == 0 or data[hdr_len + str_off + str_len - 1] != 0:
             raise self._corrupt("string section is empty or not NUL-terminated")
+        return order, hdr_len, type_off, type_len, str_off, str_len
 
-        start = hdr_len + type_off
-        words = array("I")
-        if words.itemsize != 4:  # pragma: no cover - every Linux ABI has a 4-byte unsigned int
-            words = array("L")
-        words.frombytes(data[start : start + type_len])
-        native = "<" if sys.byteorder == "little" else ">"
-        if order != native:
-            words.byteswap()
-        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
-        self._words = words
-
+    def _index_types(self, words: array[int]) -> None:
+        """Where each type record starts, and the FUNC records, in one pass."""
         offsets = array("I")  # word index of each type record; type id N -> offsets[N - 1]
         func_name_offs: list[int] = []
         func_ids: list[int] = []
@@ -204,10 +216,6 @@ class BtfFile:
         self._offsets = offsets
         self._func_name_offs = func_name_offs
         self._func_ids = func_ids
-        self._funcs: dict[str, _FuncEntry] | None = None
-        self._func_by_name_off: dict[int, int] | None = None
-        self._structs: dict[str, int] | None = None
-        self._lock = threading.Lock()
 
     def _string(self, off: int) -> str:
         strings = self._strings

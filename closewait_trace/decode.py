@@ -264,22 +264,18 @@ class Event:
     exit_code: int = 0
 
 
+#: SockInfo fields copied from the C struct as they are.
+_SOCK_PLAIN = ("skaddr", "ts_first", "ts_established", "ts_cw_enter", "ts_accept", "ts_close",
+               "owner_tgid", "closer_tgid", "family", "lport", "rport")
+
+
 def sock_from_c(c: CSock) -> SockInfo:
+    """The plain record of a C socket: numbers as they are, addresses as text."""
     return SockInfo(
-        skaddr=c.skaddr,
-        ts_first=c.ts_first,
-        ts_established=c.ts_established,
-        ts_cw_enter=c.ts_cw_enter,
-        ts_accept=c.ts_accept,
-        ts_close=c.ts_close,
-        owner_tgid=c.owner_tgid,
-        closer_tgid=c.closer_tgid,
+        **{name: getattr(c, name) for name in _SOCK_PLAIN},
         flags=SockFlag(c.flags),
-        family=c.family,
         laddr=format_addr(c.family, bytes(c.laddr)),
-        lport=c.lport,
         raddr=format_addr(c.family, bytes(c.raddr)),
-        rport=c.rport,
         owner_comm=_comm(c.owner_comm),
     )
 

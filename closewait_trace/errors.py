@@ -4,55 +4,45 @@ from __future__ import annotations
 
 
 class CloseWaitError(Exception):
-    """Base class of every error the library raises on purpose."""
+    """Base class of every error the library raises on purpose; each subclass names the
+    exit status the CLI ends with."""
 
     exit_code = 1
 
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:  # else inherited, or set in the class body
+            cls.exit_code = exit_code
 
-class UsageError(CloseWaitError):
+
+class UsageError(CloseWaitError, exit_code=2):
     """The user asked for something that cannot be done as asked (bad PID, port, duration)."""
 
-    exit_code = 2
 
-
-class PrivilegeError(CloseWaitError):
+class PrivilegeError(CloseWaitError, exit_code=77):
     """The tracer lacks the privileges it needs (root, or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)."""
 
-    exit_code = 77
 
-
-class BccMissingError(CloseWaitError):
+class BccMissingError(CloseWaitError, exit_code=69):
     """The BCC Python module or its library is not installed."""
 
-    exit_code = 69
 
-
-class KernelHeadersError(CloseWaitError):
+class KernelHeadersError(CloseWaitError, exit_code=69):
     """No usable kernel header tree was found or none compiled the programs."""
 
-    exit_code = 69
 
-
-class TracingUnavailableError(CloseWaitError):
+class TracingUnavailableError(CloseWaitError, exit_code=69):
     """The running kernel offers no mechanism the tracer can use (tracepoint missing, no BPF)."""
 
-    exit_code = 69
 
-
-class BpfLoadError(CloseWaitError):
+class BpfLoadError(CloseWaitError, exit_code=70):
     """The BPF programs failed to compile, load or attach."""
 
-    exit_code = 70
 
-
-class EnrichError(CloseWaitError):
+class EnrichError(CloseWaitError, exit_code=74):
     """Userspace enrichment failed: the sock_diag netlink query, or a process's /proc entries."""
 
-    exit_code = 74
 
-
-class OutputError(CloseWaitError):
+class OutputError(CloseWaitError, exit_code=73):
     """An output the user asked for cannot be written (a recording, an export, the metrics
     address)."""
-
-    exit_code = 73

@@ -389,7 +389,26 @@ def candidate_header_dirs(
     Raises KernelHeadersError when there is none.
     """
     rel = release or os.uname().release
-    karch = kernel_arch(machine)
+    candidates: list[HeaderCandidate] = []
+    failures: list[str] = []
+    for f in _found_trees(rel, modules_dir, src_dir, kernel_arch(machine)):
+        try:
+            candidates.append(_candidate(f, rel, cache_dir))
+        except KernelHeadersError as e:
+            failures.append(str(e))
+    if not candidates:
+        msg = (
+            f"no kernel headers found: install linux-headers-{rel} (or linux-headers-"
+            f"{_debian_arch(machine)}, any version works), or pass --kernel-headers DIR"
+        )
+        if failures:
+            msg += "; " + "; ".join(failures)
+        raise KernelHeadersError(msg)
+    return candidates
+
+
+def _found_trees(rel: str, modules_dir: Path, src_dir: Path, karch: str) -> list[_Found]:
+    """Every header set found, the running kernel's first, then the others newest first."""
     found: list[_Found] = []
     seen: set[Path] = set()
     running = _running_kernel(rel, modules_dir, karch)
@@ -409,52 +428,25 @@ def candidate_header_dirs(
             f.origin = f"running kernel ({f.origin})"
     others.sort(key=lambda f: _version_key(f.version), reverse=True)
     others.sort(key=lambda f: f.version != rel)  # stable: the running kernel's first
-    found.extend(others)
+    return found + others
 
-    candidates: list[HeaderCandidate] = []
-    failures: list[str] = []
-    for f in found:
-        note = _other_kernel_note(f.version, rel)
-        if f.tree is not None:
-            candidates.append(
-                HeaderCandidate(
-                    path=f.tree,
-                    version=f.version,
-                    origin=f.origin,
-                    notice=f"using kernel headers {f.version} ({f.origin}) at {f.tree}{note}",
-                    sources=(f.tree,),
-                )
-            )
-            continue
-        assert f.pair is not None
-        common, flavour = f.pair
-        try:
-            tree = merge_header_trees(common, flavour, f.version, cache_dir)
-        except KernelHeadersError as e:
-            failures.append(str(e))
-            continue
-        candidates.append(
-            HeaderCandidate(
-                path=tree,
-                version=f.version,
-                origin=f.origin,
-                notice=(
-                    f"using kernel headers {f.version} ({f.origin}), merged from {common} and "
-                    f"{flavour} into {tree}{note}"
-                ),
-                sources=(common, flavour),
-            )
+
+def _candidate(f: _Found, rel: str, cache_dir: Path) -> HeaderCandidate:
+    """A usable tree from a found set: as it is, or a split pair merged into the cache."""
+    note = _other_kernel_note(f.version, rel)
+    if f.tree is not None:
+        return HeaderCandidate(
+            path=f.tree, version=f.version, origin=f.origin, sources=(f.tree,),
+            notice=f"using kernel headers {f.version} ({f.origin}) at {f.tree}{note}",
         )
-    if not candidates:
-        deb = _debian_arch(machine)
-        msg = (
-            f"no kernel headers found: install linux-headers-{rel} (or linux-headers-{deb}, "
-            f"any version works), or pass --kernel-headers DIR"
-        )
-        if failures:
-            msg += "; " + "; ".join(failures)
-        raise KernelHeadersError(msg)
-    return candidates
+    assert f.pair is not None
+    common, flavour = f.pair
+    tree = merge_header_trees(common, flavour, f.version, cache_dir)
+    return HeaderCandidate(
+        path=tree, version=f.version, origin=f.origin, sources=(common, flavour),
+        notice=(f"using kernel headers {f.version} ({f.origin}), merged from {common} and "
+                f"{flavour} into {tree}{note}"),
+    )
 
 
 def user_header_dir(

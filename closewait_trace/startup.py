@@ -20,7 +20,8 @@ from typing import IO, Any
 from . import btf
 from .attach import ProbeSettings, Probes
 from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
-from .features import Backend, choose_backend, ensure_tracefs, is_privileged, probe_features
+from .features import Backend, KernelFeatures, choose_backend, ensure_tracefs, is_privileged, \
+    probe_features
 from .headers import HeaderCandidate, candidate_header_dirs, user_header_dir
 from .options import Options
 from .enrich import resolve_target
@@ -47,6 +48,15 @@ def open_live_world(
         headers = [user_header_dir(options.kernel_headers)]
     else:
         headers = candidate_header_dirs()
+    settings = _probe_settings(options, backend, features, notice)
+    probes = Probes.load(settings, headers, on_compile=on_compile)
+    for text in probes.notices:
+        notice(text)
+    return LiveWorld(probes), _ready_info(options, backend, probes)
+
+
+def _probe_settings(options: Options, backend: Backend, features: KernelFeatures,
+                    notice: Callable[[str], None]) -> ProbeSettings:
     accept_nargs = features.inet_csk_accept_args
     forced = os.environ.get("CLOSEWAIT_ACCEPT_NARGS")
     if forced:
@@ -59,26 +69,21 @@ def open_live_world(
         sys_accept4_nargs = btf.func_arg_count("__sys_accept4") if features.btf else None
     except CloseWaitError:
         sys_accept4_nargs = None
-    settings = ProbeSettings(
-        backend=backend,
-        accept_nargs=accept_nargs,
-        sys_accept4_nargs=sys_accept4_nargs,
-        report_min_ns=options.report_min_ns,
-        pids=frozenset(options.pids),
-        ports=frozenset(options.ports),
-        timeline_all=options.timeline_all,
-        max_socks=options.max_socks,
-        max_cw=options.max_cw,
+    return ProbeSettings(
+        backend=backend, accept_nargs=accept_nargs, sys_accept4_nargs=sys_accept4_nargs,
+        report_min_ns=options.report_min_ns, pids=frozenset(options.pids),
+        ports=frozenset(options.ports), timeline_all=options.timeline_all,
+        max_socks=options.max_socks, max_cw=options.max_cw,
     )
-    probes = Probes.load(settings, headers, on_compile=on_compile)
-    for text in probes.notices:
-        notice(text)
-    target = (
-        "pid " + ",".join(str(p) for p in sorted(options.pids)) if options.pids else "all processes"
-    )
+
+
+def _ready_info(options: Options, backend: Backend, probes: Probes) -> dict[str, Any]:
+    """What the `ready` record says about this run (and a recording's header keeps)."""
+    target = ("pid " + ",".join(str(p) for p in sorted(options.pids)) if options.pids
+              else "all processes")
     if options.ports:
         target += " port " + ",".join(str(p) for p in sorted(options.ports))
-    info: dict[str, Any] = {
+    return {
         "target": target,
         "backend": backend.label,
         "pids": sorted(options.pids),
@@ -92,7 +97,6 @@ def open_live_world(
         "accept_watch": options.accept_watch.value if backend is Backend.TRACEPOINT else "always",
         "features_off": dict(probes.kernel_fields.disabled),
     }
-    return LiveWorld(probes), info
 
 
 def resolve_targets(options: Options, notice: Callable[[str], None]) -> Options:
