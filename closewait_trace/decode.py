@@ -106,9 +106,13 @@ class Stat(enum.IntEnum):
     OWNER_FULL = 14
 
 
-#: Stats whose non-zero value means something was missed.
-LOSS_STATS = (Stat.RINGBUF_LOST, Stat.SOCKS_FULL, Stat.CW_FULL, Stat.LISTEN_FULL, Stat.PENDING_FULL,
-              Stat.PIDS_FULL, Stat.OWNER_FULL)
+#: Stats whose non-zero value means something was missed, by the name outputs give the source
+#: (the summary's "lost", the metrics' `source` label).
+LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
+                ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
+                ("accept_map_full", Stat.PENDING_FULL), ("pid_map_full", Stat.PIDS_FULL),
+                ("owner_room_full", Stat.OWNER_FULL))
+LOSS_STATS = tuple(stat for _name, stat in LOSS_SOURCES)
 
 
 class CConfig(ct.Structure):

@@ -34,7 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
-from .decode import HIST_BUCKETS, Stat
+from .decode import HIST_BUCKETS, LOSS_SOURCES, Stat
 from .errors import UsageError
 from .join import Change, ChangeKind, Connection
 from .render import View
@@ -45,9 +45,6 @@ MAX_LISTENERS = 200
 PREFIX = "closewait_"
 
 #: Lost events by source: the kernel's counters, then the exit events the tracker missed.
-LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
-                ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
-                ("accept_map_full", Stat.PENDING_FULL))
 
 # The last cgroup path component of a container, for the runtimes of docs/deploy.md.
 _CONTAINER_RE = re.compile(

@@ -23,7 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .decode import LOSS_STATS, ExitHow, Stat, exit_code_text
+from .decode import LOSS_SOURCES, LOSS_STATS, ExitHow, Stat, exit_code_text
 from .diagnose import Verdict, group_verdicts
 from . import timeline as tl
 from .facts import Listener, ListenerHolder, NetnsSource
@@ -229,14 +229,8 @@ def stats_dict(view: View) -> dict[str, Any]:
         "flagged": view.flagged_total,
         "closed": view.closed_total,
         "events_lost": view.events_lost,
-        "lost": {
-            "ringbuf": view.stats.get(Stat.RINGBUF_LOST, 0),
-            "socks_map_full": view.stats.get(Stat.SOCKS_FULL, 0),
-            "cw_map_full": view.stats.get(Stat.CW_FULL, 0),
-            "listener_map_full": view.stats.get(Stat.LISTEN_FULL, 0),
-            "accept_map_full": view.stats.get(Stat.PENDING_FULL, 0),
-            "exit_events": view.lost_exits,
-        },
+        "lost": {**{name: view.stats.get(stat, 0) for name, stat in LOSS_SOURCES},
+                 "exit_events": view.lost_exits},
         "accepts_seen": view.stats.get(Stat.ACCEPTS, 0),
         "accepts_unmatched": view.stats.get(Stat.ACCEPT_UNMATCHED, 0),
     }
