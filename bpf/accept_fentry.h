@@ -16,13 +16,13 @@ KRETFUNC_PROBE(inet_csk_accept, void *sk, void *arg, void *ret)
 #endif
 {
     if (ret)
-        note_accept((u64)ret, bpf_ktime_get_ns());
+        note_accept(ctx, (u64)ret, bpf_ktime_get_ns());
     return 0;
 }
 
 KFUNC_PROBE(tcp_close, void *sk, long timeout)
 {
-    note_close((u64)sk, bpf_ktime_get_ns());
+    note_close(ctx, (u64)sk, bpf_ktime_get_ns());
     return 0;
 }
 

@@ -9,13 +9,13 @@ int cwt_accept_ret(struct pt_regs *ctx)
 {
     u64 sk = PT_REGS_RC(ctx);
     if (sk)
-        note_accept(sk, bpf_ktime_get_ns());
+        note_accept(ctx, sk, bpf_ktime_get_ns());
     return 0;
 }
 
 int cwt_tcp_close(struct pt_regs *ctx)
 {
-    note_close(PT_REGS_PARM1(ctx), bpf_ktime_get_ns());
+    note_close(ctx, PT_REGS_PARM1(ctx), bpf_ktime_get_ns());
     return 0;
 }
 

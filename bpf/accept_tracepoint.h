@@ -146,7 +146,7 @@ int cwt_sys_exit_accept(struct cw_sys_exit *ctx)
     }
     u64 sk = *skp;
     pending.delete(&peer);
-    note_accept(sk, now);
+    note_accept(ctx, sk, now);
     return 0;
 }
 

@@ -21,12 +21,14 @@
  *
  * No kernel struct definition is used: the few fields read (task.h) are read at offsets
  * userspace takes from the running kernel's BTF, so the program compiles against any kernel's
- * headers and runs on any kernel that has the tracepoint (4.16+) and BPF ring buffers (5.8+).
+ * headers and runs on any kernel that has the tracepoint (4.16+) and bpf_probe_read_kernel (5.5+);
+ * events go through a BPF ring buffer (5.8+) or, with CW_EVENTS_PERF, a perf buffer (4.4+).
  *
  * Set at compile time with -D:
  *   CW_BACKEND        CW_BACKEND_KPROBE | CW_BACKEND_FENTRY | CW_BACKEND_TRACEPOINT
  *   CW_ACCEPT_NARGS   fentry only: parameters of inet_csk_accept in the kernel's BTF (4 or 2)
  *   CW_FOLLOW_PIDS    a pid filter is set: follow forks and exits
+ *   CW_EVENTS_PERF    events through a perf buffer (kernels without ring buffers)
  *   CW_MAX_SOCKS, CW_MAX_CW, CW_MAX_LISTENERS, CW_MAX_PIDS, CW_RINGBUF_PAGES   map sizes
  *   CW_OFF_<FIELD>, CW_HAVE_<FEATURE>   kernel struct offsets and what they enable (kfields.py)
  * Everything else is set at run time through the config, pid_filter and port_filter maps.
@@ -60,6 +62,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (!cfg || !transition_wanted(cfg, args->oldstate, args->newstate))
         return 0;
     struct cw_ctx c = {};
+    c.pctx = args;
     c.cfg = cfg;
     c.sk = (u64)args->skaddr;
     c.now = bpf_ktime_get_ns();

@@ -61,7 +61,7 @@
                                    * cw_event.exit_code says how */
 
 /* Indices of the per-CPU stats array. */
-#define CW_STAT_RINGBUF_LOST 0  /* bpf_ringbuf_reserve failed: an event was lost */
+#define CW_STAT_RINGBUF_LOST 0  /* the event output (ring or perf buffer) was full: an event was lost */
 #define CW_STAT_SOCKS_FULL 1    /* the per-socket map was full: a socket went untracked */
 #define CW_STAT_CW_FULL 2       /* the CLOSE_WAIT map was full: a CLOSE_WAIT socket went unseen */
 #define CW_STAT_LISTEN_FULL 3   /* the listener map was full */
@@ -123,7 +123,7 @@ struct cw_sock {
     char owner_comm[CW_COMM_LEN];
 };
 
-/* One ring buffer record. */
+/* One event record (ring buffer, or perf buffer with CW_EVENTS_PERF). */
 struct cw_event {
     __u64 ts;       /* when it happened (ns, CLOCK_MONOTONIC) */
     __u32 type;     /* CW_EV_* */

@@ -20,6 +20,7 @@ struct cw_tuple {
 
 /* One state change of one socket, as the handlers see it. */
 struct cw_ctx {
+    void *pctx;  /* the program's context: bpf_perf_event_output needs it (CW_EVENTS_PERF) */
     struct cw_config *cfg;
     u64 sk;    /* the struct sock address */
     u64 now;   /* ns, CLOCK_MONOTONIC */
@@ -81,10 +82,38 @@ static __always_inline int passes(struct cw_config *cfg, struct cw_sock *s)
     return 1;
 }
 
-static __always_inline void emit(u32 type, struct cw_sock *s, u64 now, int oldstate, int newstate,
-                                 u32 how, u32 exit_code)
+/* A record for userspace, or a lost one counted (CW_STAT_RINGBUF_LOST names the event
+ * output, whichever buffer it is). pctx: the program's context (used by the perf buffer). */
+#ifdef CW_EVENTS_PERF
+static __always_inline struct cw_event *event_begin(void)
 {
-    struct cw_event *ev = events.ringbuf_reserve(sizeof(struct cw_event));
+    int zero = 0;
+    return event_scratch.lookup(&zero);
+}
+
+static __always_inline void event_end(void *pctx, struct cw_event *ev)
+{
+    /* A full perf buffer also reports the loss to userspace later (its lost callback);
+     * userspace takes the larger of the two counts, so it is not counted twice. */
+    if (events.perf_submit(pctx, ev, sizeof(*ev)) < 0)
+        stat_inc(CW_STAT_RINGBUF_LOST);
+}
+#else
+static __always_inline struct cw_event *event_begin(void)
+{
+    return events.ringbuf_reserve(sizeof(struct cw_event));
+}
+
+static __always_inline void event_end(void *pctx, struct cw_event *ev)
+{
+    events.ringbuf_submit(ev, 0);
+}
+#endif
+
+static __always_inline void emit(void *pctx, u32 type, struct cw_sock *s, u64 now, int oldstate,
+                                 int newstate, u32 how, u32 exit_code)
+{
+    struct cw_event *ev = event_begin();
     if (!ev) {
         stat_inc(CW_STAT_RINGBUF_LOST);
         return;
@@ -100,14 +129,14 @@ static __always_inline void emit(u32 type, struct cw_sock *s, u64 now, int oldst
     ev->exit_code = exit_code;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
     __builtin_memcpy(&ev->sock, s, sizeof(ev->sock));
-    events.ringbuf_submit(ev, 0);
+    event_end(pctx, ev);
 }
 
 /* A state change of a socket under a timeline watch. */
 static __always_inline void emit_state(struct cw_ctx *c, struct cw_sock *s)
 {
     if (s->flags & CW_F_TIMELINE)
-        emit(CW_EV_STATE, s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
+        emit(c->pctx, CW_EV_STATE, s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
 }
 
 #endif /* CW_COMMON_H */

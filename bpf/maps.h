@@ -58,6 +58,14 @@ BPF_PERCPU_ARRAY(cw_hist, u64, CW_HIST_BUCKETS);
 BPF_HASH(accept_stats, u32, struct cw_accept_stat, 4096);
 BPF_HASH(accept_errs, struct cw_accept_err, u64, 1024);
 
+#ifdef CW_EVENTS_PERF
+/* Kernels without BPF ring buffers (before 5.8): a per-CPU perf buffer (Linux 4.4+). Its
+ * size is chosen by userspace when it opens it; records are built in event_scratch (one per
+ * CPU: struct cw_event is too large for the stack next to the callers' own). */
+BPF_PERF_OUTPUT(events);
+BPF_PERCPU_ARRAY(event_scratch, struct cw_event, 1);
+#else
 BPF_RINGBUF_OUTPUT(events, CW_RINGBUF_PAGES);
+#endif
 
 #endif /* CW_MAPS_H */

@@ -73,7 +73,7 @@ static __always_inline int create_sock(struct cw_ctx *c, u32 flags)
 }
 
 /* accept() returned this socket, in the accepting process's context. */
-static __always_inline void note_accept(u64 sk, u64 now)
+static __always_inline void note_accept(void *pctx, u64 sk, u64 now)
 {
     struct cw_config *cfg = get_config();
     if (!cfg)
@@ -95,11 +95,11 @@ static __always_inline void note_accept(u64 sk, u64 now)
         sync_cw(cfg, sk, s);
     }
     if (s->flags & CW_F_TIMELINE)
-        emit(CW_EV_ACCEPT, s, now, 0, 0, CW_EXIT_NONE, 0);
+        emit(pctx, CW_EV_ACCEPT, s, now, 0, 0, CW_EXIT_NONE, 0);
 }
 
 /* The application closed this socket (tcp_close), in its context. */
-static __always_inline void note_close(u64 sk, u64 now)
+static __always_inline void note_close(void *pctx, u64 sk, u64 now)
 {
     struct cw_config *cfg = get_config();
     if (!cfg)
@@ -113,7 +113,7 @@ static __always_inline void note_close(u64 sk, u64 now)
     if ((s->flags & CW_F_IN_CW) && (s->flags & CW_F_REPORTED))
         cw.update(&sk, s);
     if (s->flags & CW_F_TIMELINE)
-        emit(CW_EV_APP_CLOSE, s, now, 0, 0, CW_EXIT_NONE, 0);
+        emit(pctx, CW_EV_APP_CLOSE, s, now, 0, 0, CW_EXIT_NONE, 0);
 }
 
 /* The layout of a syscalls:sys_exit_* tracepoint (stable): common fields, the syscall

@@ -72,7 +72,7 @@ static __always_inline void on_listen(struct cw_ctx *c)
     else
         on_listen_end(c, &s);
     if (passes(c->cfg, &s))
-        emit(type, &s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
+        emit(c->pctx, type, &s, c->now, c->oldstate, c->newstate, CW_EXIT_NONE, 0);
 }
 
 /* -> CLOSE_WAIT: the peer's FIN arrived (softirq: the current task is nobody's owner). */
@@ -137,7 +137,7 @@ static __always_inline void on_untracked_cw_exit(struct cw_ctx *c)
         return;
     u32 code = 0;
     u32 how = classify_exit(&u, c->newstate, 0, &code);
-    emit(CW_EV_CW_EXIT, &u, c->now, c->oldstate, c->newstate, how, code);
+    emit(c->pctx, CW_EV_CW_EXIT, &u, c->now, c->oldstate, c->newstate, how, code);
 }
 
 static __always_inline void count_cw_duration(u64 dur)
@@ -173,7 +173,7 @@ static __always_inline void on_cw_exit(struct cw_ctx *c, struct cw_sock *s)
     cw.delete(&c->sk);
     give_room(c->cfg, c->sk);
     if (dur >= c->cfg->report_min_ns || (s->flags & CW_F_TIMELINE))
-        emit(CW_EV_CW_EXIT, s, c->now, c->oldstate, c->newstate, how, code);
+        emit(c->pctx, CW_EV_CW_EXIT, s, c->now, c->oldstate, c->newstate, how, code);
     else
         stat_inc(CW_STAT_CW_SHORT);
 }

@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -23,7 +23,7 @@ from typing import IO, Any
 from . import decode
 from .decode import CConfig, CListener, CSock, SockInfo, Stat
 from .errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
-from .features import Backend
+from .features import Backend, EventPath, choose_event_path, ringbuf_probe
 from .headers import HeaderCandidate
 from .kfields import KernelFields, resolve_kernel_fields
 
@@ -118,6 +118,10 @@ class ProbeSettings:
     max_cw: int = 32768
     max_listeners: int = 4096
     ringbuf_pages: int = 64
+    #: the event output; None: chosen at load (features.choose_event_path)
+    events: EventPath | None = None
+    #: pages per CPU of the perf buffer (EventPath.PERF_BUFFER), a power of two
+    perf_pages: int = 64
     #: most cw map entries one owner (uid) may hold; None: a quarter of the map
     owner_room: int | None = None
     #: kernel struct offsets for the C; None: resolved from the running kernel's BTF at load
@@ -135,6 +139,8 @@ class ProbeSettings:
         ]
         if self.pids:
             flags.append("-DCW_FOLLOW_PIDS")
+        if self.events is EventPath.PERF_BUFFER:
+            flags.append("-DCW_EVENTS_PERF")
         if self.backend is Backend.FENTRY:
             flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
             if self.sys_accept4_nargs == 4:
@@ -219,6 +225,18 @@ def _compile(
     )
 
 
+def merge_event_losses(stats: dict[Stat, int], perf_lost: int) -> dict[Stat, int]:
+    """The kernel's count of lost events with the perf buffer's lost callback's.
+
+    A full perf buffer is seen twice: bpf_perf_event_output fails (counted in the kernel, at
+    once) and the buffer reports the loss to the lost callback (when it next has room for a
+    record, so later or, at the end of a run, never). The two count the same losses, so the
+    larger is the count (the ring buffer path has only the kernel's, and perf_lost 0)."""
+    out = dict(stats)
+    out[Stat.RINGBUF_LOST] = max(stats.get(Stat.RINGBUF_LOST, 0), perf_lost)
+    return out
+
+
 @dataclass
 class Probes:
     """The loaded programs and their maps."""
@@ -238,6 +256,8 @@ class Probes:
     #: raw cw map value -> decoded record, from the previous poll: a socket sitting in
     #: CLOSE_WAIT is decoded once, not at every poll
     _decoded: dict[bytes, SockInfo] = field(default_factory=dict)
+    #: events the perf buffer reported lost (its lost callback)
+    perf_lost: int = 0
 
     # --- loading ------------------------------------------------------------------------
 
@@ -255,6 +275,11 @@ class Probes:
         if fields is None:
             fields = resolve_kernel_fields()
         notices: list[str] = fields.notices()
+        if settings.events is None:
+            choice = choose_event_path(ringbuf_probe(), os.environ)
+            settings = replace(settings, events=choice.path, perf_pages=choice.perf_pages)
+            if choice.notice:
+                notices.append(choice.notice)
         bpf, chosen = _compile(bpf_source(src_dir), settings.cflags(src_dir) + fields.cflags(),
                                list(headers), notices, on_compile)
         probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices,
@@ -399,10 +424,27 @@ class Probes:
         def _raw(_ctx: Any, data: Any, size: int) -> None:
             callback(decode.decode_event(ct.string_at(data, size)))
 
-        self.bpf[b"events"].open_ring_buffer(_raw)
+        def _raw_perf(_cpu: int, data: Any, size: int) -> None:
+            callback(decode.decode_event(ct.string_at(data, size)))
+
+        def _lost(count: int) -> None:
+            self.perf_lost += int(count)
+
+        if self.event_path is EventPath.PERF_BUFFER:
+            self.bpf[b"events"].open_perf_buffer(_raw_perf, page_cnt=self.settings.perf_pages,
+                                                 lost_cb=_lost)
+        else:
+            self.bpf[b"events"].open_ring_buffer(_raw)
 
     def poll_events(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
+        if self.event_path is EventPath.PERF_BUFFER:
+            self.bpf.perf_buffer_poll(timeout_ms)
+        else:
+            self.bpf.ring_buffer_poll(timeout_ms)
+
+    @property
+    def event_path(self) -> EventPath:
+        return self.settings.events or EventPath.RING_BUFFER
 
     def read_cw(self) -> list[SockInfo]:
         """Every entry of the cw map: sockets now in CLOSE_WAIT that passed the filters."""
@@ -431,7 +473,8 @@ class Probes:
 
     def read_stats(self) -> dict[Stat, int]:
         table = self.bpf[b"stats"]
-        return {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
+        stats = {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
+        return merge_event_losses(stats, self.perf_lost)
 
     def read_hist(self) -> list[int]:
         table = self.bpf[b"cw_hist"]

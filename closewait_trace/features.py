@@ -13,7 +13,7 @@ import enum
 import errno
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,11 @@ __all__ = [
     "requirement_rows",
     "requirements",
     "ringbuf_probe",
+    "EventPath",
+    "EventChoice",
+    "choose_event_path",
+    "FORCE_PERF_ENV",
+    "PERF_PAGES_ENV",
     "kernel_symbol",
     "bcc_version",
 ]
@@ -652,6 +657,58 @@ def ringbuf_probe() -> tuple[bool | None, str]:
     return True, "a ring buffer map was created"
 
 
+class EventPath(enum.Enum):
+    """How events reach userspace: the compile-time choice of the event output."""
+
+    RING_BUFFER = "ring buffer"
+    PERF_BUFFER = "perf buffer"
+
+
+#: A testing aid: the perf buffer even where the kernel has ring buffers, so that the
+#: fallback runs on the kernels we have.
+FORCE_PERF_ENV = "CLOSEWAIT_FORCE_PERF_BUFFER"
+#: A testing aid: pages per CPU of the perf buffer (a power of two), to provoke losses.
+PERF_PAGES_ENV = "CLOSEWAIT_PERF_BUFFER_PAGES"
+PERF_PAGES_DEFAULT = 64
+
+
+@dataclass(frozen=True)
+class EventChoice:
+    path: EventPath
+    perf_pages: int
+    notice: str | None  # what to tell the user about the choice (None: the usual ring buffer)
+
+
+def choose_event_path(ringbuf: tuple[bool | None, str], env: Mapping[str, str]) -> EventChoice:
+    """The event output for this kernel (pure: ``ringbuf`` is :func:`ringbuf_probe`'s answer).
+
+    The ring buffer where the kernel has one or where that could not be told (loading then
+    says); the perf buffer where the kernel refused a ring buffer map, or when forced."""
+    pages = _perf_pages(env.get(PERF_PAGES_ENV, ""))
+    size = f"{pages} pages per CPU"
+    if env.get(FORCE_PERF_ENV, "") not in ("", "0"):
+        return EventChoice(EventPath.PERF_BUFFER, pages,
+                           f"{FORCE_PERF_ENV}={env[FORCE_PERF_ENV]}: events through a perf buffer"
+                           f" ({size}) although the kernel may have ring buffers")
+    if ringbuf[0] is False:
+        return EventChoice(EventPath.PERF_BUFFER, pages,
+                           f"no BPF ring buffer on this kernel ({ringbuf[1]}): events through a"
+                           f" perf buffer ({size})")
+    return EventChoice(EventPath.RING_BUFFER, pages, None)
+
+
+def _perf_pages(text: str) -> int:
+    if not text:
+        return PERF_PAGES_DEFAULT
+    try:
+        pages = int(text)
+    except ValueError:
+        pages = 0
+    if pages < 1 or pages & (pages - 1):
+        raise UsageError(f"{PERF_PAGES_ENV}={text}: a power of two is needed (pages per CPU)")
+    return pages
+
+
 def kernel_symbol(name: str, *, kallsyms: Path = KALLSYMS) -> bool | None:
     """Whether the kernel has function ``name`` (/proc/kallsyms); None when unreadable or hidden."""
     try:
@@ -720,7 +777,8 @@ def requirement_rows(
         Requirement(REQUIRED_TRACEPOINT, "every backend", "Linux 4.16+", tp,
                     "present" if tp else "missing" + ("" if f.tracefs else " (tracefs not mounted)"), required=True),
         Requirement("bpf_probe_read_kernel/_user", "every backend", "Linux 5.5+", probe_read_kernel, read, required=True),
-        Requirement("BPF ring buffer", "every backend (events)", "Linux 5.8+", ringbuf[0], ringbuf[1], required=True),
+        Requirement("BPF ring buffer", "events (without it: a perf buffer, Linux 4.4+)", "Linux 5.8+",
+                    ringbuf[0], ringbuf[1]),
         Requirement("kprobe backend", "kprobe tcp_close, kretprobe inet_csk_accept",
                     "CONFIG_KPROBES", status[Backend.KPROBE][0], status[Backend.KPROBE][1]),
         Requirement("fentry backend", "fentry tcp_close, fexit inet_csk_accept",
