@@ -778,7 +778,8 @@ def requirement_rows(
                     "present" if tp else "missing" + ("" if f.tracefs else " (tracefs not mounted)"), required=True),
         Requirement("bpf_probe_read_kernel/_user", "every backend", "Linux 5.5+", probe_read_kernel, read, required=True),
         Requirement("BPF ring buffer", "events (without it: a perf buffer, Linux 4.4+)", "Linux 5.8+",
-                    ringbuf[0], ringbuf[1]),
+                    ringbuf[0], ringbuf[1] + ("; events will go through a perf buffer"
+                                              if ringbuf[0] is False else "")),
         Requirement("kprobe backend", "kprobe tcp_close, kretprobe inet_csk_accept",
                     "CONFIG_KPROBES", status[Backend.KPROBE][0], status[Backend.KPROBE][1]),
         Requirement("fentry backend", "fentry tcp_close, fexit inet_csk_accept",

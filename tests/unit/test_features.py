@@ -388,6 +388,7 @@ def test_requirements_unmet_and_unknown() -> None:
     assert r["sock:inet_sock_set_state"].met is False
     assert r["bpf_probe_read_kernel/_user"].met is None and "could not tell" in r["bpf_probe_read_kernel/_user"].detail
     assert r["BPF ring buffer"].met is False and "EINVAL" in r["BPF ring buffer"].detail
+    assert r["BPF ring buffer"].detail.endswith("events will go through a perf buffer")
     assert r["kprobe backend"].met is False and r["kprobe backend"].detail.startswith("not available (CONFIG_KPROBES")
     assert r["fentry backend"].met is False and "BTF" in r["fentry backend"].detail
     assert r["tracepoint backend"].met is False
