@@ -88,3 +88,20 @@ def test_a_full_perf_buffer_counts_its_losses(
     # every exit of the burst either arrived or is counted lost
     assert len(closes) < burst
     assert len(closes) + lost["ringbuf"] >= burst, (len(closes), lost)
+
+
+def test_ring_buffer_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel has ring buffers (as the VM matrix's and the host's do), they are used."""
+    from closewait_trace.features import ringbuf_probe
+
+    if ringbuf_probe()[0] is not True:
+        pytest.skip("this kernel has no BPF ring buffer")
+    monkeypatch.delenv("CLOSEWAIT_FORCE_PERF_BUFFER", raising=False)
+    t = Tracer(["--threshold", "5s"]).start()
+    try:
+        ready = next(r for r in t.records if r["type"] == "ready")
+        notices = [r["message"] for r in t.records if r["type"] == "notice"]
+    finally:
+        _summary(t)
+    assert ready["events"] == "ring buffer"
+    assert not any("perf buffer" in n for n in notices), notices
