@@ -5,7 +5,9 @@
 #   scripts/setup.sh [--dev] [--vm] [--bench]
 #     --dev    test tools (pytest, hypothesis, mypy) into the venv, and nginx and wrk (the
 #              tests run the benchmarks' short versions)
-#     --vm     what the kernel x backend VM matrix needs (QEMU, Debian kernels, virtme-ng)
+#     --vm     what the kernel x backend VM matrix needs (QEMU, Debian kernels, virtme-ng), and
+#              Debian 11's 5.10 and Debian 12's PREEMPT_RT kernels unpacked into a cache
+#              (scripts/vm-kernels.sh: not installed, the host's package set stays as it is)
 #     --bench  what the overhead benchmark needs (nginx, wrk)
 # Safe to run again: it installs only what is missing. Needs root for apt-get.
 set -euo pipefail
@@ -76,4 +78,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ "$vm" = 1 ] && .venv/bin/python -m pip install -q "virtme-ng==1.42"
   echo "$want" > "$stamp"
 fi
+[ "$vm" = 1 ] && $SUDO scripts/vm-kernels.sh
 echo "setup: ready (.venv/bin/closewait-trace)"
