@@ -148,6 +148,10 @@ def test_guest_script_is_written(fake: dict[str, Path]) -> None:
     assert (d / "cmd.sh").read_text().strip() == "echo kprobe 6.1"
     run_sh = (d / "run.sh").read_text()
     assert "export FOO=kprobe-x" in run_sh and "export CLOSEWAIT_VM_RELEASE=6.1.0-99-amd64" in run_sh
+    # in a guest, the command is interrupted SOFT_GRACE s before the default timeout
+    soft = runner.DEFAULT_TIMEOUT - runner.SOFT_GRACE
+    assert f"left=$(( {soft} - $(cut -d. -f1 /proc/uptime) ))" in run_sh
+    assert 'timeout -s INT -k 60 "$left" bash "$R/cmd.sh"' in run_sh
     vng_cmd = (d / "vng-cmd.txt").read_text()
     for flag in ["--disable-kvm", "--force-9p", "--user root", f"--rwdir {d}", "--overlay-rwdir"]:
         assert flag in vng_cmd, flag
