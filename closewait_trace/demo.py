@@ -428,8 +428,11 @@ class Children:
             pass  # closed by stop()
         lines.put(None)
 
-    def expect(self, name: str, word: str, timeout: float = 10.0) -> str:
-        """The next line of child `name`, which must start with `word`."""
+    def expect(self, name: str, word: str, timeout: float = 60.0) -> str:
+        """The next line of child `name`, which must start with `word`.
+
+        Returns as soon as the line comes; the limit only bounds a child that never starts (a
+        Python child took more than 10 s to start in a software-emulated guest under load)."""
         try:
             line = self._lines[name].get(timeout=timeout)
         except queue.Empty:
