@@ -2,21 +2,24 @@
 # Idempotent set-up on Debian/Ubuntu: distro packages (BCC, kernel headers, tools), then a
 # virtual environment that sees the distro's bcc module, with the package installed in it.
 #
-#   scripts/setup.sh [--dev] [--vm] [--bench]
+#   scripts/setup.sh [--dev] [--vm] [--vm-extra] [--bench]
 #     --dev    test tools (pytest, hypothesis, mypy, kubernetes-validate) into the venv, nginx
 #              and wrk (the tests run the benchmarks' short versions), and the deployment
 #              tools (prometheus/promtool, podman, runc, debootstrap, debhelper)
 #     --vm     what the kernel x backend VM matrix needs (QEMU, Debian kernels, virtme-ng)
+#     --vm-extra  Debian 11's 5.10 and Debian 12's PREEMPT_RT kernels unpacked into a cache
+#              (scripts/vm-kernels.sh: not installed, the host's package set stays as it is)
 #     --bench  what the overhead benchmark needs (nginx, wrk)
 # Safe to run again: it installs only what is missing. Needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dev=0 vm=0 bench=0
+dev=0 vm=0 vm_extra=0 bench=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
     --vm) vm=1 ;;
+    --vm-extra) vm_extra=1 ;;
     --bench) bench=1 ;;
     *) echo "setup: unknown option $arg" >&2; exit 2 ;;
   esac
@@ -81,4 +84,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ "$vm" = 1 ] && .venv/bin/python -m pip install -q "virtme-ng==1.42"
   echo "$want" > "$stamp"
 fi
+[ "$vm_extra" = 1 ] && $SUDO scripts/vm-kernels.sh
 echo "setup: ready (.venv/bin/closewait-trace)"

@@ -102,7 +102,7 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
-    def expect(self, word: str, timeout: float = 10.0) -> str:
+    def expect(self, word: str, timeout: float = 60.0) -> str:
         """The next line, which must start with `word`."""
         try:
             line = self._lines.get(timeout=timeout)
@@ -115,7 +115,7 @@ class Child:
             raise DemoError(f"{self.name} did not start ({said}, expected {word})")
         return line
 
-    def expect_port(self, timeout: float = 10.0) -> int:
+    def expect_port(self, timeout: float = 60.0) -> int:
         """A server's first line: PORT n."""
         self.port = int(self.expect("PORT ", timeout).split()[1])
         return self.port

@@ -21,7 +21,8 @@ from tests.kernel.harness import Tracer
 from tests.kernel.podman import CLOSE_WAIT_SERVER, Container, container
 from tests.kernel.test_netns import ip_netns, server_in
 
-pytestmark = pytest.mark.kernel
+# Real containers, nginx and pre-fork servers: facts read from /proc and sock_diag, on the host.
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
 PORT = 8080
 N = 2

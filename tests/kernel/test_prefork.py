@@ -29,7 +29,8 @@ import pytest
 from closewait_trace.holders import read_epoll
 from tests.kernel.harness import Tracer
 
-pytestmark = pytest.mark.kernel
+# Real containers, nginx and pre-fork servers: facts read from /proc and sock_diag, on the host.
+pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
 #: argv: port. The master listens and forks two workers that accept() and then serve each
 #: connection forever (a slow handler); the master keeps the listener and never polls it.

@@ -7,12 +7,21 @@ collects its exit status and pytest junit XML through a per-cell host directory 
 guest can write (``vng --rwdir``).  The repository itself is an overlay in the guest
 (``vng --overlay-rwdir``): writable there, nothing written reaches the host.
 
+Kernels come from /boot (installed Debian packages: 6.1, 6.12) or from the cache that
+``scripts/vm-kernels.sh`` fills without installing anything (Debian 11's 5.10, Debian 12's
+6.1 PREEMPT_RT, series ``6.1-rt``): CACHE/kernels/RELEASE/{boot,lib/modules,usr/src}.
+virtme-ng finds the modules next to such an image and shares them with the guest; the runner
+links the kernel's header directories into the guest's /usr/src (a guest-only overlay), so the
+tracer in the guest finds the running kernel's own headers as on an installed system, and
+merges them on the host beforehand into the tracer's header cache, which the guest reads.
+
 Setup (once, idempotent): ``scripts/setup.sh --vm``.
 
 Usage::
 
     python3 -m tests.vm.runner --list
-    python3 -m tests.vm.runner [--kernels 6.1,6.12] [--backends kprobe,fentry,tracepoint]
+    python3 -m tests.vm.runner [--kernels 5.10,6.1,6.1-rt:kprobe+tracepoint,6.12]
+        [--backends kprobe,fentry,tracepoint]
         [--timeout SEC] [--logs DIR] [--jobs N] [--env K=V ...] [--dry-run] -- CMD...
 
 CMD (everything after ``--``, joined with spaces, run by bash in the guest; quote it as one
@@ -77,6 +86,10 @@ from . import kheaders as _kheaders
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_DIR = Path("/boot")
+VM_CACHE = Path(os.environ.get("CLOSEWAIT_VM_CACHE", "/var/lib/closewait-vm"))
+KERNEL_CACHE = VM_CACHE / "kernels"
+#: merged header trees for the guests' tracers (the guest's own /var/cache is a tmpfs)
+HEADER_CACHE = VM_CACHE / "headers"
 DEFAULT_TIMEOUT = 20 * 60
 DEFAULT_LOGS_ROOT = Path("/tmp/closewait-vm/logs")
 DEFAULT_KERNELS = "6.1,6.12"
@@ -89,24 +102,45 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@:-]+$")  # vng --rwdir splits on '=' a
 
 @dataclass(frozen=True)
 class Kernel:
-    series: str  # "6.1"
+    series: str  # "6.1", "5.10", "6.1-rt" (PREEMPT_RT)
     release: str  # "6.1.0-56-amd64"
     image: Path  # /boot/vmlinuz-6.1.0-56-amd64
+    #: for a kernel unpacked by scripts/vm-kernels.sh (not installed): the directory holding
+    #: its boot/, lib/modules/ and usr/src/; None for an installed kernel (/boot)
+    root: Path | None = None
 
 
 def _version_key(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", text))
 
 
-def installed_kernels(boot_dir: Path = BOOT_DIR) -> list[Kernel]:
-    """All /boot/vmlinuz-* images, oldest first."""
+def series_of(release: str) -> str | None:
+    """``6.1.0-57-amd64`` -> ``6.1``; ``6.1.0-57-rt-amd64`` -> ``6.1-rt``; None if not a release."""
+    m = re.match(r"^(\d+)\.(\d+)[.-]", release + "-")
+    if not m:
+        return None
+    rt = "-rt" if re.search(r"-rt\d*(-|$)", release) else ""
+    return f"{m.group(1)}.{m.group(2)}{rt}"
+
+
+def kernel_dirs(boot_dir: Path = BOOT_DIR, cache: Path = KERNEL_CACHE) -> list[Path]:
+    """/boot, then the boot/ of every kernel unpacked under ``cache`` (scripts/vm-kernels.sh)."""
+    unpacked = sorted(d / "boot" for d in cache.glob("*") if (d / ".complete").is_file())
+    return [boot_dir, *unpacked]
+
+
+def installed_kernels(boot_dirs: Path | list[Path] | None = None) -> list[Kernel]:
+    """All vmlinuz-* images in the given boot directories (default: :func:`kernel_dirs`), oldest first."""
+    dirs = kernel_dirs() if boot_dirs is None else [boot_dirs] if isinstance(boot_dirs, Path) else boot_dirs
     found = []
-    for image in boot_dir.glob("vmlinuz-*"):
-        release = image.name[len("vmlinuz-") :]
-        m = re.match(r"^(\d+)\.(\d+)[.-]", release + "-")
-        if not m or not image.is_file() or release.endswith((".old", ".bak")):
-            continue
-        found.append(Kernel(f"{m.group(1)}.{m.group(2)}", release, image))
+    for boot in dirs:
+        root = boot.parent if (boot.parent / ".complete").is_file() else None
+        for image in boot.glob("vmlinuz-*"):
+            release = image.name[len("vmlinuz-") :]
+            series = series_of(release)
+            if not series or not image.is_file() or release.endswith((".old", ".bak")):
+                continue
+            found.append(Kernel(series, release, image, root))
     return sorted(found, key=lambda k: _version_key(k.release))
 
 
@@ -117,9 +151,9 @@ def newest_per_series(kernels: list[Kernel]) -> dict[str, Kernel]:
     return out
 
 
-def resolve_kernel(spec: str, boot_dir: Path = BOOT_DIR) -> Kernel | None:
-    """A series ("6.1": newest installed 6.1.x), an exact release, or a vmlinuz path."""
-    kernels = installed_kernels(boot_dir)
+def resolve_kernel(spec: str, boot_dirs: Path | list[Path] | None = None) -> Kernel | None:
+    """A series ("6.1", "6.1-rt": newest of it), an exact release, or a vmlinuz path."""
+    kernels = installed_kernels(boot_dirs)
     if "/" in spec:
         p = Path(spec)
         for k in kernels:
@@ -127,13 +161,38 @@ def resolve_kernel(spec: str, boot_dir: Path = BOOT_DIR) -> Kernel | None:
                 return k
         if p.is_file():
             release = p.name.replace("vmlinuz-", "", 1)
-            m = re.match(r"^(\d+\.\d+)", release)
-            return Kernel(m.group(1) if m else release, release, p)
+            root = p.parent.parent if (p.parent.parent / ".complete").is_file() else None
+            return Kernel(series_of(release) or release, release, p, root)
         return None
     for k in kernels:
         if k.release == spec:
             return k
     return newest_per_series(kernels).get(spec)
+
+
+def premerge_headers(kernels: list[Kernel], cache: Path = HEADER_CACHE) -> list[Path]:
+    """Merge, on the host, every header pair the guests' tracers will look for.
+
+    A guest's own /var/cache is a tmpfs, so the tracer there would merge its header tree over
+    9p at its first start in every cell (minutes under TCG).  The guest script links the
+    tracer's cache directory to ``cache`` instead, where these trees already are: the tracer
+    finds them by the same two source directories and reuses them.  The pairs are the host's
+    /usr/src ones and each unpacked kernel's own (its usr/src/, which the guest script links
+    into the guest's /usr/src, so its /lib/modules/RELEASE/build resolves as when installed).
+    """
+    from closewait_trace.errors import CloseWaitError
+    from closewait_trace.headers import candidate_header_dirs
+
+    trees: list[Path] = []
+    srcs = [Path("/usr/src")] + [k.root / "usr" / "src" for k in kernels if k.root is not None]
+    for src in dict.fromkeys(srcs):
+        try:
+            found = candidate_header_dirs("none", modules_dir=Path("/nonexistent"), src_dir=src,
+                                          cache_dir=cache)
+        except CloseWaitError:
+            continue
+        trees += [c.path for c in found if c.path.is_relative_to(cache)]
+    return trees
 
 
 # ---------------------------------------------------------------- junit
@@ -291,19 +350,45 @@ def _read_float(path: Path) -> float | None:
         return None
 
 
+#: seconds before --timeout at which the guest interrupts its command (and 60 s later kills it)
+SOFT_GRACE = 120
+
 GUEST_SCRIPT = """#!/bin/bash
 # Generated by tests/vm/runner.py: runs inside the guest, writes results to R.
 R={results}
 cat /proc/uptime > "$R/guest-start-uptime"
 {exports}
-cd {repo} || {{ echo 126 > "$R/exit-status"; exit 126; }}
-bash "$R/cmd.sh" </dev/null 2>&1
+{prelude}cd {repo} || {{ echo 126 > "$R/exit-status"; exit 126; }}
+# In a guest, SIGINT the command {grace}s before the runner's hard limit (guest uptime counts
+# from boot): pytest then still prints its failures and writes its junit XML.
+if grep -q virtme_ /proc/cmdline; then
+  left=$(( {soft} - $(cut -d. -f1 /proc/uptime) )); [ "$left" -lt 60 ] && left=60
+  timeout -s INT -k 60 "$left" bash "$R/cmd.sh" </dev/null 2>&1
+else
+  bash "$R/cmd.sh" </dev/null 2>&1
+fi
 rc=$?
 cat /proc/uptime > "$R/guest-end-uptime"
 echo "$rc" > "$R/exit-status"
 sync
 exit "$rc"
 """
+
+
+def guest_prelude(kernel: Kernel, header_cache: Path = HEADER_CACHE) -> str:
+    """Shell lines run in the guest before the command.
+
+    The tracer's header cache (/var/cache is a tmpfs in the guest) points at the trees the
+    runner merged on the host (:func:`premerge_headers`).  An unpacked kernel's header
+    directories are linked into the guest's /usr/src (an overlay: the host is unchanged),
+    where its /lib/modules/RELEASE/build link points, as when its packages are installed."""
+    cache = shlex.quote(str(header_cache))
+    lines = [f"  mkdir -p /var/cache/closewait-trace && ln -sfn {cache} /var/cache/closewait-trace/headers"]
+    if kernel.root is not None:
+        src = shlex.quote(str(kernel.root / "usr" / "src"))
+        lines.append(f'  for d in {src}/*; do ln -sfn "$d" /usr/src/; done')
+    # only in a virtme guest (never on a host running run.sh directly, as the unit tests do)
+    return "if grep -q virtme_ /proc/cmdline; then\n" + "".join(x + "\n" for x in lines) + "fi\n"
 
 
 @dataclass
@@ -349,9 +434,10 @@ def prepare_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> tuple[list[s
         env[k] = substitute(v, values)
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
     (d / "cmd.sh").write_text(substitute(cmd, values) + "\n")
-    (d / "run.sh").write_text(
-        GUEST_SCRIPT.format(results=shlex.quote(str(d)), exports=exports, repo=shlex.quote(str(REPO)))
-    )
+    (d / "run.sh").write_text(GUEST_SCRIPT.format(
+        results=shlex.quote(str(d)), exports=exports, repo=shlex.quote(str(REPO)),
+        soft=max(60, int(opts.timeout) - SOFT_GRACE), grace=SOFT_GRACE,
+        prelude=guest_prelude(cell.kernel)))
     argv = [
         str(vng), "--run", str(cell.kernel.image),
         "--force-9p", "--user", "root",
@@ -379,7 +465,7 @@ def run_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> CellResult:
                      dir=str(cell.dir), console_log=str(cell.dir / "console.log"),
                      output_log=str(cell.dir / "output.log"))
     if k is None:
-        res.reasons.append(f"kernel {cell.kernel_spec!r} is not installed in /boot (scripts/setup.sh --vm)")
+        res.reasons.append(f"kernel {cell.kernel_spec!r} is not installed in /boot nor unpacked in {KERNEL_CACHE} (scripts/setup.sh --vm)")
         return res
     argv, env = prepare_cell(cell, cmd, opts, vng)
     if opts.dry_run:
@@ -428,7 +514,8 @@ def run_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> CellResult:
             res.reasons.append(f"no exit status from guest (vng rc {res.vng_rc}; crash or panic?)")
     else:
         if res.exit_status != 0:
-            res.reasons.append(f"command exited {res.exit_status}")
+            res.reasons.append(f"command exited {res.exit_status}" + (
+                f" (interrupted {SOFT_GRACE}s before the timeout)" if res.exit_status == 124 else ""))
         if res.vng_rc != res.exit_status:
             res.reasons.append(f"vng rc {res.vng_rc} != guest exit status {res.exit_status}")
 
@@ -462,9 +549,10 @@ def _fmt(v: object) -> str:
 
 
 def format_table(results: list[CellResult]) -> str:
-    head = ["kernel", "release", "backend", "passed", "failed", "skipped", "errors", "boot", "wall", "result"]
+    head = ["kernel", "release", "backend", "passed", "failed", "skipped", "errors", "boot", "cmd", "wall",
+            "result"]
     rows = [[r.kernel, r.release, r.backend, _fmt(r.passed), _fmt(r.failed), _fmt(r.skipped),
-             _fmt(r.errors), _fmt(r.boot_s), _fmt(r.wall_s), r.result] for r in results]
+             _fmt(r.errors), _fmt(r.boot_s), _fmt(r.cmd_s), _fmt(r.wall_s), r.result] for r in results]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -495,6 +583,17 @@ def report(results: list[CellResult], logs: Path) -> None:
 # ---------------------------------------------------------------- CLI
 
 
+def parse_kernels(kernels: str, backends: str) -> list[tuple[str, list[str]]]:
+    """``--kernels 5.10,6.1-rt:kprobe+tracepoint`` with ``--backends a,b``: each kernel with the
+    backends after its colon (joined by +), else every one of ``--backends``."""
+    default = [b.strip() for b in backends.split(",") if b.strip()]
+    out = []
+    for spec in [s.strip() for s in kernels.split(",") if s.strip()]:
+        name, colon, own = spec.partition(":")
+        out.append((name, [b for b in own.split("+") if b] if colon else default))
+    return out
+
+
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         i = argv.index("--")
@@ -507,7 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="show installed kernels and tools, then exit")
     p.add_argument("--kernels", default=DEFAULT_KERNELS,
-                   help="comma list of kernel series (6.1), releases or vmlinuz paths [%(default)s]")
+                   help="comma list of kernel series (6.1, 6.1-rt), releases or vmlinuz paths, each "
+                        "optionally with its own backends after a colon (6.1-rt:kprobe+tracepoint) "
+                        "[%(default)s]")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help="comma list [%(default)s]")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="per-cell limit in seconds, boot included [%(default)s]")
@@ -523,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the repository read-only in the guest")
     p.add_argument("--kvm", action="store_true", help="allow KVM (default: --disable-kvm, TCG)")
     p.add_argument("--no-kheaders", dest="kheaders", action="store_false",
-                   help="do not build the merged 6.1 header tree for {kheaders}")
+                   help="do not build the merged header trees ({kheaders}, the guests' tracer cache)")
     p.add_argument("--vng", help="path of vng [.venv/bin/vng, .venv-vm/bin/vng, PATH]")
     p.add_argument("--vng-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for vng (repeatable), e.g. --vng-arg=--append=nokaslr")
@@ -537,11 +638,12 @@ def do_list(vng: Path | None) -> int:
     print("installed kernels (/boot/vmlinuz-*):")
     for k in kernels:
         mark = "  <- used for " + k.series if newest.get(k.series) == k else ""
-        print(f"  {k.series:6} {k.release:28} {k.image}{mark}")
+        print(f"  {k.series:7} {k.release:28} {k.image}{mark}")
     if not kernels:
         print("  none (run scripts/setup.sh --vm)")
     print(f"vng: {vng or 'NOT FOUND (run scripts/setup.sh --vm)'}" + (f" ({vng_version(vng)})" if vng else ""))
     print(f"qemu-system-x86_64: {shutil.which('qemu-system-x86_64') or 'NOT FOUND'}")
+    print(f"unpacked kernels: {KERNEL_CACHE} (scripts/vm-kernels.sh)")
     pair = _kheaders.find_header_pair("6.1")
     print(f"6.1 headers for BCC: {' + '.join(map(str, pair)) if pair else 'none'}")
     return 0
@@ -585,13 +687,18 @@ def main(argv: list[str] | None = None) -> int:
                    repo_overlay=args.repo_overlay, require_junit=args.require_junit, env=args.env,
                    vng_extra=args.vng_arg, kheaders=kheaders, dry_run=args.dry_run)
     cells = []
-    for ks in [s.strip() for s in args.kernels.split(",") if s.strip()]:
+    for ks, backends in parse_kernels(args.kernels, args.backends):
         k = resolve_kernel(ks)
-        for b in [s.strip() for s in args.backends.split(",") if s.strip()]:
+        for b in backends:
             label = ks if "/" not in ks else (k.release if k else Path(ks).name)
             cells.append(Cell(label, b, k, logs / re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{label}-{b}")))
     if not cells:
         parser.error("no cells: empty --kernels or --backends")
+    if args.kheaders and not args.dry_run:
+        t = time.monotonic()
+        trees = premerge_headers([c.kernel for c in cells if c.kernel is not None])
+        print(f"runner: header trees for the guests' tracers in {HEADER_CACHE}: "
+              f"{', '.join(p.name for p in trees) or 'none'} ({time.monotonic() - t:.1f}s)")
     print(f"runner: {len(cells)} cell(s), vng {vng} ({vng_version(vng)}), jobs {args.jobs}, "
           f"timeout {args.timeout:.0f}s, logs {logs}")
 

@@ -148,6 +148,10 @@ def test_guest_script_is_written(fake: dict[str, Path]) -> None:
     assert (d / "cmd.sh").read_text().strip() == "echo kprobe 6.1"
     run_sh = (d / "run.sh").read_text()
     assert "export FOO=kprobe-x" in run_sh and "export CLOSEWAIT_VM_RELEASE=6.1.0-99-amd64" in run_sh
+    # in a guest, the command is interrupted SOFT_GRACE s before the default timeout
+    soft = runner.DEFAULT_TIMEOUT - runner.SOFT_GRACE
+    assert f"left=$(( {soft} - $(cut -d. -f1 /proc/uptime) ))" in run_sh
+    assert 'timeout -s INT -k 60 "$left" bash "$R/cmd.sh"' in run_sh
     vng_cmd = (d / "vng-cmd.txt").read_text()
     for flag in ["--disable-kvm", "--force-9p", "--user root", f"--rwdir {d}", "--overlay-rwdir"]:
         assert flag in vng_cmd, flag
@@ -158,3 +162,63 @@ def test_module_docstring_documents_cli() -> None:
     for word in ["--kernels", "--backends", "--timeout", "--logs", "--list", "{backend}", "{junit}"]:
         assert word in doc
     assert os.path.exists(Path(runner.__file__).with_name("README.md"))
+
+
+def test_series_of_releases() -> None:
+    assert runner.series_of("6.1.0-57-amd64") == "6.1"
+    assert runner.series_of("6.1.0-57-rt-amd64") == "6.1-rt"
+    assert runner.series_of("5.10.0-46-amd64") == "5.10"
+    assert runner.series_of("6.12.117+deb12-amd64") == "6.12"
+    assert runner.series_of("6.6.7-rt12") == "6.6-rt"
+    assert runner.series_of("garbage") is None
+
+
+def _unpacked(cache: Path, release: str) -> Path:
+    """What scripts/vm-kernels.sh leaves: CACHE/RELEASE/{boot,usr/src}, and .complete."""
+    root = cache / release
+    (root / "boot").mkdir(parents=True)
+    (root / "boot" / f"vmlinuz-{release}").write_text("")
+    (root / "usr" / "src" / f"linux-headers-{release}").mkdir(parents=True)
+    (root / ".complete").write_text("linux-image\n")
+    return root
+
+
+def test_unpacked_kernels_are_found_beside_boot(tmp_path: Path) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "vmlinuz-6.1.0-57-amd64").write_text("")
+    cache = tmp_path / "kernels"
+    r510 = _unpacked(cache, "5.10.0-46-amd64")
+    rt = _unpacked(cache, "6.1.0-57-rt-amd64")
+    half = cache / "5.10.0-99-amd64"  # an interrupted fetch: no .complete, ignored
+    (half / "boot").mkdir(parents=True)
+    (half / "boot" / "vmlinuz-5.10.0-99-amd64").write_text("")
+    dirs = runner.kernel_dirs(boot, cache)
+    assert dirs == [boot, r510 / "boot", rt / "boot"]
+    newest = runner.newest_per_series(runner.installed_kernels(dirs))
+    assert sorted(newest) == ["5.10", "6.1", "6.1-rt"]
+    assert newest["6.1"].root is None and newest["6.1"].image == boot / "vmlinuz-6.1.0-57-amd64"
+    assert newest["6.1-rt"].root == rt and newest["5.10"].root == r510
+    assert runner.resolve_kernel("6.1-rt", dirs) == newest["6.1-rt"]
+    installed, unpacked = runner.guest_prelude(newest["6.1"]), runner.guest_prelude(newest["6.1-rt"])
+    assert f"ln -sfn {runner.HEADER_CACHE} /var/cache/closewait-trace/headers" in installed
+    assert "/usr/src/" not in installed and f"for d in {rt}/usr/src/*" in unpacked
+    assert installed.startswith("if grep -q virtme_ /proc/cmdline; then")
+
+
+def test_unpacked_kernel_guest_links_its_headers(fake: dict[str, Path], tmp_path: Path) -> None:
+    root = _unpacked(tmp_path / "kernels", "5.10.0-46-amd64")
+    image = root / "boot" / "vmlinuz-5.10.0-46-amd64"
+    runner.main(["--vng", str(fake["vng"]), "--kernels", str(image), "--backends", "tracepoint",
+                 "--logs", str(fake["logs"]), "--no-kheaders", "--dry-run", "--", "true"])
+    run_sh = (fake["logs"] / "5.10.0-46-amd64-tracepoint" / "run.sh").read_text()
+    # an unpacked kernel given by its path is still booted with its own headers linked
+    assert f"for d in {root}/usr/src/*; do ln -sfn" in run_sh
+
+
+def test_per_kernel_backends() -> None:
+    assert runner.parse_kernels("5.10, 6.1-rt:kprobe+tracepoint,6.12:", "kprobe,fentry") == [
+        ("5.10", ["kprobe", "fentry"]),
+        ("6.1-rt", ["kprobe", "tracepoint"]),
+        ("6.12", []),
+    ]

@@ -81,9 +81,11 @@ def _loopback_connections(n: int) -> None:
 
 
 def test_kernel_release() -> None:
-    series = os.environ["CLOSEWAIT_VM_KERNEL"]
+    series = os.environ["CLOSEWAIT_VM_KERNEL"]  # "6.1", or "6.1-rt" for PREEMPT_RT
     release = platform.release()
-    assert release.startswith(series + "."), f"booted {release}, expected {series}.x"
+    version, _, variant = series.partition("-")
+    assert release.startswith(version + "."), f"booted {release}, expected {series}.x"
+    assert (f"-{variant}-" in release) if variant else "-rt-" not in release, release
     assert release == os.environ["CLOSEWAIT_VM_RELEASE"]
     assert subprocess.check_output(["uname", "-r"], text=True).strip() == release
     _record_timing("guest_uptime_at_test", float(Path("/proc/uptime").read_text().split()[0]))
