@@ -237,6 +237,13 @@ def merge_event_losses(stats: dict[Stat, int], perf_lost: int) -> dict[Stat, int
     return out
 
 
+def default_owner_room(max_cw: int) -> int:
+    """CLOSE_WAIT map entries one owner (uid) may hold: three quarters of the map, so that a
+    quarter always stays for the others, and a single-tenant host still sees most of its
+    sockets before any is counted as lost."""
+    return max_cw - max_cw // 4
+
+
 @dataclass
 class Probes:
     """The loaded programs and their maps."""
@@ -386,7 +393,7 @@ class Probes:
         cfg.accept_watch = 1 if accept_watch else 0
         cfg.ready = 1 if self.armed else 0
         room = self.settings.owner_room
-        cfg.owner_room = self.settings.max_cw // 4 if room is None else room
+        cfg.owner_room = default_owner_room(self.settings.max_cw) if room is None else room
         table = self.bpf[b"config"]
         table[ct.c_int(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 

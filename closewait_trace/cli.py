@@ -123,6 +123,11 @@ _MAX_SOCKETS = click.option("--max-sockets", type=click.IntRange(1024, 1 << 22),
 _MAX_CW = click.option("--max-close-wait", type=click.IntRange(256, 1 << 22),
                        default=DEFAULT_MAX_CW, show_default=True,
                        help="Size of the kernel's CLOSE_WAIT map.")
+_OWNER_ROOM = click.option(
+    "--owner-room", type=click.IntRange(0, 1 << 22), default=None,
+    help="Most CLOSE_WAIT map entries one uid may hold, so that one tenant's flood cannot hide"
+    " another's leak (over it: counted as lost). Default: three quarters of --max-close-wait;"
+    " 0: no limit.")
 _JSON = click.option("--json", "as_json", is_flag=True,
                      help="One JSON object per line (docs/json-schema.md).")
 _PLAIN = click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
@@ -147,9 +152,9 @@ def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-_TRACE_OPTIONS = (_PID, _PORT, _CONTAINER, _NETNS, _DURATION, _THRESHOLD, _REPORT_MIN, _BACKEND, _HEADERS,
-                  _ACCEPT_WATCH, _MAX_SOCKETS, _MAX_CW, _JSON, _PLAIN, _TIMELINE, _EXPORT,
-                  _METRICS)
+_TRACE_OPTIONS = (_PID, _PORT, _CONTAINER, _NETNS, _DURATION, _THRESHOLD, _REPORT_MIN, _BACKEND,
+                  _HEADERS, _ACCEPT_WATCH, _MAX_SOCKETS, _MAX_CW, _OWNER_ROOM, _JSON, _PLAIN,
+                  _TIMELINE, _EXPORT, _METRICS)
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,8 @@ def _pop_options(params: dict[str, Any], output: Output) -> Options:
         threshold_ns=threshold, report_min_ns=report_min, backend=params.pop("backend"),
         kernel_headers=params.pop("kernel_headers"),
         duration_s=duration / 1e9 if duration else None, max_socks=params.pop("max_sockets"),
-        max_cw=params.pop("max_close_wait"), timelines=output.timelines,
+        max_cw=params.pop("max_close_wait"), owner_room=params.pop("owner_room"),
+        timelines=output.timelines,
         accept_watch=AcceptWatch(params.pop("accept_watch")),
         containers=_containers(params.pop("containers")),
         netns=frozenset(resolve_netns(n) for n in params.pop("netns")),

@@ -50,6 +50,8 @@ class Options:
     timelines: TimelineMode | None = None
     max_socks: int = DEFAULT_MAX_SOCKS
     max_cw: int = DEFAULT_MAX_CW
+    #: CLOSE_WAIT map entries one uid may hold (None: three quarters of max_cw; 0: no limit)
+    owner_room: int | None = None
     keep_closed: int = DEFAULT_KEEP_CLOSED
     accept_watch: AcceptWatch = AcceptWatch.AUTO
     #: --container values (names, id prefixes, pods) and --netns inodes (userspace filters)
@@ -73,6 +75,7 @@ class Options:
             "timelines": self.timelines.value if self.timelines else None,
             "max_socks": self.max_socks,
             "max_cw": self.max_cw,
+            "owner_room": self.owner_room,
             "keep_closed": self.keep_closed,
             "accept_watch": self.accept_watch.value,
             "containers": list(self.containers),
@@ -94,6 +97,7 @@ class Options:
             timelines=TimelineMode(timelines) if timelines else None,
             max_socks=int(d.get("max_socks", DEFAULT_MAX_SOCKS)),
             max_cw=int(d.get("max_cw", DEFAULT_MAX_CW)),
+            owner_room=None if d.get("owner_room") is None else int(d["owner_room"]),
             keep_closed=int(d.get("keep_closed", DEFAULT_KEEP_CLOSED)),
             accept_watch=AcceptWatch(str(d.get("accept_watch", "auto"))),
             containers=tuple(str(c) for c in d.get("containers", ())),

@@ -16,7 +16,8 @@ from .harness import Tracer, kill_groups, spawn_script
 # the VM cells will run them once tracer starts are shared (docs: README, supported kernels).
 pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
-MAP = 256  # --max-close-wait: each owner may hold a quarter of it
+MAP = 256  # --max-close-wait
+ROOM = 64  # --owner-room: what one owner may hold of it
 FLOOD = 300
 
 # Accepts and closes at once: its peers' sockets enter CLOSE_WAIT.
@@ -56,13 +57,14 @@ def test_a_flood_by_one_uid_leaves_room_for_another_uids_leak() -> None:
     procs = [spawn_script(CLOSER), spawn_script(LEAKER)]
     try:
         closer_port, leak_port = (int(p.stdout.readline()) for p in procs if p.stdout)
-        t = Tracer(["--max-close-wait", str(MAP), "--threshold", "1s", "--report-min", "100ms",
+        t = Tracer(["--max-close-wait", str(MAP), "--owner-room", str(ROOM), "--threshold", "1s",
+                    "--report-min", "100ms",
                     "--port", str(closer_port), "--port", str(leak_port)]).start()
         try:
             flood = _as_nobody(FLOODER, str(closer_port), str(FLOOD))
             procs.append(flood)
             assert flood.stdout is not None and flood.stdout.readline().strip() == "held"
-            t.wait_for(lambda r: len([x for x in t.records if x["type"] == "leak"]) >= MAP // 4,
+            t.wait_for(lambda r: len([x for x in t.records if x["type"] == "leak"]) >= ROOM,
                        20, what="the flood's sockets flagged")
             socket.create_connection(("127.0.0.1", leak_port), timeout=5).close()
             leak = t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["local"]
@@ -72,9 +74,9 @@ def test_a_flood_by_one_uid_leaves_room_for_another_uids_leak() -> None:
             assert t.stop() == 0
         flood_leaks = [r for r in t.records if r["type"] == "leak"
                        and r["connection"]["remote"].endswith(f":{closer_port}")]
-        assert len(flood_leaks) == MAP // 4  # the flooder's room, no more
+        assert len(flood_leaks) == ROOM  # the flooder's room, no more
         summary = t.records[-1]
         assert summary["type"] == "summary"
-        assert summary["events_lost"] >= FLOOD - MAP // 4 and summary["complete"] is False
+        assert summary["events_lost"] >= FLOOD - ROOM and summary["complete"] is False
     finally:
         kill_groups(procs)

@@ -89,7 +89,7 @@ def test_full_close_wait_map_is_counted_and_the_results_marked_incomplete() -> N
     try:
         lst = Role(["listen", "--backlog", str(n + 100)]).start()
         roles.append(lst)
-        t = Tracer(["--threshold", "2s", "--max-close-wait", str(size),
+        t = Tracer(["--threshold", "2s", "--max-close-wait", str(size), "--owner-room", "0",
                     *_port_args(lst.port)]).start()
         queued = Role(["connect-close", "--port", str(lst.port), "--count", str(n)]).start()
         roles.append(queued)
