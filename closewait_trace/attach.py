@@ -501,12 +501,10 @@ class Probes:
             out[(int(key.tgid), int(key.err))] = int(v.value)
         return out
 
-    def map_sizes(self) -> dict[str, int]:
-        return {
-            "socks": self.settings.max_socks,
-            "cw": self.settings.max_cw,
-            "listeners": self.settings.max_listeners,
-        }
+    @property
+    def closed(self) -> bool:
+        """Detached: nothing more to poll or read."""
+        return self._closed
 
     # --- teardown -----------------------------------------------------------------------
 

@@ -284,10 +284,6 @@ def sock_from_c(c: CSock) -> SockInfo:
     )
 
 
-def decode_sock(data: bytes | bytearray | memoryview) -> SockInfo:
-    return sock_from_c(CSock.from_buffer_copy(bytes(data[: ct.sizeof(CSock)])))
-
-
 def decode_event(data: bytes | bytearray | memoryview) -> Event:
     """Decode one ring buffer record; raises ValueError on a short record."""
     if len(data) < ct.sizeof(CEvent):

@@ -52,7 +52,6 @@ __all__ = [
     "format_addr",
     "listeners",
     "listeners_with_owners",
-    "listening_ports_of",
     "normalize_addr",
     "open_sock_diag",
     "open_files",
@@ -729,14 +728,6 @@ class ProcessIndex:
         """Pids that held at least one socket when last read."""
         with self._lock:
             return frozenset(self._fds)
-
-
-def listening_ports_of(pid: int, index: ProcessIndex) -> set[int]:
-    """Local ports of the LISTEN sockets whose inode is in ``pid``'s fd table."""
-    inodes = index.inodes_of(pid)
-    if not inodes:
-        return set()
-    return {s.lport for s in listeners() if s.inode in inodes}
 
 
 def listeners_with_owners(index: ProcessIndex, *, nl: socket.socket | None = None,

@@ -264,6 +264,11 @@ class Tracker:
             self.ignored &= seen
         return changes
 
+    def forget(self, conn: Connection) -> None:
+        """Drop an open connection the filters exclude for now: the next poll that shows it
+        opens it again, to be judged again once more is known of it."""
+        self.open.pop(conn.key, None)
+
     def ignore(self, conn: Connection) -> None:
         """Drop an open connection that the filters exclude, for the rest of its stay."""
         self.open.pop(conn.key, None)

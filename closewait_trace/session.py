@@ -100,7 +100,7 @@ class Session:
             self.enrichment.apply(ch.conn, d)
             if self.options.pids and ch.conn.owner_pid not in self.options.pids \
                     or not self._wanted(ch.conn, self.options.pids):
-                self.tracker.open.pop(ch.conn.key, None)
+                self.tracker.forget(ch.conn)
                 continue
             kept += 1
         if kept:
@@ -288,7 +288,7 @@ class Session:
                 if self._excluded_for_good(conn):
                     self.tracker.ignore(conn)  # another container or namespace
                 else:
-                    self.tracker.open.pop(conn.key, None)  # judged again when known
+                    self.tracker.forget(conn)  # judged again when known
                 continue
             out.append(ch)
         return out

@@ -226,16 +226,16 @@ class LiveWorld(HostWorld):
         return stop
 
     def events(self, timeout_ms: int) -> list[Event]:
-        if not self.probes._closed:
+        if not self.probes.closed:
             self.probes.poll_events(timeout_ms)
         out, self._pending[:] = list(self._pending), []
         return out
 
     def close_wait(self) -> list[SockInfo]:
-        return [] if self.probes._closed else self.probes.read_cw()
+        return [] if self.probes.closed else self.probes.read_cw()
 
     def counters(self) -> Counters:
-        if self.probes._closed:
+        if self.probes.closed:
             return Counters()
         acc = {
             pid: AcceptCounters(int(s.ok), int(s.err), int(s.last_ok_ts), int(s.last_err_ts),
@@ -263,7 +263,7 @@ class LiveWorld(HostWorld):
         return sorted(out)
 
     def set_pids(self, pids: Iterable[int]) -> None:
-        if not self.probes._closed:
+        if not self.probes.closed:
             self.probes.set_pids(pids)
 
     def seed_listener(self, port: int, pid: int, comm: str) -> None:
