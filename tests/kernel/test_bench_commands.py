@@ -68,9 +68,12 @@ def test_scale_command_small(tmp_path: Path) -> None:
 
 
 def test_soak_command_short(tmp_path: Path) -> None:
+    # A threshold of 4 s, not 2: on a loaded machine the churn's own echo server can take over
+    # 2 s to close a connection, and the tracer then rightly flags a stay the check counts as
+    # no leak (seen at load 3-9 on 2 cores, with the code of before and after 2026-12-02).
     out = tmp_path / "soak.md"
     r = _run(["bench.soak", "--minutes", "0.5", "--warmup", "10", "--count", "3000",
-              "--leak-every", "1000", "--threshold", "2", "-o", str(out)], 600)
+              "--leak-every", "1000", "--threshold", "4", "-o", str(out)], 600)
     assert r.returncode == 0, (r.stderr[-2000:], out.read_text() if out.exists() else "")
     text = out.read_text()
     m = re.search(r"\| leaks made / flagged \| (\d+) / (\d+) \|", text)
