@@ -13,7 +13,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from closewait_trace import __version__, cli, features, startup
+from closewait_trace import __version__, cli
 from closewait_trace.cli import main, parse_duration
 from closewait_trace.errors import PrivilegeError, UsageError
 
@@ -42,15 +42,6 @@ def _guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-
-
-@pytest.fixture
-def not_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    def unprivileged(**_kw: object) -> tuple[bool, str]:
-        return False, "not root"
-
-    monkeypatch.setattr(features, "is_privileged", unprivileged)
-    monkeypatch.setattr(startup, "is_privileged", unprivileged)
 
 
 def run(*args: str) -> Result:

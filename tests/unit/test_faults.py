@@ -18,24 +18,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from closewait_trace import cli, enrich, features, startup
+from closewait_trace import cli, enrich
 from closewait_trace.errors import UsageError
 from closewait_trace.record import MAX_LINE, RecordingWorld, open_replay
 from closewait_trace.world import WorldEnded
 
 from .test_cli import assert_one_error_line
 from .test_record import _header
-
-
-@pytest.fixture
-def not_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The privilege check fails: whatever error comes first was found before it (and so
-    before the compile)."""
-    def unprivileged(**_kw: object) -> tuple[bool, str]:
-        return False, "not root"
-
-    monkeypatch.setattr(features, "is_privileged", unprivileged)
-    monkeypatch.setattr(startup, "is_privileged", unprivileged)
 
 
 def run(*args: str) -> Result:

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from closewait_trace import btf, cli, enrich, features, startup
+from closewait_trace import btf, cli, enrich
 from closewait_trace.errors import CloseWaitError, EnrichError
 from closewait_trace.record import RecordFormatError, open_replay
 
@@ -177,15 +177,6 @@ def test_btf_blob_parses_or_is_called_corrupt(cut: int, flips: list[tuple[int, i
         btf.BtfFile(bytes(data), "fuzz")
     except CloseWaitError:
         pass
-
-
-@pytest.fixture
-def not_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    def unprivileged(**_kw: object) -> tuple[bool, str]:
-        return False, "not root"
-
-    monkeypatch.setattr(features, "is_privileged", unprivileged)
-    monkeypatch.setattr(startup, "is_privileged", unprivileged)
 
 
 CLI_OPTION = st.sampled_from(["--threshold", "--report-min", "--duration", "--port", "-p",
