@@ -165,6 +165,8 @@ def run_command(name: str, doc: str | None, options: Sequence[Option],
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
+    for miss in misses:
+        print(f"bench.{name}: missed: {miss}", file=sys.stderr)
     print(f"report written to {out}", file=sys.stderr)
     return 1 if misses else 0
 

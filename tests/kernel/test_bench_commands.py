@@ -58,13 +58,18 @@ def _per_run_row(report: str, config: str) -> dict[str, str]:
 def test_scale_command_small(tmp_path: Path) -> None:
     out = tmp_path / "scale.md"
     r = _run(["bench.scale", "--count", "600", "--threshold", "2", "-o", str(out)], 600)
-    assert r.returncode == 0, (r.stderr[-2000:], out.read_text() if out.exists() else "")
+    # Exit 1 is a missed target. Every target but the view's refresh time (a figure of the
+    # machine and its load, never a test's verdict) must be met: all counted, all flagged,
+    # grouped, nothing lost.
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    missed = re.findall(r"^bench\.scale: missed: (.*)$", r.stderr, re.M)
+    assert r.returncode == (1 if missed else 0), r.stderr[-2000:]
     text = out.read_text()
+    assert all("tick took" in miss for miss in missed), (missed, text[:3000])
     m = re.search(r"\| sockets counted in CLOSE_WAIT \| ([0-9,]+) \| ([0-9,]+) \|", text)
     assert m is not None, text
     # Unfiltered tracers: other CLOSE_WAIT sockets of this machine count too.
     assert min(int(g.replace(",", "")) for g in m.groups()) >= 1200, text
-    assert "all met" in text
 
 
 def test_soak_command_short(tmp_path: Path) -> None:
