@@ -18,12 +18,20 @@ BPF_HASH(pending, struct cw_peer, u64, CW_MAX_SOCKS);
  * Inserted: sys_enter_accept*. Deleted: sys_exit_accept*. */
 BPF_HASH(accept_args, u64, u64, 10240);
 
-/* Make a passive, not yet accepted socket findable by the peer address accept() returns. */
-static __always_inline void add_pending(u64 sk, struct cw_sock *s)
+/* The pending map's key of a socket: its peer, in its namespace. */
+static __always_inline struct cw_peer peer_of_sock(struct cw_sock *s)
 {
     struct cw_peer peer = {};
     __builtin_memcpy(peer.addr, s->raddr, CW_ADDR_LEN);
     peer.port = s->rport;
+    peer.netns = s->netns;
+    return peer;
+}
+
+/* Make a passive, not yet accepted socket findable by the peer address accept() returns. */
+static __always_inline void add_pending(u64 sk, struct cw_sock *s)
+{
+    struct cw_peer peer = peer_of_sock(s);
     if (pending.update(&peer, &sk)) {
         stat_inc(CW_STAT_PENDING_FULL);
         return;
@@ -64,9 +72,7 @@ static __always_inline void backend_close(struct cw_sock *s)
 {
     if (!(s->flags & CW_F_PENDING))
         return;
-    struct cw_peer peer = {};
-    __builtin_memcpy(peer.addr, s->raddr, CW_ADDR_LEN);
-    peer.port = s->rport;
+    struct cw_peer peer = peer_of_sock(s);
     u64 *owner = pending.lookup(&peer);
     if (owner && *owner == s->skaddr)
         pending.delete(&peer);
@@ -139,6 +145,7 @@ int cwt_sys_exit_accept(struct cw_sys_exit *ctx)
     struct cw_peer peer = {};
     if (ret < 0 || bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr) || !peer_of(&sa, &peer))
         return 0;
+    peer.netns = task_netns();
     u64 *skp = pending.lookup(&peer);
     if (!skp) {
         stat_inc(CW_STAT_ACCEPT_UNMATCHED);

@@ -11,6 +11,7 @@
  *   maps.h          every map, with who inserts and who deletes
  *   common.h        the per-transition context, config, filters, counters, events
  *   task.h          fields of the current task, at offsets from the kernel's BTF
+ *   netns.h         the network namespace of a socket and of the current task (BTF offsets)
  *   owner_room.h    room per owner (uid) in the cw map
  *   sockets.h       per-socket records: creation, accept, close, accept() outcomes
  *   accept_*.h      one per backend: how accept() and the application's close() are seen
@@ -38,6 +39,7 @@
 #include "maps.h"
 #include "common.h"
 #include "task.h"
+#include "netns.h"
 #include "owner_room.h"
 #include "sockets.h"
 

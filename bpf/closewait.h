@@ -100,6 +100,8 @@ struct cw_config {
     __u32 accept_watch;  /* tracepoint backend: the accept syscall tracepoints are attached */
     __u32 ready;         /* non-zero: everything above and the filter maps are written */
     __u32 owner_room;    /* most cw map entries one owner (uid) may hold; 0: no limit */
+    __u32 filter_netns;  /* non-zero: only sockets of a network namespace in netns_filter */
+    __u32 _pad;
 };
 
 /* What the kernel knows of one socket: the value of the socks and cw maps. */
@@ -117,7 +119,7 @@ struct cw_sock {
     __u16 lport;          /* local port, host order */
     __u16 rport;          /* remote port, host order */
     __u16 _pad0;
-    __u32 _pad1;
+    __u32 netns;          /* network namespace inode (0: not known; see bpf/netns.h) */
     __u8 laddr[CW_ADDR_LEN]; /* IPv6, or IPv4-mapped IPv6 */
     __u8 raddr[CW_ADDR_LEN];
     char owner_comm[CW_COMM_LEN];
@@ -139,7 +141,14 @@ struct cw_event {
     struct cw_sock sock;
 };
 
-/* Key of the listener map: one entry per listening port. */
+/* Key of the listener map: a port of a network namespace. */
+struct cw_lkey {
+    __u32 netns; /* 0 in the namespace-blind mode */
+    __u16 port;  /* host order */
+    __u16 _pad;
+};
+
+/* Value of the listener map: the socket that listens there and who called listen(). */
 struct cw_listener {
     __u64 skaddr;
     __u32 tgid;
@@ -147,12 +156,13 @@ struct cw_listener {
     char comm[CW_COMM_LEN];
 };
 
-/* Key of the tracepoint backend's accept-matching map: the peer as accept() reports it. */
+/* Key of the tracepoint backend's accept-matching map: the peer as accept() reports it, in
+ * the namespace of the socket (at insertion) and of the accepting task (at accept). */
 struct cw_peer {
     __u8 addr[CW_ADDR_LEN];
     __u16 port; /* host order */
     __u16 _pad0;
-    __u32 _pad1;
+    __u32 netns;
 };
 
 /* Value of the accept_stats map, one per process calling accept()/accept4(). */

@@ -62,8 +62,8 @@ static __always_inline struct cw_config *get_config(void)
     return cfg;
 }
 
-/* Does a socket pass the user's -p/--port filters? An unknown owner passes the pid filter:
- * userspace resolves it from /proc and decides. */
+/* Does a socket pass the user's -p/--port/--netns filters? An unknown owner passes the pid
+ * filter: userspace resolves it from /proc and decides. */
 static __always_inline int passes(struct cw_config *cfg, struct cw_sock *s)
 {
     if (cfg->filter_ports) {
@@ -73,6 +73,11 @@ static __always_inline int passes(struct cw_config *cfg, struct cw_sock *s)
             if (!port_filter.lookup(&p))
                 return 0;
         }
+    }
+    if (cfg->filter_netns) {
+        u32 n = s->netns;
+        if (!netns_filter.lookup(&n))
+            return 0;
     }
     if (cfg->filter_pids && (s->flags & CW_F_OWNER_KNOWN)) {
         u32 t = s->owner_tgid;

@@ -29,9 +29,10 @@ BPF_HASH(socks, u64, struct cw_sock, CW_MAX_SOCKS);
  * Deleted: CLOSE_WAIT -> LAST_ACK / CLOSE. */
 BPF_HASH(cw, u64, struct cw_sock, CW_MAX_CW);
 
-/* Listening ports and the process that called listen(), seeded by userspace at start.
+/* Listening ports of each network namespace and the process that called listen(), seeded by
+ * userspace at start (every namespace's listeners).
  * Inserted: -> LISTEN (process context). Deleted: LISTEN -> CLOSE of the same socket. */
-BPF_HASH(listeners, u16, struct cw_listener, CW_MAX_LISTENERS);
+BPF_HASH(listeners, struct cw_lkey, struct cw_listener, CW_MAX_LISTENERS);
 
 /* Processes that pass -p: value CW_PID_USER or CW_PID_FOLLOWED.
  * Inserted: by userspace (the -p PIDs and their descendants, CW_PID_USER); with -p, at
@@ -41,6 +42,8 @@ BPF_HASH(listeners, u16, struct cw_listener, CW_MAX_LISTENERS);
 BPF_HASH(pid_filter, u32, u8, CW_MAX_PIDS);
 /* Ports that pass --port. Written by userspace only. */
 BPF_HASH(port_filter, u16, u8, 4096);
+/* Network namespaces (inodes) that pass --netns and --container. Written by userspace only. */
+BPF_HASH(netns_filter, u32, u8, 1024);
 BPF_ARRAY(config, struct cw_config, 1);
 
 /* How many entries of the cw map each owner (the socket's uid) holds, so that one owner

@@ -36,8 +36,8 @@ static __always_inline void fill_tuple(struct cw_sock *s, struct cw_tuple *t)
 static __always_inline void set_new_owner(struct cw_sock *s, u32 flags)
 {
     if (flags & (CW_F_PASSIVE | CW_F_PREEXISTING)) {
-        u16 lport = s->lport;
-        struct cw_listener *l = listeners.lookup(&lport);
+        struct cw_lkey key = listener_key(s->netns, s->lport);
+        struct cw_listener *l = listeners.lookup(&key);
         if (l) {
             s->owner_tgid = l->tgid;
             __builtin_memcpy(s->owner_comm, l->comm, CW_COMM_LEN);
@@ -53,8 +53,10 @@ static __always_inline void set_new_owner(struct cw_sock *s, u32 flags)
 /* A new socket: passive child, active connect, or one that predates the tracer. Its
  * addresses are not known yet for every kernel (an active socket has no local port at
  * SYN_SENT; Debian's 6.1 and 6.12 copy a child's peer address after SYN_RECV): they are read
- * when they matter, at CLOSE_WAIT, or at ESTABLISHED for the accept match. Returns 0 if the
- * socket could not be tracked (map full, counted). */
+ * when they matter, at CLOSE_WAIT, or at ESTABLISHED for the accept match. So is the
+ * namespace of an active socket (at CLOSE_WAIT); a passive one needs it now, for its
+ * listener, and so does any socket the filters judge now. Returns 0 if the socket could not
+ * be tracked (map full, counted). */
 static __always_inline int create_sock(struct cw_ctx *c, u32 flags)
 {
     struct cw_sock s = {};
@@ -62,6 +64,8 @@ static __always_inline int create_sock(struct cw_ctx *c, u32 flags)
     s.ts_first = c->now;
     s.flags = flags;
     fill_tuple(&s, &c->t);
+    if ((flags & (CW_F_PASSIVE | CW_F_PREEXISTING)) || c->cfg->timeline_all)
+        s.netns = sock_netns(c->sk);
     set_new_owner(&s, flags);
     if (c->cfg->timeline_all && passes(c->cfg, &s))
         s.flags |= CW_F_TIMELINE;

@@ -35,12 +35,12 @@ static __always_inline void on_new_sock(struct cw_ctx *c, u32 flags)
 /* -> LISTEN: listen() runs in the owner's context. */
 static __always_inline void on_listen_start(struct cw_ctx *c, struct cw_sock *s)
 {
-    u16 lport = c->t.lport;
+    struct cw_lkey key = listener_key(s->netns, c->t.lport);
     struct cw_listener l = {};
     l.skaddr = c->sk;
     l.tgid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&l.comm, sizeof(l.comm));
-    if (listeners.update(&lport, &l))
+    if (listeners.update(&key, &l))
         stat_inc(CW_STAT_LISTEN_FULL);
     s->owner_tgid = l.tgid;
     s->flags = CW_F_OWNER_KNOWN;
@@ -50,13 +50,13 @@ static __always_inline void on_listen_start(struct cw_ctx *c, struct cw_sock *s)
 /* LISTEN -> CLOSE: forget the listener if it is the one the map holds for its port. */
 static __always_inline void on_listen_end(struct cw_ctx *c, struct cw_sock *s)
 {
-    u16 lport = c->t.lport;
-    struct cw_listener *l = listeners.lookup(&lport);
+    struct cw_lkey key = listener_key(s->netns, c->t.lport);
+    struct cw_listener *l = listeners.lookup(&key);
     if (l && l->skaddr == c->sk) {
         s->owner_tgid = l->tgid;
         __builtin_memcpy(s->owner_comm, l->comm, CW_COMM_LEN);
         s->flags = CW_F_OWNER_KNOWN;
-        listeners.delete(&lport);
+        listeners.delete(&key);
     }
 }
 
@@ -65,6 +65,7 @@ static __always_inline void on_listen(struct cw_ctx *c)
     struct cw_sock s = {};
     load_addrs(c);
     s.skaddr = c->sk;
+    s.netns = sock_netns(c->sk);
     fill_tuple(&s, &c->t);
     u32 type = c->newstate == CW_TCP_LISTEN ? CW_EV_LISTEN : CW_EV_UNLISTEN;
     if (type == CW_EV_LISTEN)
@@ -89,6 +90,8 @@ static __always_inline struct cw_sock *on_cw_enter(struct cw_ctx *c, struct cw_s
     s->ts_cw_enter = c->now;
     s->flags |= CW_F_IN_CW;
     fill_tuple(s, &c->t);
+    if (!s->netns)
+        s->netns = sock_netns(c->sk);
     stat_inc(CW_STAT_CW_ENTERED);
     backend_cw_enter(c, s);
     sync_cw(c->cfg, c->sk, s);
@@ -131,6 +134,7 @@ static __always_inline void on_untracked_cw_exit(struct cw_ctx *c)
     struct cw_sock u = {};
     load_addrs(c);
     u.skaddr = c->sk;
+    u.netns = sock_netns(c->sk);
     u.flags = CW_F_PREEXISTING;
     fill_tuple(&u, &c->t);
     if (!passes(c->cfg, &u))

@@ -21,11 +21,12 @@ from types import ModuleType
 from typing import IO, Any
 
 from . import decode
-from .decode import CConfig, CListener, CSock, SockInfo, Stat
+from .decode import CConfig, CListener, CListenerKey, CSock, SockInfo, Stat
 from .errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
 from .features import Backend, EventPath, choose_event_path, ringbuf_probe
 from .headers import HeaderCandidate
 from .kfields import KernelFields, resolve_kernel_fields
+from .netns import own_netns_inode
 
 #: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
 DISTRO_BCC_DIRS = (
@@ -113,6 +114,8 @@ class ProbeSettings:
     report_min_ns: int = 200_000_000
     pids: frozenset[int] = frozenset()
     ports: frozenset[int] = frozenset()
+    #: network namespace inodes that pass --netns (applied in the kernel where it reads them)
+    netns: frozenset[int] = frozenset()
     timeline_all: bool = False
     max_socks: int = 131072
     max_cw: int = 32768
@@ -368,13 +371,22 @@ class Probes:
             peer = pending.Key()
             ct.memmove(ct.addressof(peer.addr), bytes(raw.raddr), decode.ADDR_LEN)
             peer.port = raw.rport
+            peer.netns = raw.netns
             pending[peer] = pending.Leaf(key.value)
 
     def _configure(self) -> None:
         """Filters and settings; the programs stay idle (ready = 0) until arm()."""
         self.set_pids(self.settings.pids)
         self.set_ports(self.settings.ports)
+        table = self.bpf[b"netns_filter"]
+        for inode in self.settings.netns if self.netns_known else ():
+            table[ct.c_uint32(inode)] = ct.c_uint8(1)
         self._write_config(accept_watch=False)
+
+    @property
+    def netns_known(self) -> bool:
+        """The programs read each socket's network namespace (else every one reads 0)."""
+        return "netns" in self.kernel_fields.enabled
 
     def arm(self) -> None:
         """Let the programs act: written last, after the filters and the seeds, so that no
@@ -389,6 +401,7 @@ class Probes:
         cfg.report_min_ns = self.settings.report_min_ns
         cfg.filter_pids = 1 if self.settings.pids else 0
         cfg.filter_ports = 1 if self.settings.ports else 0
+        cfg.filter_netns = 1 if self.settings.netns and self.netns_known else 0
         cfg.timeline_all = 1 if self.settings.timeline_all else 0
         cfg.accept_watch = 1 if accept_watch else 0
         cfg.ready = 1 if self.armed else 0
@@ -417,13 +430,18 @@ class Probes:
         for port in ports:
             table[ct.c_uint16(port)] = ct.c_uint8(1)
 
-    def seed_listener(self, port: int, pid: int, comm: str) -> None:
-        """A listener that existed before the tracer: its children get this owner."""
+    def seed_listener(self, netns: int | None, port: int, pid: int, comm: str) -> None:
+        """A listener that existed before the tracer: its children get this owner. netns:
+        its namespace's inode, None for the tracer's own."""
         table = self.bpf[b"listeners"]
+        key = CListenerKey()
+        key.port = port
+        if self.netns_known:
+            key.netns = own_netns_inode() if netns is None else netns
         lst = CListener()
         lst.tgid = pid
         lst.comm = comm.encode()[: decode.COMM_LEN - 1]
-        table[ct.c_uint16(port)] = table.Leaf.from_buffer_copy(bytes(lst))
+        table[table.Key.from_buffer_copy(bytes(key))] = table.Leaf.from_buffer_copy(bytes(lst))
 
     # --- reading ------------------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class CConfig(ct.Structure):
         ("accept_watch", ct.c_uint32),
         ("ready", ct.c_uint32),
         ("owner_room", ct.c_uint32),
+        ("filter_netns", ct.c_uint32),
+        ("_pad", ct.c_uint32),
     ]
 
 
@@ -142,7 +144,7 @@ class CSock(ct.Structure):
         ("lport", ct.c_uint16),
         ("rport", ct.c_uint16),
         ("_pad0", ct.c_uint16),
-        ("_pad1", ct.c_uint32),
+        ("netns", ct.c_uint32),
         ("laddr", ct.c_uint8 * ADDR_LEN),
         ("raddr", ct.c_uint8 * ADDR_LEN),
         ("owner_comm", ct.c_char * COMM_LEN),
@@ -165,6 +167,10 @@ class CEvent(ct.Structure):
     ]
 
 
+class CListenerKey(ct.Structure):
+    _fields_ = [("netns", ct.c_uint32), ("port", ct.c_uint16), ("_pad", ct.c_uint16)]
+
+
 class CListener(ct.Structure):
     _fields_ = [
         ("skaddr", ct.c_uint64),
@@ -179,7 +185,7 @@ class CPeer(ct.Structure):
         ("addr", ct.c_uint8 * ADDR_LEN),
         ("port", ct.c_uint16),
         ("_pad0", ct.c_uint16),
-        ("_pad1", ct.c_uint32),
+        ("netns", ct.c_uint32),
     ]
 
 
@@ -203,6 +209,7 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "cw_config": CConfig,
     "cw_sock": CSock,
     "cw_event": CEvent,
+    "cw_lkey": CListenerKey,
     "cw_listener": CListener,
     "cw_peer": CPeer,
     "cw_accept_stat": CAcceptStat,
@@ -244,6 +251,8 @@ class SockInfo:
     raddr: str
     rport: int
     owner_comm: str
+    #: network namespace inode; 0 where the kernel side could not read it (or an old record)
+    netns: int = 0
 
     @functools.cached_property
     def key(self) -> tuple[int, int]:
@@ -270,7 +279,7 @@ class Event:
 
 #: SockInfo fields copied from the C struct as they are.
 _SOCK_PLAIN = ("skaddr", "ts_first", "ts_established", "ts_cw_enter", "ts_accept", "ts_close",
-               "owner_tgid", "closer_tgid", "family", "lport", "rport")
+               "owner_tgid", "closer_tgid", "family", "lport", "rport", "netns")
 
 
 def sock_from_c(c: CSock) -> SockInfo:
@@ -318,6 +327,7 @@ def encode_sock(s: SockInfo) -> CSock:
     c.family = s.family
     c.lport = s.lport
     c.rport = s.rport
+    c.netns = s.netns
     for name, text in (("laddr", s.laddr), ("raddr", s.raddr)):
         ip = ipaddress.ip_address(text)
         raw = (

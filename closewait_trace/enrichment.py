@@ -212,7 +212,8 @@ class Enrichment:
         conn.eof_read = d.rqueue == 0
         conn.unread_bytes = max(0, d.rqueue - 1)
         if conn.direction is not Direction.OUTBOUND and conn.accepted is not Accepted.YES:
-            if conn.lport in self.tracker.listeners or conn.direction is Direction.INBOUND \
+            if self.tracker.listener_of(conn.netns, conn.lport) is not None \
+                    or conn.direction is Direction.INBOUND \
                     or self._has_listener(conn):
                 conn.accepted = Accepted.YES
                 conn.direction = Direction.INBOUND
@@ -237,7 +238,7 @@ class Enrichment:
                 owner = min(lst.owners, key=lambda o: o.pid)
                 conn.owner_pid, conn.owner_comm = owner.pid, owner.comm
         elif conn.owner_pid is None:
-            kernel_lst = self.tracker.listeners.get(conn.lport)
+            kernel_lst = self.tracker.listener_of(conn.netns, conn.lport)
             if kernel_lst is not None and kernel_lst.pid is not None:
                 conn.owner_pid, conn.owner_comm = kernel_lst.pid, kernel_lst.comm
         self._identify(conn)

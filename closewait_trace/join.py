@@ -186,7 +186,8 @@ class Tracker:
         self.start_ns = start_ns
         self.open: dict[tuple[int, int], Connection] = {}
         self.closed: list[Connection] = []
-        self.listeners: dict[int, Listener] = {}
+        #: listening sockets by (network namespace inode or 0 where not known, port)
+        self.listeners: dict[tuple[int, int], Listener] = {}
         self.flagged_total = 0
         self.lost_exits = 0
         self._missing: dict[tuple[int, int], int] = {}
@@ -282,13 +283,13 @@ class Tracker:
         if ev.type is EventType.LISTEN:
             lst = Listener(
                 family=ev.sock.family, laddr=ev.sock.laddr, lport=ev.sock.lport, queue=0,
-                backlog=0, netns=getattr(ev.sock, "netns", None) or None,
+                backlog=0, netns=ev.sock.netns or None,
                 pid=ev.sock.owner_tgid, comm=ev.sock.owner_comm,
             )
-            self.listeners[lst.lport] = lst
+            self.listeners[(lst.netns or 0, lst.lport)] = lst
             return [Change(ChangeKind.LISTEN, listener=lst)]
         if ev.type is EventType.UNLISTEN:
-            old = self.listeners.pop(ev.sock.lport, None)
+            old = self.listeners.pop((ev.sock.netns, ev.sock.lport), None)
             if old is None:
                 return []
             return [Change(ChangeKind.UNLISTEN, listener=old)]
@@ -332,7 +333,14 @@ class Tracker:
 
     def add_listener(self, lst: Listener) -> None:
         """A listener found by the start-up scan."""
-        self.listeners.setdefault(lst.lport, lst)
+        self.listeners.setdefault((lst.netns or 0, lst.lport), lst)
+
+    def listener_of(self, netns: int | None, port: int) -> Listener | None:
+        """The listener of a port in a namespace; where the namespace is not known, the
+        first of any namespace (the namespace-blind mode)."""
+        if netns is not None:
+            return self.listeners.get((netns, port)) or self.listeners.get((0, port))
+        return next((lst for (_ns, p), lst in self.listeners.items() if p == port), None)
 
     def tick(self, now_ns: int) -> list[Change]:
         """Flag the open connections that crossed the threshold (at most MAX_NEW_PER_TICK)."""
@@ -372,9 +380,8 @@ class Tracker:
             if conn.fd is None:  # a holder found by its fd stays the owner
                 conn.owner_pid = s.owner_tgid
                 conn.owner_comm = s.owner_comm
-        kernel_netns = getattr(s, "netns", None)  # once the kernel side reports it
-        if kernel_netns:
-            conn.netns, conn.netns_source = int(kernel_netns), NetnsSource.KERNEL
+        if s.netns:
+            conn.netns, conn.netns_source = s.netns, NetnsSource.KERNEL
         accepted = _accepted(s)
         # The kernel's "not accepted" never overrides enrichment's "accepted".
         if accepted is Accepted.YES or conn.accepted is Accepted.UNKNOWN:

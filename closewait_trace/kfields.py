@@ -39,6 +39,12 @@ KERNEL_FIELDS: tuple[KernelField, ...] = (
     KernelField("TASK_EXIT_CODE", "task_struct", "exit_code", 4, "process-exit"),
     # Room per owner in the cw map (issue 15, event flooding): the uid a socket belongs to.
     KernelField("SOCK_UID", "sock", "sk_uid", 4, "owner-room"),
+    # Each socket's network namespace (issue 10): sk->__sk_common.skc_net.net->ns.inum, and the
+    # accepting task's (current->nsproxy->net_ns->ns.inum) for the tracepoint backend's match.
+    KernelField("SOCK_NET", "sock", "__sk_common.skc_net", 8, "netns"),
+    KernelField("NET_INUM", "net", "ns.inum", 4, "netns"),
+    KernelField("TASK_NSPROXY", "task_struct", "nsproxy", 8, "netns"),
+    KernelField("NSPROXY_NET", "nsproxy", "net_ns", 8, "netns"),
 )
 
 

@@ -293,8 +293,8 @@ class RecordingWorld:
     def set_pids(self, pids: Iterable[int]) -> None:
         self.inner.set_pids(pids)
 
-    def seed_listener(self, port: int, pid: int, comm: str) -> None:
-        self.inner.seed_listener(port, pid, comm)
+    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
+        self.inner.seed_listener(lst, pid, comm)
 
     def set_accept_watch(self, on: bool) -> None:
         self.inner.set_accept_watch(on)
@@ -494,7 +494,7 @@ class ReplayWorld:
     def set_pids(self, pids: Iterable[int]) -> None:
         pass
 
-    def seed_listener(self, port: int, pid: int, comm: str) -> None:
+    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
         pass
 
     def set_accept_watch(self, on: bool) -> None:

@@ -75,7 +75,7 @@ class View:
     closed_total: int
     flagged_total: int
     lost_exits: int
-    listeners: dict[int, Listener]
+    listeners: dict[tuple[int, int], Listener]  # by (netns inode or 0, port)
     accept_errors: dict[tuple[int, int], int] = field(default_factory=dict)
     exited_pids: Sequence[int] = ()
     closed_by_how: dict[str, int] = field(default_factory=dict)

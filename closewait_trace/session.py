@@ -19,6 +19,7 @@ from typing import Any
 from .diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
 from .enrich import DiagSocket
 from .enrichment import MAX_TRIES, Enrichment, container_matches
+from .facts import Listener
 from .join import Accepted, Change, ChangeKind, Connection, Tracker
 from .render import EXIT_WORDS, Renderer, TickStats, View
 from .options import AcceptWatch, Options
@@ -79,15 +80,23 @@ class Session:
         self._started = True
         self.renderer.ready(self.view(self._now), self.info)
 
+    def _every_listener(self) -> list[Listener]:
+        """The listeners of every network namespace (of the tracer's own where the
+        namespaces cannot be listed)."""
+        found = self.world.namespaces()
+        if found is None:
+            return self.world.listeners()
+        return [lst for inode in found.all for lst in self.world.listeners(inode)]
+
     def _seed(self) -> None:
         """Listeners and CLOSE_WAIT sockets that existed before the probes attached."""
         now = self._now
-        for lst in self.world.listeners():
+        for lst in self._every_listener():
             owners = [o for o in lst.owners if o.pid in self.options.pids] or list(lst.owners)
             if not owners:
                 continue
             owner = min(owners, key=lambda o: o.pid)
-            self.world.seed_listener(lst.lport, owner.pid, owner.comm)
+            self.world.seed_listener(lst, owner.pid, owner.comm)
             self.tracker.add_listener(dataclasses.replace(lst, pid=owner.pid, comm=owner.comm))
         self.enrichment.begin_tick(now)
         rows = [d for d in self._preexisting_close_wait()

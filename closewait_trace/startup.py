@@ -72,7 +72,7 @@ def _probe_settings(options: Options, backend: Backend, features: KernelFeatures
     return ProbeSettings(
         backend=backend, accept_nargs=accept_nargs, sys_accept4_nargs=sys_accept4_nargs,
         report_min_ns=options.report_min_ns, pids=frozenset(options.pids),
-        ports=frozenset(options.ports), timeline_all=options.timeline_all,
+        ports=frozenset(options.ports), netns=options.netns, timeline_all=options.timeline_all,
         max_socks=options.max_socks, max_cw=options.max_cw, owner_room=options.owner_room,
     )
 

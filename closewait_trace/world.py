@@ -96,7 +96,7 @@ class World(HostFacts, Protocol):
     def counters(self) -> Counters: ...
     def descendants(self, pids: Collection[int]) -> list[int]: ...
     def set_pids(self, pids: Iterable[int]) -> None: ...
-    def seed_listener(self, port: int, pid: int, comm: str) -> None: ...
+    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None: ...
     def set_accept_watch(self, on: bool) -> None: ...
     def arm(self) -> None:
         """Filters and seeds are written: the kernel programs act from now on."""
@@ -266,8 +266,8 @@ class LiveWorld(HostWorld):
         if not self.probes.closed:
             self.probes.set_pids(pids)
 
-    def seed_listener(self, port: int, pid: int, comm: str) -> None:
-        self.probes.seed_listener(port, pid, comm)
+    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
+        self.probes.seed_listener(lst.netns, lst.lport, pid, comm)
 
     def set_accept_watch(self, on: bool) -> None:
         self.probes.set_accept_watch(on)

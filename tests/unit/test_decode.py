@@ -209,11 +209,11 @@ def test_parser_rejects_unknown_types() -> None:
 def test_header_parses_to_the_expected_structs(header_text: str) -> None:
     structs = parse_structs(header_text)
     assert list(structs) == [
-        "cw_config", "cw_sock", "cw_event", "cw_listener", "cw_peer", "cw_accept_stat",
+        "cw_config", "cw_sock", "cw_event", "cw_lkey", "cw_listener", "cw_peer", "cw_accept_stat",
         "cw_accept_err",
     ]
     # Spot values computed by hand from the header, so the parser cannot drift unnoticed.
-    assert structs["cw_config"].size == 32
+    assert structs["cw_config"].size == 40
     assert structs["cw_sock"].size == 120
     assert [f.offset for f in structs["cw_sock"].fields][-3:] == [72, 88, 104]
     assert structs["cw_event"].size == 176

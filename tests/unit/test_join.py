@@ -537,7 +537,7 @@ def test_listen_and_unlisten_events() -> None:
     (ch,) = t.apply_event(listen_event(8080, 55, "nginx", ts=1 * S), 1 * S)
     assert ch.kind is ChangeKind.LISTEN and ch.conn is None
     assert ch.listener == Listener(family=socket.AF_INET, laddr="0.0.0.0", lport=8080, queue=0, backlog=0, pid=55, comm="nginx")
-    assert t.listeners == {8080: ch.listener}
+    assert t.listeners == {(0, 8080): ch.listener}
     (ch6,) = t.apply_event(
         listen_event(8443, 56, "envoy", ts=1 * S, addr="::", family=socket.AF_INET6), 1 * S
     )
@@ -545,10 +545,10 @@ def test_listen_and_unlisten_events() -> None:
     # add_listener (start-up scan) never replaces what the kernel reported
     t.add_listener(Listener(family=socket.AF_INET, laddr="0.0.0.0", lport=8080, queue=0, backlog=0, pid=99, comm="other"))
     t.add_listener(Listener(family=socket.AF_INET, laddr="127.0.0.1", lport=9090, queue=0, backlog=0, pid=98, comm="scan"))
-    assert t.listeners[8080].pid == 55 and t.listeners[9090].pid == 98
+    assert t.listener_of(None, 8080).pid == 55 and t.listener_of(None, 9090).pid == 98
     (gone,) = t.apply_event(unlisten_event(8080, 55, "nginx", ts=2 * S), 2 * S)
     assert gone.kind is ChangeKind.UNLISTEN and gone.listener == ch.listener
-    assert sorted(t.listeners) == [8443, 9090]
+    assert sorted(t.listeners) == [(0, 8443), (0, 9090)]
     assert t.apply_event(unlisten_event(7070, 1, "x", ts=3 * S), 3 * S) == []  # unknown port
     assert t.open == {} and t.closed == []
 
