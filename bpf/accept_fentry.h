@@ -20,6 +20,14 @@ KRETFUNC_PROBE(inet_csk_accept, void *sk, void *arg, void *ret)
     return 0;
 }
 
+#ifdef CW_HAVE_REQSK_QUEUE_ADD
+KFUNC_PROBE(inet_csk_reqsk_queue_add, void *sk, void *req, void *child)
+{
+    note_queued((u64)sk, (u64)child);
+    return 0;
+}
+#endif
+
 KFUNC_PROBE(tcp_close, void *sk, long timeout)
 {
     note_close(ctx, (u64)sk, bpf_ktime_get_ns());

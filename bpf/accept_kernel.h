@@ -5,6 +5,35 @@
 #ifndef CW_ACCEPT_KERNEL_H
 #define CW_ACCEPT_KERNEL_H
 
+/* The inode of a socket's file (sk->sk_socket->file->f_inode->i_ino): how userspace finds a
+ * listener in sock_diag and /proc. 0 where the offsets are not known. */
+static __always_inline u64 sock_ino(u64 sk)
+{
+    u64 ino = 0;
+#ifdef CW_HAVE_LISTENER_LINK
+    char *p = 0;
+    bpf_probe_read_kernel(&p, sizeof(p), (char *)sk + CW_OFF_SOCK_SOCKET);
+    if (p)
+        bpf_probe_read_kernel(&p, sizeof(p), p + CW_OFF_SOCKET_FILE);
+    if (p)
+        bpf_probe_read_kernel(&p, sizeof(p), p + CW_OFF_FILE_INODE);
+    if (p)
+        bpf_probe_read_kernel(&ino, sizeof(ino), p + CW_OFF_INODE_INO);
+#endif
+    return ino;
+}
+
+/* inet_csk_reqsk_queue_add(listener, req, child): the kernel put a new connection on this
+ * listener's accept queue; in a SO_REUSEPORT group, this names the very listener. */
+static __always_inline void note_queued(u64 listener, u64 child)
+{
+    if (!get_config())
+        return;
+    struct cw_sock *s = socks.lookup(&child);
+    if (s)
+        s->listener_ino = sock_ino(listener);
+}
+
 /* --- the hooks transitions.h calls ---------------------------------------------------------- */
 
 static __always_inline int backend_wants(struct cw_config *cfg, int oldstate, int newstate)

@@ -1,5 +1,6 @@
 /* accept_kprobe.h - the kprobe backend. Attached by userspace (attach.py): kretprobe
- * inet_csk_accept, kprobe tcp_close, kretprobe __sys_accept4 where it can be probed. */
+ * inet_csk_accept, kprobe tcp_close, kprobe inet_csk_reqsk_queue_add and kretprobe
+ * __sys_accept4 where they can be probed. */
 #ifndef CW_ACCEPT_KPROBE_H
 #define CW_ACCEPT_KPROBE_H
 
@@ -10,6 +11,12 @@ int cwt_accept_ret(struct pt_regs *ctx)
     u64 sk = PT_REGS_RC(ctx);
     if (sk)
         note_accept(ctx, sk, bpf_ktime_get_ns());
+    return 0;
+}
+
+int cwt_reqsk_queue_add(struct pt_regs *ctx)
+{
+    note_queued(PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx));
     return 0;
 }
 

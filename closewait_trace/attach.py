@@ -111,6 +111,7 @@ class ProbeSettings:
     backend: Backend
     accept_nargs: int | None = None  # fentry: parameters of inet_csk_accept in BTF
     sys_accept4_nargs: int | None = None  # fentry: parameters of __sys_accept4 in BTF
+    reqsk_queue_add: bool = False  # fentry: inet_csk_reqsk_queue_add is in BTF
     report_min_ns: int = 200_000_000
     pids: frozenset[int] = frozenset()
     ports: frozenset[int] = frozenset()
@@ -148,6 +149,8 @@ class ProbeSettings:
             flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
             if self.sys_accept4_nargs == 4:
                 flags.append("-DCW_HAVE_SYS_ACCEPT4")
+            if self.reqsk_queue_add:
+                flags.append("-DCW_HAVE_REQSK_QUEUE_ADD")
         return flags
 
 
@@ -313,6 +316,7 @@ class Probes:
             if backend is Backend.KPROBE:
                 self.bpf.attach_kretprobe(event=b"inet_csk_accept", fn_name=b"cwt_accept_ret")
                 self.bpf.attach_kprobe(event=b"tcp_close", fn_name=b"cwt_tcp_close")
+                self._attach_queue_probe()
                 if self.bpf.get_kprobe_functions(b"^__sys_accept4$"):
                     self.bpf.attach_kretprobe(event=b"__sys_accept4",
                                               fn_name=b"cwt_accept_syscall_ret")
@@ -324,6 +328,15 @@ class Probes:
             raise
         except Exception as exc:
             raise BpfLoadError(f"attaching probes failed: {exc}") from exc
+
+    def _attach_queue_probe(self) -> None:
+        """kprobe inet_csk_reqsk_queue_add: the exact listener of each queued child."""
+        if self.bpf.get_kprobe_functions(b"^inet_csk_reqsk_queue_add$"):
+            self.bpf.attach_kprobe(event=b"inet_csk_reqsk_queue_add",
+                                   fn_name=b"cwt_reqsk_queue_add")
+        else:
+            self.notices.append("inet_csk_reqsk_queue_add cannot be probed on this kernel: a"
+                                " never-accepted socket's listener is the best candidate")
 
     def _syscall_fallback(self) -> None:
         for tp in self.SYSCALL_EXITS:

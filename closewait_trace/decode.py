@@ -148,6 +148,7 @@ class CSock(ct.Structure):
         ("laddr", ct.c_uint8 * ADDR_LEN),
         ("raddr", ct.c_uint8 * ADDR_LEN),
         ("owner_comm", ct.c_char * COMM_LEN),
+        ("listener_ino", ct.c_uint64),
     ]
 
 
@@ -253,6 +254,8 @@ class SockInfo:
     owner_comm: str
     #: network namespace inode; 0 where the kernel side could not read it (or an old record)
     netns: int = 0
+    #: inode of the listener the kernel queued it on (kprobe/fentry); 0 where not seen
+    listener_ino: int = 0
 
     @functools.cached_property
     def key(self) -> tuple[int, int]:
@@ -279,7 +282,8 @@ class Event:
 
 #: SockInfo fields copied from the C struct as they are.
 _SOCK_PLAIN = ("skaddr", "ts_first", "ts_established", "ts_cw_enter", "ts_accept", "ts_close",
-               "owner_tgid", "closer_tgid", "family", "lport", "rport", "netns")
+               "owner_tgid", "closer_tgid", "family", "lport", "rport", "netns",
+               "listener_ino")
 
 
 def sock_from_c(c: CSock) -> SockInfo:
@@ -328,6 +332,7 @@ def encode_sock(s: SockInfo) -> CSock:
     c.lport = s.lport
     c.rport = s.rport
     c.netns = s.netns
+    c.listener_ino = s.listener_ino
     for name, text in (("laddr", s.laddr), ("raddr", s.raddr)):
         ip = ipaddress.ip_address(text)
         raw = (

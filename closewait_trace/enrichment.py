@@ -39,8 +39,15 @@ MAX_TRIES = 5
 def choose_listener(listeners: Iterable[Listener], conn: Connection
                     ) -> tuple[Listener | None, str | None]:
     """The listener a never-accepted connection waits on, among its namespace's, and why
-    that one: the only one bound to its address and port, or, in a SO_REUSEPORT group,
-    the one whose accept queue is not empty."""
+    that one: the one the kernel queued it on (kprobe/fentry), else the only one bound to
+    its address and port, or, in a SO_REUSEPORT group, the one whose accept queue is not
+    empty."""
+    listeners = list(listeners)
+    if conn.listener_ino:
+        queued_on = [lst for lst in listeners if lst.inode == conn.listener_ino]
+        if queued_on:
+            return queued_on[0], (f"the listener the kernel queued it on (inode"
+                                  f" {conn.listener_ino})")
     laddr = normalize_addr(conn.laddr)
     same = [lst for lst in listeners if lst.lport == conn.lport
             and (normalize_addr(lst.laddr) == laddr or lst.laddr in _WILDCARDS)]

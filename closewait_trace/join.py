@@ -92,6 +92,8 @@ class Connection:
     #: its network namespace (inode), and how that is known (None: not known)
     netns: int | None = None
     netns_source: NetnsSource | None = None
+    #: inode of the listener the kernel queued it on (kprobe/fentry), 0 where not seen
+    listener_ino: int = 0
     #: the owner's cgroup and container (None: not read, or the owner is unknown)
     container: ContainerIdentity | None = None
     #: the process the kernel saw accept or connect it; the owner is whoever holds it now
@@ -382,6 +384,7 @@ class Tracker:
                 conn.owner_comm = s.owner_comm
         if s.netns:
             conn.netns, conn.netns_source = s.netns, NetnsSource.KERNEL
+        conn.listener_ino = s.listener_ino or conn.listener_ino
         accepted = _accepted(s)
         # The kernel's "not accepted" never overrides enrichment's "accepted".
         if accepted is Accepted.YES or conn.accepted is Accepted.UNKNOWN:

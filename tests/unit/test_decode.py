@@ -214,9 +214,9 @@ def test_header_parses_to_the_expected_structs(header_text: str) -> None:
     ]
     # Spot values computed by hand from the header, so the parser cannot drift unnoticed.
     assert structs["cw_config"].size == 40
-    assert structs["cw_sock"].size == 120
-    assert [f.offset for f in structs["cw_sock"].fields][-3:] == [72, 88, 104]
-    assert structs["cw_event"].size == 176
+    assert structs["cw_sock"].size == 128
+    assert [f.offset for f in structs["cw_sock"].fields][-4:] == [72, 88, 104, 120]
+    assert structs["cw_event"].size == 184
     ev = {f.name: f for f in structs["cw_event"].fields}
     assert (ev["comm"].offset, ev["sock"].offset, ev["sock"].ctype) == (40, 56, "struct cw_sock")
     assert structs["cw_peer"].size == 24

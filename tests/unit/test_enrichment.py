@@ -165,6 +165,15 @@ def test_choose_listener() -> None:
     # an exact address wins over a wildcard listener of the same port
     lst, _ = choose_listener([_lst(5, 1, "0.0.0.0"), _lst(0, 2)], conn)
     assert lst is not None and lst.inode == 2
+    # the listener the kernel saw it queued on wins over every candidate, even an empty one;
+    # one no longer listed leaves the candidates
+    conn.listener_ino = 3
+    lst, why = choose_listener(iter([_lst(1, 1), _lst(3, 2), _lst(0, 3)]), conn)
+    assert lst is not None and lst.inode == 3
+    assert why == "the listener the kernel queued it on (inode 3)"
+    conn.listener_ino = 9
+    lst, why = choose_listener(iter([_lst(1, 1), _lst(3, 2)]), conn)
+    assert lst is not None and lst.inode == 2 and why is not None and "fullest" in why
 
 
 def _h(pid: int, state: str = "sleeping", waiting: str = "no", serving: int = 0

@@ -19,14 +19,17 @@ def _fresh_cache() -> None:
 
 
 def test_the_real_table_resolves_against_task_struct(tmp_path: Path) -> None:
-    # The miniature's `sock` (from sample()) has no sk_uid nor skc_net: those features are off.
+    # The miniature's `sock` (from sample()) has no sk_uid, skc_net nor sk_socket: those
+    # features are off.
     fields = resolve_kernel_fields(path=write(tmp_path, layouts().blob()))
     assert fields.disabled == {"owner-room": "sock.sk_uid is not in the kernel's BTF",
-                               "netns": "sock.__sk_common.skc_net is not in the kernel's BTF"}
+                               "netns": "sock.__sk_common.skc_net is not in the kernel's BTF",
+                               "listener-link": "sock.sk_socket is not in the kernel's BTF"}
     assert fields.offsets == {"TASK_FLAGS": 44, "TASK_EXIT_CODE": 1164}
     assert fields.cflags() == ["-DCW_OFF_TASK_EXIT_CODE=1164", "-DCW_OFF_TASK_FLAGS=44",
                                "-DCW_HAVE_PROCESS_EXIT"]
     assert fields.notices() == [
+        "listener-link is off: sock.sk_socket is not in the kernel's BTF",
         "netns is off: sock.__sk_common.skc_net is not in the kernel's BTF",
         "owner-room is off: sock.sk_uid is not in the kernel's BTF"]
     assert {row.feature for row in KERNEL_FIELDS} == fields.enabled | set(fields.disabled)
