@@ -25,7 +25,7 @@ from .enrich import DiagSocket, SocketOwner, TcpState
 from .errors import CloseWaitError
 from .containers import ContainerIdentity
 from .facts import Listener, ListenerHolder, Namespaces, Process, container_from_dict
-from .world import AcceptCounters, Counters, World, WorldEnded
+from .world import AcceptCounters, Controls, Counters, World, WorldEnded
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -206,6 +206,11 @@ class RecordingWorld:
     def _put(self, kind: str, value: Any) -> None:
         self._write({"k": kind, "v": value})
 
+    @property
+    def controls(self) -> Controls:
+        """The inner World's: commands are not answers, so none is written."""
+        return self.inner.controls
+
     def now_ns(self) -> int:
         v = self.inner.now_ns()
         self._put("now", v)
@@ -293,18 +298,6 @@ class RecordingWorld:
         self._put("descendants", list(v))
         return v
 
-    def set_pids(self, pids: Iterable[int]) -> None:
-        self.inner.set_pids(pids)
-
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
-        self.inner.seed_listener(lst, pid, comm)
-
-    def set_accept_watch(self, on: bool) -> None:
-        self.inner.set_accept_watch(on)
-
-    def arm(self) -> None:
-        self.inner.arm()
-
     def finished(self) -> bool:
         return self.inner.finished()
 
@@ -316,6 +309,22 @@ class RecordingWorld:
 
 
 # --- the replayer ---------------------------------------------------------------------------
+
+
+class _NoKernel:
+    """A replay's controls: there is no kernel program to tell anything."""
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        pass
+
+    def seed_listener(self, netns: int | None, port: int, pid: int, comm: str) -> None:
+        pass
+
+    def set_accept_watch(self, on: bool) -> None:
+        pass
+
+    def arm(self) -> None:
+        pass
 
 
 def read_line(f: IO[str]) -> str:
@@ -370,6 +379,7 @@ class ReplayWorld:
         self.error: str | None = None
         self._done = False
         self._cw: dict[tuple[int, int], SockInfo] = {}
+        self.controls: Controls = _NoKernel()
 
     def _fail(self, message: str) -> WorldEnded:
         if self.error is None:
@@ -493,18 +503,6 @@ class ReplayWorld:
 
     def descendants(self, pids: Collection[int]) -> list[int]:
         return self._value("descendants", lambda r: [int(p) for p in r])
-
-    def set_pids(self, pids: Iterable[int]) -> None:
-        pass
-
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
-        pass
-
-    def set_accept_watch(self, on: bool) -> None:
-        pass
-
-    def arm(self) -> None:
-        pass
 
     def finished(self) -> bool:
         return self._done
