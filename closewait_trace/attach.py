@@ -429,6 +429,8 @@ class Probes:
         """The PIDs userspace wants traced (the -p PIDs and the descendants it found). The
         kernel's own entries (processes it saw a traced process create) are left to it: it
         adds them at creation and forgets them at exit."""
+        if self._closed:
+            return
         table = self.bpf[b"pid_filter"]
         wanted = set(pids)
         present: dict[int, int] = {int(k.value): int(v.value) for k, v in table.items()}

@@ -267,6 +267,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _entries(directory: Path) -> list[str]:
+    """The names in a runtime's directory; none when it is missing or unreadable."""
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -374,11 +382,7 @@ class NameResolver:
         return replace(k8s, container=k8s.container or (name.lstrip("/") if name else None))
 
     def _containerd(self, cid: str) -> _Names | None:
-        try:
-            namespaces = sorted(os.listdir(self.containerd_tasks))
-        except OSError:
-            return None
-        for ns in namespaces:
+        for ns in sorted(_entries(self.containerd_tasks)):
             data = _read_json(self.containerd_tasks / ns / cid / "config.json")
             if isinstance(data, dict):
                 return _k8s_labels(data.get("annotations") or {})
@@ -410,11 +414,7 @@ class NameResolver:
 
     def _pod_from_logs(self, uid: str) -> _Names:
         """(namespace, pod) from the kubelet's ``/var/log/pods/<ns>_<pod>_<uid>`` directory."""
-        try:
-            entries = os.listdir(self.kubelet_pod_logs)
-        except OSError:
-            return _Names()
-        for entry in entries:
+        for entry in _entries(self.kubelet_pod_logs):
             parts = entry.split("_")
             if len(parts) == 3 and parts[2] == uid:
                 return _Names(pod=parts[1], namespace=parts[0], pod_uid=uid)
@@ -422,11 +422,7 @@ class NameResolver:
 
     def _from_container_logs(self, cid: str) -> _Names:
         """The kubelet's ``/var/log/containers/<pod>_<ns>_<container>-<id>.log`` link."""
-        try:
-            entries = os.listdir(self.kubelet_container_logs)
-        except OSError:
-            return _Names()
-        for entry in entries:
+        for entry in _entries(self.kubelet_container_logs):
             m = _K8S_LOG_LINK.match(entry)
             if m is not None and m.group(4) == cid:
                 return _Names(container=m.group(3), pod=m.group(1), namespace=m.group(2))

@@ -634,11 +634,8 @@ class BpfMapCreateAttr(ctypes.Structure):
     """``union bpf_attr``, the head of the BPF_MAP_CREATE member (the kernel zero-fills the rest)."""
 
     _fields_ = [
-        ("map_type", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
+        (name, ctypes.c_uint32)
+        for name in ("map_type", "key_size", "value_size", "max_entries", "map_flags")
     ]
 
 

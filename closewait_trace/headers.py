@@ -27,8 +27,10 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import KernelHeadersError
 
@@ -48,6 +50,8 @@ MODULES_DIR = Path("/lib/modules")
 SRC_DIR = Path("/usr/src")
 _MARKER = ".closewait-trace-merged"
 _MARKER_FORMAT = "closewait-trace merged headers v1"
+
+T = TypeVar("T")
 
 # platform.machine() -> (kernel arch directory under arch/, Debian architecture name)
 _ARCHES: dict[str, tuple[str, str]] = {
@@ -92,18 +96,20 @@ class HeaderCandidate:
 # --------------------------------------------------------------------------------------------
 # Recognising trees
 # --------------------------------------------------------------------------------------------
-def _is_file(p: Path) -> bool:
+def _unless_refused(ask: Callable[[], T], fallback: T) -> T:
+    """``ask()``, or ``fallback`` where the file system raises OSError (no permission, EIO)."""
     try:
-        return p.is_file()
+        return ask()
     except OSError:
-        return False
+        return fallback
+
+
+def _is_file(p: Path) -> bool:
+    return _unless_refused(p.is_file, False)
 
 
 def _is_dir(p: Path) -> bool:
-    try:
-        return p.is_dir()
-    except OSError:
-        return False
+    return _unless_refused(p.is_dir, False)
 
 
 def _has_kconfig(d: Path) -> bool:
@@ -191,10 +197,7 @@ def _common_for(flavour: Path) -> Path | None:
 # Merging
 # --------------------------------------------------------------------------------------------
 def _resolve(p: Path) -> Path:
-    try:
-        return p.resolve()
-    except OSError:
-        return p
+    return _unless_refused(p.resolve, p)
 
 
 def _overlay(src: str, dst: str, fresh: bool) -> None:

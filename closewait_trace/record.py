@@ -18,14 +18,17 @@ import socket
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, Stat
 from .enrich import DiagSocket, SocketOwner, TcpState
 from .errors import CloseWaitError
 from .containers import ContainerIdentity
 from .facts import Listener, ListenerHolder, Namespaces, Process, container_from_dict
-from .world import AcceptCounters, Counters, World, WorldEnded
+from .world import AcceptCounters, Controls, Counters, World, WorldEnded
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 FORMAT = "closewait-trace-record"
 #: 2 adds the network namespaces, container identities and listener holders (and a netns
@@ -36,6 +39,7 @@ FORMAT_VERSION = 2
 MAX_LINE = 64 << 20
 
 T = TypeVar("T")
+R = TypeVar("R", bound="DataclassInstance")
 
 
 class RecordFormatError(CloseWaitError):
@@ -47,14 +51,23 @@ class RecordFormatError(CloseWaitError):
 # --- values <-> JSON ------------------------------------------------------------------------
 
 
-def sock_to_json(s: SockInfo) -> dict[str, Any]:
-    d = dataclasses.asdict(s)
-    d["flags"] = int(s.flags)
-    return d
+def _enum_field_codec(cls: type[R], name: str, enum: Callable[[int], object]
+                      ) -> tuple[Callable[[R], dict[str, Any]], Callable[[dict[str, Any]], R]]:
+    """To and from JSON for a record whose field ``name`` is an int enum (written by its
+    number); every other field as it is."""
+    def to_json(value: R) -> dict[str, Any]:
+        d = dataclasses.asdict(value)
+        d[name] = int(d[name])
+        return d
+
+    def from_json(d: dict[str, Any]) -> R:
+        return cls(**{**d, name: enum(int(d[name]))})
+
+    return to_json, from_json
 
 
-def sock_from_json(d: dict[str, Any]) -> SockInfo:
-    return SockInfo(**{**d, "flags": SockFlag(int(d["flags"]))})
+sock_to_json, sock_from_json = _enum_field_codec(SockInfo, "flags", SockFlag)
+diag_to_json, diag_from_json = _enum_field_codec(DiagSocket, "state", TcpState)
 
 
 def event_to_json(e: Event) -> dict[str, Any]:
@@ -72,16 +85,6 @@ def event_from_json(d: dict[str, Any]) -> Event:
         exit_how=ExitHow(int(d["exit_how"])), comm=str(d["comm"]),
         sock=sock_from_json(d["sock"]), exit_code=int(d.get("exit_code", 0)),
     )
-
-
-def diag_to_json(d: DiagSocket) -> dict[str, Any]:
-    out = dataclasses.asdict(d)
-    out["state"] = int(d.state)
-    return out
-
-
-def diag_from_json(d: dict[str, Any]) -> DiagSocket:
-    return DiagSocket(**{**d, "state": TcpState(int(d["state"]))})
 
 
 def counters_to_json(c: Counters) -> dict[str, Any]:
@@ -203,6 +206,11 @@ class RecordingWorld:
     def _put(self, kind: str, value: Any) -> None:
         self._write({"k": kind, "v": value})
 
+    @property
+    def controls(self) -> Controls:
+        """The inner World's: commands are not answers, so none is written."""
+        return self.inner.controls
+
     def now_ns(self) -> int:
         v = self.inner.now_ns()
         self._put("now", v)
@@ -290,18 +298,6 @@ class RecordingWorld:
         self._put("descendants", list(v))
         return v
 
-    def set_pids(self, pids: Iterable[int]) -> None:
-        self.inner.set_pids(pids)
-
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
-        self.inner.seed_listener(lst, pid, comm)
-
-    def set_accept_watch(self, on: bool) -> None:
-        self.inner.set_accept_watch(on)
-
-    def arm(self) -> None:
-        self.inner.arm()
-
     def finished(self) -> bool:
         return self.inner.finished()
 
@@ -313,6 +309,22 @@ class RecordingWorld:
 
 
 # --- the replayer ---------------------------------------------------------------------------
+
+
+class _NoKernel:
+    """A replay's controls: there is no kernel program to tell anything."""
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        pass
+
+    def seed_listener(self, netns: int | None, port: int, pid: int, comm: str) -> None:
+        pass
+
+    def set_accept_watch(self, on: bool) -> None:
+        pass
+
+    def arm(self) -> None:
+        pass
 
 
 def read_line(f: IO[str]) -> str:
@@ -367,6 +379,7 @@ class ReplayWorld:
         self.error: str | None = None
         self._done = False
         self._cw: dict[tuple[int, int], SockInfo] = {}
+        self.controls: Controls = _NoKernel()
 
     def _fail(self, message: str) -> WorldEnded:
         if self.error is None:
@@ -490,18 +503,6 @@ class ReplayWorld:
 
     def descendants(self, pids: Collection[int]) -> list[int]:
         return self._value("descendants", lambda r: [int(p) for p in r])
-
-    def set_pids(self, pids: Iterable[int]) -> None:
-        pass
-
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
-        pass
-
-    def set_accept_watch(self, on: bool) -> None:
-        pass
-
-    def arm(self) -> None:
-        pass
 
     def finished(self) -> bool:
         return self._done

@@ -73,8 +73,8 @@ class Session:
             self._seed()
             self._watch_pids(self._now)  # descendants that exist now, before the programs act
             if self.options.accept_watch is AcceptWatch.ALWAYS:
-                self.world.set_accept_watch(True)
-            self.world.arm()
+                self.world.controls.set_accept_watch(True)
+            self.world.controls.arm()
         except WorldEnded:
             self._ended = True
         self._started = True
@@ -96,7 +96,7 @@ class Session:
             if not owners:
                 continue
             owner = min(owners, key=lambda o: o.pid)
-            self.world.seed_listener(lst, owner.pid, owner.comm)
+            self.world.controls.seed_listener(lst.netns, lst.lport, owner.pid, owner.comm)
             self.tracker.add_listener(dataclasses.replace(lst, pid=owner.pid, comm=owner.comm))
         self.enrichment.begin_tick(now)
         rows = [d for d in self._preexisting_close_wait()
@@ -254,7 +254,7 @@ class Session:
             return
         if any(c.accepted is Accepted.NO for c in self.tracker.open.values()):
             self._accept_watch_until = now + self.ACCEPT_WATCH_LINGER_NS
-        self.world.set_accept_watch(now < self._accept_watch_until)
+        self.world.controls.set_accept_watch(now < self._accept_watch_until)
 
     def _set_counters(self, counters: Counters) -> None:
         self.counters = self.enrichment.counters = counters
@@ -329,7 +329,7 @@ class Session:
         desc = set(self.world.descendants(live))
         if desc != self.watch.descendants:
             self.watch.descendants = desc
-            self.world.set_pids(self.watch.pids | desc)
+            self.world.controls.set_pids(self.watch.pids | desc)
 
     def _trim_verdicts(self) -> None:
         keep = set(self.tracker.open) | {c.key for c in self.tracker.closed}

@@ -4,6 +4,8 @@ The session's logic sees the kernel (events, the cw map, counters), sock_diag, /
 clock only through a World. LiveWorld answers from the real machine; record.RecordingWorld
 writes every answer to a file as it passes; record.ReplayWorld answers from such a file. So
 `closewait-trace report` runs the very code that ran live, on the very same inputs.
+What the session tells the kernel programs goes through the World's `controls`: commands, not
+answers, so a recording does not write them and a replay has no kernel to tell.
 """
 
 from __future__ import annotations
@@ -84,8 +86,22 @@ class HostFacts(Protocol):
     def process(self, pid: int) -> Process: ...
 
 
+class Controls(Protocol):
+    """What a session tells the kernel programs (attach.Probes in a live run)."""
+
+    def set_pids(self, pids: Iterable[int]) -> None: ...
+    def seed_listener(self, netns: int | None, port: int, pid: int, comm: str) -> None:
+        """A listener that existed before the tracer (netns: its namespace's inode, None
+        for the tracer's own): its children get this owner."""
+        ...
+    def set_accept_watch(self, on: bool) -> None: ...
+    def arm(self) -> None:
+        """Filters and seeds are written: the kernel programs act from now on."""
+        ...
+
+
 class World(HostFacts, Protocol):
-    """Everything a tracing session asks."""
+    """Everything a tracing session asks, and its controls of the kernel programs."""
 
     def now_ns(self) -> int: ...
     def checkpoint(self, stop: bool) -> bool:
@@ -95,12 +111,8 @@ class World(HostFacts, Protocol):
     def close_wait(self) -> list[SockInfo]: ...
     def counters(self) -> Counters: ...
     def descendants(self, pids: Collection[int]) -> list[int]: ...
-    def set_pids(self, pids: Iterable[int]) -> None: ...
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None: ...
-    def set_accept_watch(self, on: bool) -> None: ...
-    def arm(self) -> None:
-        """Filters and seeds are written: the kernel programs act from now on."""
-        ...
+    @property
+    def controls(self) -> Controls: ...
     def finished(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -219,6 +231,7 @@ class LiveWorld(HostWorld):
     def __init__(self, probes: Probes, clock: Callable[[], int] = time.monotonic_ns) -> None:
         super().__init__(clock)
         self.probes = probes
+        self.controls: Controls = probes
         self._pending: list[Event] = []
         probes.open_events(self._pending.append)
 
@@ -261,19 +274,6 @@ class LiveWorld(HostWorld):
             except psutil.Error:
                 continue
         return sorted(out)
-
-    def set_pids(self, pids: Iterable[int]) -> None:
-        if not self.probes.closed:
-            self.probes.set_pids(pids)
-
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None:
-        self.probes.seed_listener(lst.netns, lst.lport, pid, comm)
-
-    def set_accept_watch(self, on: bool) -> None:
-        self.probes.set_accept_watch(on)
-
-    def arm(self) -> None:
-        self.probes.arm()
 
     def finished(self) -> bool:
         return False

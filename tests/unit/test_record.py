@@ -16,7 +16,6 @@ from closewait_trace.record import (
     FORMAT, FORMAT_VERSION, RecordFormatError, RecordingWorld, ReplayWorld, event_from_json,
     event_to_json, open_replay,
 )
-from closewait_trace.facts import Listener
 from closewait_trace.world import Counters, ProcessInfo, WorldEnded
 
 
@@ -129,9 +128,6 @@ class _FakeWorld:
     def refresh_owners(self) -> None: pass
     def process(self, pid: int) -> ProcessInfo: return ProcessInfo(pid, True, 3, 1024)
     def descendants(self, pids: object) -> list[int]: return [7]
-    def set_pids(self, pids: object) -> None: pass
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None: pass
-    def arm(self) -> None: pass
     def finished(self) -> bool: return False
     def close(self) -> None: pass
 

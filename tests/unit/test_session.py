@@ -8,7 +8,6 @@ from closewait_trace.decode import SockFlag, SockInfo
 from closewait_trace.render import View
 from closewait_trace.options import AcceptWatch, Options
 from closewait_trace.session import Session
-from closewait_trace.facts import Listener
 from closewait_trace.world import Counters, ProcessInfo
 
 S = 1_000_000_000
@@ -29,6 +28,7 @@ class ScriptedWorld:
         self.now = 100 * S
         self.cw: list[SockInfo] = []
         self.watch: list[bool] = []
+        self.controls = self
 
     def now_ns(self) -> int: return self.now
     def checkpoint(self, stop: bool) -> bool: return stop
@@ -47,7 +47,7 @@ class ScriptedWorld:
     def process(self, pid: int) -> ProcessInfo: return ProcessInfo(pid, True)
     def descendants(self, pids: Any) -> list[int]: return []
     def set_pids(self, pids: Any) -> None: pass
-    def seed_listener(self, lst: Listener, pid: int, comm: str) -> None: pass
+    def seed_listener(self, netns: int | None, port: int, pid: int, comm: str) -> None: pass
     def set_accept_watch(self, on: bool) -> None: self.watch.append(on)
     def arm(self) -> None: pass
     def finished(self) -> bool: return False
