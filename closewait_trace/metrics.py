@@ -304,11 +304,23 @@ def _accept_series(v: _Values) -> Iterator[Metric]:
                           "Connections waiting in a listener's accept queue.", labels=["port"])
     b = GaugeMetricFamily(_m("listener_accept_queue_limit"),
                           "A listener's accept queue limit (its backlog).", labels=["port"])
-    for port, queue, backlog in v.listeners[:MAX_LISTENERS]:
+    for port, (queue, backlog) in _per_port(v.listeners).items():
         q.add_metric([str(port)], queue)
         b.add_metric([str(port)], backlog)
     yield q
     yield b
+
+
+def _per_port(listeners: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int]]:
+    """Queue and limit summed per port (at most MAX_LISTENERS ports): a port has several
+    listeners (IPv4 and IPv6, a SO_REUSEPORT group), and one series per label set."""
+    out: dict[int, tuple[int, int]] = {}
+    for port, queue, backlog in listeners:
+        if port not in out and len(out) >= MAX_LISTENERS:
+            continue
+        q, b = out.get(port, (0, 0))
+        out[port] = (q + queue, b + backlog)
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -128,16 +128,21 @@ def test_lost_events_by_source_accept_errors_listeners_and_health() -> None:
     tick.add(1_500_000_000)
     view = _view([], stats={Stat.RINGBUF_LOST: 4, Stat.CW_FULL: 2}, lost_exits=1,
                  accept_errors={(10, 24): 3, (11, 24): 2, (11, 105): 1}, tick=tick)
-    text = _exposition(view, listeners=[type("D", (), {"lport": 80, "rqueue": 8,
-                                                       "wqueue": 8})()])
+    def row(port: int, queue: int, limit: int) -> object:
+        return type("D", (), {"lport": port, "rqueue": queue, "wqueue": limit})()
+
+    # 0.0.0.0:80 and [::]:80 are two listeners of one port: one series, summed
+    text = _exposition(view, listeners=[row(80, 5, 4), row(80, 3, 4), row(443, 0, 16)])
     lost = {r["source"]: v for r, v in _samples(text, "closewait_events_lost_total")}
     assert lost == {"ringbuf": 4, "socks_map_full": 0, "cw_map_full": 2,
                     "listener_map_full": 0, "accept_map_full": 0, "pid_map_full": 0,
                     "owner_room_full": 0, "exit_events": 1}
     errs = {r["errno"]: v for r, v in _samples(text, "closewait_accept_errors_total")}
     assert errs == {"EMFILE": 5, "ENOBUFS": 1}
-    assert _samples(text, "closewait_listener_accept_queue") == [({"port": "80"}, 8.0)]
-    assert _samples(text, "closewait_listener_accept_queue_limit") == [({"port": "80"}, 8.0)]
+    assert _samples(text, "closewait_listener_accept_queue") == [({"port": "80"}, 8.0),
+                                                                  ({"port": "443"}, 0.0)]
+    assert _samples(text, "closewait_listener_accept_queue_limit") == [({"port": "80"}, 8.0),
+                                                                        ({"port": "443"}, 16.0)]
     info = _samples(text, "closewait_tracer_info")
     assert info[0][0]["node"] == "node-a" and info[0][0]["backend"] == "tracepoint"
     assert info[0][0]["kernel"] == "6.18.0"
