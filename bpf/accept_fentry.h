@@ -20,8 +20,9 @@ KRETFUNC_PROBE(inet_csk_accept, void *sk, void *arg, void *ret)
     return 0;
 }
 
-#ifdef CW_HAVE_REQSK_QUEUE_ADD
-KFUNC_PROBE(inet_csk_reqsk_queue_add, void *sk, void *req, void *child)
+#ifdef CW_HAVE_COMPLETE_HASHDANCE
+/* inet_csk_complete_hashdance(sk, child, req, own_req), 4.4+. */
+KFUNC_PROBE(inet_csk_complete_hashdance, void *sk, void *child, void *req, bool own_req)
 {
     note_queued((u64)sk, (u64)child);
     return 0;

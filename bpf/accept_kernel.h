@@ -23,8 +23,11 @@ static __always_inline u64 sock_ino(u64 sk)
     return ino;
 }
 
-/* inet_csk_reqsk_queue_add(listener, req, child): the kernel put a new connection on this
- * listener's accept queue; in a SO_REUSEPORT group, this names the very listener. */
+/* inet_csk_complete_hashdance(listener, child, req, own_req): the 3-way handshake completed
+ * and the kernel puts the child on this listener's accept queue (inet_csk_reqsk_queue_add,
+ * which the compiler may inline there); in a SO_REUSEPORT group, this names the very
+ * listener. Children made from SYN cookies take another path: their listener stays a
+ * candidate. */
 static __always_inline void note_queued(u64 listener, u64 child)
 {
     if (!get_config())

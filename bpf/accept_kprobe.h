@@ -1,5 +1,5 @@
 /* accept_kprobe.h - the kprobe backend. Attached by userspace (attach.py): kretprobe
- * inet_csk_accept, kprobe tcp_close, kprobe inet_csk_reqsk_queue_add and kretprobe
+ * inet_csk_accept, kprobe tcp_close, kprobe inet_csk_complete_hashdance and kretprobe
  * __sys_accept4 where they can be probed. */
 #ifndef CW_ACCEPT_KPROBE_H
 #define CW_ACCEPT_KPROBE_H
@@ -14,9 +14,9 @@ int cwt_accept_ret(struct pt_regs *ctx)
     return 0;
 }
 
-int cwt_reqsk_queue_add(struct pt_regs *ctx)
+int cwt_complete_hashdance(struct pt_regs *ctx)
 {
-    note_queued(PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx));
+    note_queued(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); /* (listener, child, req, own_req) */
     return 0;
 }
 

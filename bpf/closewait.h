@@ -124,7 +124,7 @@ struct cw_sock {
     __u8 raddr[CW_ADDR_LEN];
     char owner_comm[CW_COMM_LEN];
     __u64 listener_ino;   /* kprobe/fentry: inode of the listener the kernel queued it on
-                           * (inet_csk_reqsk_queue_add), 0 if not seen */
+                           * (inet_csk_complete_hashdance), 0 if not seen */
 };
 
 /* One event record (ring buffer, or perf buffer with CW_EVENTS_PERF). */

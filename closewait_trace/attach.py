@@ -111,7 +111,7 @@ class ProbeSettings:
     backend: Backend
     accept_nargs: int | None = None  # fentry: parameters of inet_csk_accept in BTF
     sys_accept4_nargs: int | None = None  # fentry: parameters of __sys_accept4 in BTF
-    reqsk_queue_add: bool = False  # fentry: inet_csk_reqsk_queue_add is in BTF
+    complete_hashdance: bool = False  # fentry: inet_csk_complete_hashdance is in BTF
     report_min_ns: int = 200_000_000
     pids: frozenset[int] = frozenset()
     ports: frozenset[int] = frozenset()
@@ -149,8 +149,8 @@ class ProbeSettings:
             flags.append(f"-DCW_ACCEPT_NARGS={self.accept_nargs or 4}")
             if self.sys_accept4_nargs == 4:
                 flags.append("-DCW_HAVE_SYS_ACCEPT4")
-            if self.reqsk_queue_add:
-                flags.append("-DCW_HAVE_REQSK_QUEUE_ADD")
+            if self.complete_hashdance:
+                flags.append("-DCW_HAVE_COMPLETE_HASHDANCE")
         return flags
 
 
@@ -330,12 +330,12 @@ class Probes:
             raise BpfLoadError(f"attaching probes failed: {exc}") from exc
 
     def _attach_queue_probe(self) -> None:
-        """kprobe inet_csk_reqsk_queue_add: the exact listener of each queued child."""
-        if self.bpf.get_kprobe_functions(b"^inet_csk_reqsk_queue_add$"):
-            self.bpf.attach_kprobe(event=b"inet_csk_reqsk_queue_add",
-                                   fn_name=b"cwt_reqsk_queue_add")
+        """kprobe inet_csk_complete_hashdance: the exact listener of each queued child."""
+        if self.bpf.get_kprobe_functions(b"^inet_csk_complete_hashdance$"):
+            self.bpf.attach_kprobe(event=b"inet_csk_complete_hashdance",
+                                   fn_name=b"cwt_complete_hashdance")
         else:
-            self.notices.append("inet_csk_reqsk_queue_add cannot be probed on this kernel: a"
+            self.notices.append("inet_csk_complete_hashdance cannot be probed on this kernel: a"
                                 " never-accepted socket's listener is the best candidate")
 
     def _syscall_fallback(self) -> None:

@@ -216,6 +216,7 @@ class Enrichment:
             return
         # It has an inode: a file descriptor refers (or referred) to it. In CLOSE_WAIT the
         # peer's FIN counts as one unread byte until the application reads the EOF.
+        conn.listener, conn.listener_reason = None, None  # accepted since an earlier look
         conn.eof_read = d.rqueue == 0
         conn.unread_bytes = max(0, d.rqueue - 1)
         if conn.direction is not Direction.OUTBOUND and conn.accepted is not Accepted.YES:

@@ -33,6 +33,16 @@ class _PidWatch:
     descendants: set[int] = field(default_factory=set)
 
 
+def _worth_another_look(conn: Connection) -> bool:
+    """Its socket was not found yet, its holder was not, or it was found never accepted and
+    the kernel has seen it accepted since."""
+    if conn.inode is None:
+        return True
+    if conn.inode:
+        return conn.fd is None
+    return conn.accepted is Accepted.YES
+
+
 class Session:
     def __init__(self, options: Options, renderer: Renderer, world: World,
                  info: dict[str, Any], stop_event: threading.Event | None = None) -> None:
@@ -177,7 +187,7 @@ class Session:
             fresh = {id(c) for c in new}
             retried = [c for c in self.tracker.open.values()
                        if c.enrich_tries < MAX_TRIES and not c.preexisting and id(c) not in fresh
-                       and (c.inode is None or (c.inode != 0 and c.fd is None))]
+                       and _worth_another_look(c)]
         if new or retried:
             self.enrichment.enrich(new + retried)
         changes = self._apply_pid_filter(changes)

@@ -67,12 +67,13 @@ def _probe_settings(options: Options, backend: Backend, features: KernelFeatures
                f" arguments (BTF says {features.inet_csk_accept_args})")
     try:
         sys_accept4_nargs = btf.func_arg_count("__sys_accept4") if features.btf else None
-        queue_add = bool(features.btf) and btf.func_btf_id("inet_csk_reqsk_queue_add") is not None
+        hashdance = bool(features.btf) and \
+            btf.func_btf_id("inet_csk_complete_hashdance") is not None
     except CloseWaitError:
-        sys_accept4_nargs, queue_add = None, False
+        sys_accept4_nargs, hashdance = None, False
     return ProbeSettings(
         backend=backend, accept_nargs=accept_nargs, sys_accept4_nargs=sys_accept4_nargs,
-        reqsk_queue_add=queue_add,
+        complete_hashdance=hashdance,
         report_min_ns=options.report_min_ns, pids=frozenset(options.pids),
         ports=frozenset(options.ports), netns=options.netns, timeline_all=options.timeline_all,
         max_socks=options.max_socks, max_cw=options.max_cw, owner_room=options.owner_room,
