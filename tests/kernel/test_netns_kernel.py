@@ -119,17 +119,25 @@ def _remotes(conns: list[dict[str, Any]]) -> list[str]:
     return sorted(c["remote"] for c in conns)
 
 
-def test_twins_in_two_namespaces_are_told_apart_by_the_kernel() -> None:
-    # A leak is reported once, as it is when it crosses the threshold: the set-up (four
-    # Python processes, slow under emulation) must be over by then.
+@pytest.fixture(scope="module")
+def tracer() -> Iterator[Tracer]:
+    """One tracer for the tests of both namespaces cases (a start costs a minute or more
+    under emulation). A leak is reported once, as it is when it crosses the threshold: the
+    set-up of each case (several Python processes, slow under emulation) must be over by
+    then."""
     t = Tracer(["--threshold", "20s", "--report-min", "100ms", "--accept-watch", "always"])
     t.start()
     try:
-        with twin_namespaces() as found:
-            kept = _leaks_in(t, found["kept"]["netns"])
-            never = _leaks_in(t, found["never"]["netns"])
+        yield t
     finally:
         t.stop()
+
+
+def test_twins_in_two_namespaces_are_told_apart_by_the_kernel(tracer: Tracer) -> None:
+    t = tracer
+    with twin_namespaces() as found:
+        kept = _leaks_in(t, found["kept"]["netns"])
+        never = _leaks_in(t, found["never"]["netns"])
     print(json.dumps(kept[0], indent=1))  # one record, for the eye (-s)
     twins = [f"127.0.0.1:{p}" for p in CLIENT_PORTS]
     assert _remotes(kept) == _remotes(never) == twins
@@ -182,22 +190,19 @@ print(json.dumps(queued_on), flush=True)
 """
 
 
-def test_each_connection_names_the_reuseport_listener_it_is_queued_on() -> None:
+def test_each_connection_names_the_reuseport_listener_it_is_queued_on(tracer: Tracer) -> None:
     """Two processes, each with its own SO_REUSEPORT listener on one port, neither
     accepting: the kernel spreads connections over both. Each never-accepted socket names
     the listener it is queued on and that listener's holder (kprobe, fentry), or says its
     listener is a candidate (tracepoint)."""
-    t = Tracer(["--threshold", "20s", "--report-min", "100ms"]).start()
-    try:
-        with ip_netns() as ns, _server(ns, "never-reuseport") as (_a, a), \
-                _server(ns, "never-reuseport") as (_b, b):
-            out = subprocess.run(_in_ns(ns, REUSEPORT_CLIENT, str(PORT), "6"), check=True,
-                                 capture_output=True, text=True, timeout=120).stdout
-            truth = {f"127.0.0.1:{p}": ino for p, ino in json.loads(out).items()}
-            holder = {a["listener"]: a["pid"], b["listener"]: b["pid"]}
-            leaks = _leaks_in(t, a["netns"], len(truth))
-    finally:
-        t.stop()
+    t = tracer
+    with ip_netns() as ns, _server(ns, "never-reuseport") as (_a, a), \
+            _server(ns, "never-reuseport") as (_b, b):
+        out = subprocess.run(_in_ns(ns, REUSEPORT_CLIENT, str(PORT), "6"), check=True,
+                             capture_output=True, text=True, timeout=120).stdout
+        truth = {f"127.0.0.1:{p}": ino for p, ino in json.loads(out).items()}
+        holder = {a["listener"]: a["pid"], b["listener"]: b["pid"]}
+        leaks = _leaks_in(t, a["netns"], len(truth))
     assert sorted(c["remote"] for c in leaks) == sorted(truth)
     for c in leaks:
         assert c["verdict"]["cause"] == "never-accepted", c
