@@ -10,6 +10,7 @@ import contextlib
 import ctypes as ct
 import importlib
 import importlib.util
+import mmap
 import os
 import re
 import sys
@@ -121,7 +122,8 @@ class ProbeSettings:
     max_socks: int = 131072
     max_cw: int = 32768
     max_listeners: int = 4096
-    ringbuf_pages: int = 64
+    #: pages of the event ring buffer; None: room for an exit of every cw map entry
+    ringbuf_pages: int | None = None
     #: the event output; None: chosen at load (features.choose_event_path)
     events: EventPath | None = None
     #: pages per CPU of the perf buffer (EventPath.PERF_BUFFER), a power of two
@@ -138,7 +140,7 @@ class ProbeSettings:
             f"-DCW_MAX_SOCKS={self.max_socks}",
             f"-DCW_MAX_CW={self.max_cw}",
             f"-DCW_MAX_LISTENERS={self.max_listeners}",
-            f"-DCW_RINGBUF_PAGES={self.ringbuf_pages}",
+            f"-DCW_RINGBUF_PAGES={self.ringbuf_pages or ringbuf_pages_for(self.max_cw)}",
             "-Wno-macro-redefined",
         ]
         if self.pids:
@@ -241,6 +243,22 @@ def merge_event_losses(stats: dict[Stat, int], perf_lost: int) -> dict[Stat, int
     out = dict(stats)
     out[Stat.RINGBUF_LOST] = max(stats.get(Stat.RINGBUF_LOST, 0), perf_lost)
     return out
+
+
+def ringbuf_pages_for(max_cw: int) -> int:
+    """Pages of the event ring buffer: room for one exit event of every socket the cw map
+    can hold, so that a process that dies holding all of them (every exit at once, maybe
+    while a tick is busy and nothing drains the ring) loses none. A power of two, as the
+    kernel requires; 64 at the least, and at most 64 MiB (a map of over ~340,000 entries
+    is covered in part)."""
+    need = min(max_cw * (ct.sizeof(decode.CEvent) + 8), RINGBUF_MAX_BYTES)  # 8: record header
+    pages = 64
+    while pages * mmap.PAGESIZE < need:
+        pages *= 2
+    return pages
+
+
+RINGBUF_MAX_BYTES = 64 << 20
 
 
 def default_owner_room(max_cw: int) -> int:

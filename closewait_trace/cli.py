@@ -122,7 +122,8 @@ _MAX_SOCKETS = click.option("--max-sockets", type=click.IntRange(1024, 1 << 22),
                             help="Size of the kernel's per-socket map.")
 _MAX_CW = click.option("--max-close-wait", type=click.IntRange(256, 1 << 22),
                        default=DEFAULT_MAX_CW, show_default=True,
-                       help="Size of the kernel's CLOSE_WAIT map.")
+                       help="Size of the kernel's CLOSE_WAIT map; the event ring buffer is"
+                       " sized to hold an exit of each of its sockets at once.")
 _OWNER_ROOM = click.option(
     "--owner-room", type=click.IntRange(0, 1 << 22), default=None,
     help="Most CLOSE_WAIT map entries one uid may hold, so that one tenant's flood cannot hide"

@@ -3,12 +3,19 @@ callback is counted: pure logic, no kernel."""
 
 from __future__ import annotations
 
+import ctypes as ct
+import mmap
 from pathlib import Path
 
 import pytest
 
-from closewait_trace import features as F
-from closewait_trace.attach import ProbeSettings, merge_event_losses
+from closewait_trace import decode, features as F
+from closewait_trace.attach import (
+    RINGBUF_MAX_BYTES,
+    ProbeSettings,
+    merge_event_losses,
+    ringbuf_pages_for,
+)
 from closewait_trace.decode import Stat
 from closewait_trace.errors import UsageError
 from closewait_trace.features import Backend, EventPath
@@ -99,3 +106,14 @@ def _strip_branch(text: str, start: str, other: str, end: str) -> str:
         elif not skip:
             out.append(line)
     return "\n".join(out)
+
+
+def test_the_ring_buffer_holds_an_exit_of_every_close_wait_socket() -> None:
+    """A process dying with every socket of the cw map open sends that many exits at once."""
+    record = ct.sizeof(decode.CEvent) + 8
+    for max_cw in (256, 1024, 32768, 100_000):
+        pages = ringbuf_pages_for(max_cw)
+        assert pages >= 64 and pages & (pages - 1) == 0, pages  # a power of two
+        assert pages * mmap.PAGESIZE >= max_cw * record
+        assert pages == 64 or (pages // 2) * mmap.PAGESIZE < max_cw * record  # no larger
+    assert ringbuf_pages_for(1 << 22) * mmap.PAGESIZE == RINGBUF_MAX_BYTES  # capped
