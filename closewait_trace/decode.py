@@ -1,7 +1,9 @@
 """Decode stage: the C layouts of bpf/closewait.h as ctypes structs, and plain Python records.
 
-Every struct here mirrors one in bpf/closewait.h field by field; tests/unit/test_decode.py
-parses the header and checks names, order, sizes and offsets, so the two cannot drift apart.
+The header is the one source: at import, the shipped bpf/closewait.h is parsed
+(closewait_trace/cheader.py) and the ctypes structs below get their fields from it, the
+length constants are read from it, and the enums are checked against its constants. A header
+that cannot be read that way raises BpfHeaderError.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import ipaddress
 import signal
 import socket
 from dataclasses import dataclass
-from . import textsafe
 
-COMM_LEN = 16
-ADDR_LEN = 16
-HIST_BUCKETS = 40
-STAT_MAX = 16
+from . import cheader, textsafe
+from .bpfdir import bpf_source_dir
+from .errors import BpfHeaderError
+
+#: bpf/closewait.h as shipped with the package, parsed: the one source of the layouts below.
+HEADER = cheader.read_header(bpf_source_dir() / "closewait.h")
+
+COMM_LEN = HEADER.defines["CW_COMM_LEN"]
+ADDR_LEN = HEADER.defines["CW_ADDR_LEN"]
+HIST_BUCKETS = HEADER.defines["CW_HIST_BUCKETS"]
+STAT_MAX = HEADER.defines["CW_STAT_MAX"]
 
 
 class TcpState(enum.IntEnum):
@@ -115,97 +123,61 @@ LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FU
 LOSS_STATS = tuple(stat for _name, stat in LOSS_SOURCES)
 
 
+# The ctypes structs of bpf/closewait.h. Their fields come from the header itself (read at
+# import by cheader.fill_structs, below), so a field is named in one place only; the classes
+# are declared here so callers and mypy know them by name. __slots__ = () makes a misspelt
+# or renamed field fail loudly on write as it does on read.
+
+
 class CConfig(ct.Structure):
-    _fields_ = [
-        ("report_min_ns", ct.c_uint64),
-        ("filter_pids", ct.c_uint32),
-        ("filter_ports", ct.c_uint32),
-        ("timeline_all", ct.c_uint32),
-        ("accept_watch", ct.c_uint32),
-        ("ready", ct.c_uint32),
-        ("owner_room", ct.c_uint32),
-        ("filter_netns", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-    ]
+    """struct cw_config: config[0], settings written by userspace."""
+
+    __slots__ = ()
 
 
 class CSock(ct.Structure):
-    _fields_ = [
-        ("skaddr", ct.c_uint64),
-        ("ts_first", ct.c_uint64),
-        ("ts_established", ct.c_uint64),
-        ("ts_cw_enter", ct.c_uint64),
-        ("ts_accept", ct.c_uint64),
-        ("ts_close", ct.c_uint64),
-        ("owner_tgid", ct.c_uint32),
-        ("closer_tgid", ct.c_uint32),
-        ("flags", ct.c_uint32),
-        ("family", ct.c_uint16),
-        ("lport", ct.c_uint16),
-        ("rport", ct.c_uint16),
-        ("_pad0", ct.c_uint16),
-        ("netns", ct.c_uint32),
-        ("laddr", ct.c_uint8 * ADDR_LEN),
-        ("raddr", ct.c_uint8 * ADDR_LEN),
-        ("owner_comm", ct.c_char * COMM_LEN),
-        ("listener_ino", ct.c_uint64),
-    ]
+    """struct cw_sock: what the kernel knows of one socket (socks and cw maps)."""
+
+    __slots__ = ()
 
 
 class CEvent(ct.Structure):
-    _fields_ = [
-        ("ts", ct.c_uint64),
-        ("type", ct.c_uint32),
-        ("tgid", ct.c_uint32),
-        ("tid", ct.c_uint32),
-        ("oldstate", ct.c_int32),
-        ("newstate", ct.c_int32),
-        ("exit_how", ct.c_uint32),
-        ("exit_code", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-        ("comm", ct.c_char * COMM_LEN),
-        ("sock", CSock),
-    ]
+    """struct cw_event: one event record (ring or perf buffer)."""
+
+    __slots__ = ()
 
 
 class CListenerKey(ct.Structure):
-    _fields_ = [("netns", ct.c_uint32), ("port", ct.c_uint16), ("_pad", ct.c_uint16)]
+    """struct cw_lkey: key of the listener map."""
+
+    __slots__ = ()
 
 
 class CListener(ct.Structure):
-    _fields_ = [
-        ("skaddr", ct.c_uint64),
-        ("tgid", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-        ("comm", ct.c_char * COMM_LEN),
-    ]
+    """struct cw_listener: value of the listener map."""
+
+    __slots__ = ()
 
 
 class CPeer(ct.Structure):
-    _fields_ = [
-        ("addr", ct.c_uint8 * ADDR_LEN),
-        ("port", ct.c_uint16),
-        ("_pad0", ct.c_uint16),
-        ("netns", ct.c_uint32),
-    ]
+    """struct cw_peer: key of the tracepoint backend's accept-matching map."""
+
+    __slots__ = ()
 
 
 class CAcceptStat(ct.Structure):
-    _fields_ = [
-        ("last_ok_ts", ct.c_uint64),
-        ("last_err_ts", ct.c_uint64),
-        ("ok", ct.c_uint64),
-        ("err", ct.c_uint64),
-        ("last_err", ct.c_int32),
-        ("_pad", ct.c_uint32),
-    ]
+    """struct cw_accept_stat: value of the accept_stats map."""
+
+    __slots__ = ()
 
 
 class CAcceptErr(ct.Structure):
-    _fields_ = [("tgid", ct.c_uint32), ("err", ct.c_int32)]
+    """struct cw_accept_err: key of the accept error counters."""
+
+    __slots__ = ()
 
 
-#: Struct name in the C header -> its ctypes mirror, for the layout test.
+#: Struct name in the C header -> its ctypes class.
 C_STRUCTS: dict[str, type[ct.Structure]] = {
     "cw_config": CConfig,
     "cw_sock": CSock,
@@ -216,6 +188,29 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "cw_accept_stat": CAcceptStat,
     "cw_accept_err": CAcceptErr,
 }
+
+#: Which Python enum mirrors which constants of the header (prefix, enum, constants left out).
+C_ENUMS: tuple[tuple[str, type[enum.IntEnum] | type[enum.IntFlag], tuple[str, ...]], ...] = (
+    ("CW_F_", SockFlag, ()),
+    ("CW_EV_", EventType, ()),
+    ("CW_EXIT_", ExitHow, ()),
+    ("CW_STAT_", Stat, ("CW_STAT_MAX",)),
+    ("CW_TCP_", TcpState, ()),
+    ("CW_PID_", PidMark, ()),
+)
+
+
+def _bind_header(header: cheader.Header) -> None:
+    """Lay out C_STRUCTS from the header and check the enums against its constants;
+    BpfHeaderError if either cannot be done."""
+    cheader.fill_structs(header, C_STRUCTS)
+    problems = [p for prefix, members, exclude in C_ENUMS
+                for p in cheader.enum_problems(header, prefix, members, exclude)]
+    if problems:
+        raise BpfHeaderError("the enums of decode.py and the header differ: " + "; ".join(problems))
+
+
+_bind_header(HEADER)
 
 
 @functools.lru_cache(maxsize=8192)
