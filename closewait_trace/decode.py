@@ -123,58 +123,18 @@ LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FU
 LOSS_STATS = tuple(stat for _name, stat in LOSS_SOURCES)
 
 
-# The ctypes structs of bpf/closewait.h. Their fields come from the header itself (read at
-# import by cheader.fill_structs, below), so a field is named in one place only; the classes
-# are declared here so callers and mypy know them by name. __slots__ = () makes a misspelt
-# or renamed field fail loudly on write as it does on read.
-
-
-class CConfig(ct.Structure):
-    """struct cw_config: config[0], settings written by userspace."""
-
-    __slots__ = ()
-
-
-class CSock(ct.Structure):
-    """struct cw_sock: what the kernel knows of one socket (socks and cw maps)."""
-
-    __slots__ = ()
-
-
-class CEvent(ct.Structure):
-    """struct cw_event: one event record (ring or perf buffer)."""
-
-    __slots__ = ()
-
-
-class CListenerKey(ct.Structure):
-    """struct cw_lkey: key of the listener map."""
-
-    __slots__ = ()
-
-
-class CListener(ct.Structure):
-    """struct cw_listener: value of the listener map."""
-
-    __slots__ = ()
-
-
-class CPeer(ct.Structure):
-    """struct cw_peer: key of the tracepoint backend's accept-matching map."""
-
-    __slots__ = ()
-
-
-class CAcceptStat(ct.Structure):
-    """struct cw_accept_stat: value of the accept_stats map."""
-
-    __slots__ = ()
-
-
-class CAcceptErr(ct.Structure):
-    """struct cw_accept_err: key of the accept error counters."""
-
-    __slots__ = ()
+# The ctypes structs of bpf/closewait.h, one class per struct (C_STRUCTS says which). Their
+# fields come from the header itself (_bind_header, below), so each field is named in one place
+# only; the classes are declared here so that callers and mypy know them by name. With
+# __slots__ = (), a field name the header does not have fails on write as it does on read.
+class CConfig(ct.Structure): __slots__ = ()
+class CSock(ct.Structure): __slots__ = ()
+class CEvent(ct.Structure): __slots__ = ()
+class CListenerKey(ct.Structure): __slots__ = ()
+class CListener(ct.Structure): __slots__ = ()
+class CPeer(ct.Structure): __slots__ = ()
+class CAcceptStat(ct.Structure): __slots__ = ()
+class CAcceptErr(ct.Structure): __slots__ = ()
 
 
 #: Struct name in the C header -> its ctypes class.
