@@ -252,42 +252,34 @@ def sock_from_c(c: CSock) -> SockInfo:
     )
 
 
+#: Event fields copied from the C struct as they are.
+_EVENT_PLAIN = ("ts", "tgid", "tid", "oldstate", "newstate", "exit_code")
+
+
 def decode_event(data: bytes | bytearray | memoryview) -> Event:
     """Decode one ring buffer record; raises ValueError on a short record."""
     if len(data) < ct.sizeof(CEvent):
         raise ValueError(f"ring buffer record of {len(data)} bytes, expected {ct.sizeof(CEvent)}")
     c = CEvent.from_buffer_copy(bytes(data[: ct.sizeof(CEvent)]))
     return Event(
-        ts=c.ts,
+        **{name: getattr(c, name) for name in _EVENT_PLAIN},
         type=EventType(c.type),
-        tgid=c.tgid,
-        tid=c.tid,
-        oldstate=c.oldstate,
-        newstate=c.newstate,
         exit_how=ExitHow(c.exit_how),
         comm=_comm(c.comm),
         sock=sock_from_c(c.sock),
-        exit_code=c.exit_code,
     )
+
+
+def _copy_plain(c: ct.Structure, record: SockInfo | Event, names: tuple[str, ...]) -> None:
+    for name in names:
+        setattr(c, name, getattr(record, name))
 
 
 def encode_sock(s: SockInfo) -> CSock:
     """The inverse of sock_from_c, for tests and recorded traces."""
     c = CSock()
-    c.skaddr = s.skaddr
-    c.ts_first = s.ts_first
-    c.ts_established = s.ts_established
-    c.ts_cw_enter = s.ts_cw_enter
-    c.ts_accept = s.ts_accept
-    c.ts_close = s.ts_close
-    c.owner_tgid = s.owner_tgid
-    c.closer_tgid = s.closer_tgid
+    _copy_plain(c, s, _SOCK_PLAIN)
     c.flags = int(s.flags)
-    c.family = s.family
-    c.lport = s.lport
-    c.rport = s.rport
-    c.netns = s.netns
-    c.listener_ino = s.listener_ino
     for name, text in (("laddr", s.laddr), ("raddr", s.raddr)):
         ip = ipaddress.ip_address(text)
         raw = (
@@ -301,15 +293,11 @@ def encode_sock(s: SockInfo) -> CSock:
 
 
 def encode_event(e: Event) -> bytes:
+    """The inverse of decode_event."""
     c = CEvent()
-    c.ts = e.ts
+    _copy_plain(c, e, _EVENT_PLAIN)
     c.type = int(e.type)
-    c.tgid = e.tgid
-    c.tid = e.tid
-    c.oldstate = e.oldstate
-    c.newstate = e.newstate
     c.exit_how = int(e.exit_how)
-    c.exit_code = e.exit_code
     c.comm = e.comm.encode()[: COMM_LEN - 1]
     c.sock = encode_sock(e.sock)
     return bytes(c)
