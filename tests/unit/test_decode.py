@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import re
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -115,6 +118,31 @@ def test_header_errors_are_load_errors_with_the_path(tmp_path: Path) -> None:
     bad.write_text("struct cw_x { float f; };\n")
     with pytest.raises(BpfHeaderError, match=re.escape(f"{bad}: struct cw_x: unknown type 'float'")):
         cheader.read_header(bad)
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda h: h.replace("__u64 listener_ino;", "unsigned long listener_ino;"), "cannot parse"),
+    (lambda h: h.replace("#define CW_EV_APP_CLOSE 6", "#define CW_EV_APP_CLOSE 7"),
+     "EventType.APP_CLOSE: 7 in C"),
+    (lambda h: None, "cannot read"),
+])
+def test_a_shipped_header_decode_cannot_use_stops_the_import_with_bpf_header_error(
+    tmp_path: Path, header_text: str, edit: Callable[[str], str | None], expect: str
+) -> None:
+    pkg = tmp_path / "closewait_trace"
+    shutil.copytree(Path(D.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "bpf"))
+    (pkg / "bpf").mkdir()
+    (pkg / "bpf" / "closewait.bpf.c").write_text("")
+    text = edit(header_text)
+    if text is not None:
+        (pkg / "bpf" / "closewait.h").write_text(text)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import closewait_trace.decode"], capture_output=True, text=True,
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert probe.returncode != 0
+    last = probe.stderr.strip().splitlines()[-1]
+    assert last.startswith("closewait_trace.errors.BpfHeaderError: "), probe.stderr
+    assert expect in last
 
 
 def test_header_parses_to_the_expected_structs(header_text: str) -> None:
