@@ -80,6 +80,12 @@ class Header:
     defines: Mapping[str, int]
     structs: Mapping[str, CStruct]
 
+    def value(self, name: str) -> int:
+        """The integer constant NAME; BpfHeaderError when the header does not define it."""
+        if name not in self.defines:
+            raise BpfHeaderError(f"#define {name} is missing or not an integer")
+        return self.defines[name]
+
     def prefixed(self, prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, int]:
         """The constants named PREFIX*, by the rest of their name (CW_F_PASSIVE -> PASSIVE)."""
         return {k[len(prefix):]: v for k, v in self.defines.items()

@@ -23,10 +23,10 @@ from .errors import BpfHeaderError
 #: bpf/closewait.h as shipped with the package, parsed: the one source of the layouts below.
 HEADER = cheader.read_header(bpf_source_dir() / "closewait.h")
 
-COMM_LEN = HEADER.defines["CW_COMM_LEN"]
-ADDR_LEN = HEADER.defines["CW_ADDR_LEN"]
-HIST_BUCKETS = HEADER.defines["CW_HIST_BUCKETS"]
-STAT_MAX = HEADER.defines["CW_STAT_MAX"]
+COMM_LEN = HEADER.value("CW_COMM_LEN")
+ADDR_LEN = HEADER.value("CW_ADDR_LEN")
+HIST_BUCKETS = HEADER.value("CW_HIST_BUCKETS")
+STAT_MAX = HEADER.value("CW_STAT_MAX")
 
 
 class TcpState(enum.IntEnum):

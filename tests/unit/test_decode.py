@@ -124,6 +124,7 @@ def test_header_errors_are_load_errors_with_the_path(tmp_path: Path) -> None:
     (lambda h: h.replace("__u64 listener_ino;", "unsigned long listener_ino;"), "cannot parse"),
     (lambda h: h.replace("#define CW_EV_APP_CLOSE 6", "#define CW_EV_APP_CLOSE 7"),
      "EventType.APP_CLOSE: 7 in C"),
+    (lambda h: h.replace("#define CW_HIST_BUCKETS 40", ""), "#define CW_HIST_BUCKETS is missing"),
     (lambda h: None, "cannot read"),
 ])
 def test_a_shipped_header_decode_cannot_use_stops_the_import_with_bpf_header_error(
