@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import IO, Any
 
 from . import decode
+from .bpfdir import bpf_source_dir
 from .decode import CConfig, CListener, CListenerKey, CSock, SockInfo, Stat
 from .errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
 from .features import Backend, EventPath, choose_event_path, ringbuf_probe
@@ -66,15 +67,6 @@ def import_bcc() -> ModuleType:
             raise BccMissingError(f"{BCC_INSTALL_HINT} (loading {init} failed: {exc})") from exc
         return module
     raise BccMissingError(BCC_INSTALL_HINT)
-
-
-def bpf_source_dir() -> Path:
-    """bpf/ of a source checkout, or closewait_trace/bpf of an installed package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "bpf", here.parent / "bpf"):
-        if (candidate / "closewait.bpf.c").is_file():
-            return candidate
-    raise BpfLoadError(f"the BPF sources are missing (looked in {here / 'bpf'} and {here.parent / 'bpf'})")
 
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"/]+)"[ \t]*$')

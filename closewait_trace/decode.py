@@ -1,7 +1,9 @@
 """Decode stage: the C layouts of bpf/closewait.h as ctypes structs, and plain Python records.
 
-Every struct here mirrors one in bpf/closewait.h field by field; tests/unit/test_decode.py
-parses the header and checks names, order, sizes and offsets, so the two cannot drift apart.
+The header is the one source: at import, the shipped bpf/closewait.h is parsed
+(closewait_trace/cheader.py) and the ctypes structs below get their fields from it, the
+length constants are read from it, and the enums are checked against its constants. A header
+that cannot be read that way raises BpfHeaderError.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import ipaddress
 import signal
 import socket
 from dataclasses import dataclass
-from . import textsafe
 
-COMM_LEN = 16
-ADDR_LEN = 16
-HIST_BUCKETS = 40
-STAT_MAX = 16
+from . import cheader, textsafe
+from .bpfdir import bpf_source_dir
+from .errors import BpfHeaderError
+
+#: bpf/closewait.h as shipped with the package, parsed: the one source of the layouts below.
+HEADER = cheader.read_header(bpf_source_dir() / "closewait.h")
+
+COMM_LEN = HEADER.value("CW_COMM_LEN")
+ADDR_LEN = HEADER.value("CW_ADDR_LEN")
+HIST_BUCKETS = HEADER.value("CW_HIST_BUCKETS")
+STAT_MAX = HEADER.value("CW_STAT_MAX")
 
 
 class TcpState(enum.IntEnum):
@@ -115,97 +123,21 @@ LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FU
 LOSS_STATS = tuple(stat for _name, stat in LOSS_SOURCES)
 
 
-class CConfig(ct.Structure):
-    _fields_ = [
-        ("report_min_ns", ct.c_uint64),
-        ("filter_pids", ct.c_uint32),
-        ("filter_ports", ct.c_uint32),
-        ("timeline_all", ct.c_uint32),
-        ("accept_watch", ct.c_uint32),
-        ("ready", ct.c_uint32),
-        ("owner_room", ct.c_uint32),
-        ("filter_netns", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-    ]
+# The ctypes structs of bpf/closewait.h, one class per struct (C_STRUCTS says which). Their
+# fields come from the header itself (_bind_header, below), so each field is named in one place
+# only; the classes are declared here so that callers and mypy know them by name. With
+# __slots__ = (), a field name the header does not have fails on write as it does on read.
+class CConfig(ct.Structure): __slots__ = ()
+class CSock(ct.Structure): __slots__ = ()
+class CEvent(ct.Structure): __slots__ = ()
+class CListenerKey(ct.Structure): __slots__ = ()
+class CListener(ct.Structure): __slots__ = ()
+class CPeer(ct.Structure): __slots__ = ()
+class CAcceptStat(ct.Structure): __slots__ = ()
+class CAcceptErr(ct.Structure): __slots__ = ()
 
 
-class CSock(ct.Structure):
-    _fields_ = [
-        ("skaddr", ct.c_uint64),
-        ("ts_first", ct.c_uint64),
-        ("ts_established", ct.c_uint64),
-        ("ts_cw_enter", ct.c_uint64),
-        ("ts_accept", ct.c_uint64),
-        ("ts_close", ct.c_uint64),
-        ("owner_tgid", ct.c_uint32),
-        ("closer_tgid", ct.c_uint32),
-        ("flags", ct.c_uint32),
-        ("family", ct.c_uint16),
-        ("lport", ct.c_uint16),
-        ("rport", ct.c_uint16),
-        ("_pad0", ct.c_uint16),
-        ("netns", ct.c_uint32),
-        ("laddr", ct.c_uint8 * ADDR_LEN),
-        ("raddr", ct.c_uint8 * ADDR_LEN),
-        ("owner_comm", ct.c_char * COMM_LEN),
-        ("listener_ino", ct.c_uint64),
-    ]
-
-
-class CEvent(ct.Structure):
-    _fields_ = [
-        ("ts", ct.c_uint64),
-        ("type", ct.c_uint32),
-        ("tgid", ct.c_uint32),
-        ("tid", ct.c_uint32),
-        ("oldstate", ct.c_int32),
-        ("newstate", ct.c_int32),
-        ("exit_how", ct.c_uint32),
-        ("exit_code", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-        ("comm", ct.c_char * COMM_LEN),
-        ("sock", CSock),
-    ]
-
-
-class CListenerKey(ct.Structure):
-    _fields_ = [("netns", ct.c_uint32), ("port", ct.c_uint16), ("_pad", ct.c_uint16)]
-
-
-class CListener(ct.Structure):
-    _fields_ = [
-        ("skaddr", ct.c_uint64),
-        ("tgid", ct.c_uint32),
-        ("_pad", ct.c_uint32),
-        ("comm", ct.c_char * COMM_LEN),
-    ]
-
-
-class CPeer(ct.Structure):
-    _fields_ = [
-        ("addr", ct.c_uint8 * ADDR_LEN),
-        ("port", ct.c_uint16),
-        ("_pad0", ct.c_uint16),
-        ("netns", ct.c_uint32),
-    ]
-
-
-class CAcceptStat(ct.Structure):
-    _fields_ = [
-        ("last_ok_ts", ct.c_uint64),
-        ("last_err_ts", ct.c_uint64),
-        ("ok", ct.c_uint64),
-        ("err", ct.c_uint64),
-        ("last_err", ct.c_int32),
-        ("_pad", ct.c_uint32),
-    ]
-
-
-class CAcceptErr(ct.Structure):
-    _fields_ = [("tgid", ct.c_uint32), ("err", ct.c_int32)]
-
-
-#: Struct name in the C header -> its ctypes mirror, for the layout test.
+#: Struct name in the C header -> its ctypes class.
 C_STRUCTS: dict[str, type[ct.Structure]] = {
     "cw_config": CConfig,
     "cw_sock": CSock,
@@ -216,6 +148,29 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "cw_accept_stat": CAcceptStat,
     "cw_accept_err": CAcceptErr,
 }
+
+#: Which Python enum mirrors which constants of the header (prefix, enum, constants left out).
+C_ENUMS: tuple[tuple[str, type[enum.IntEnum] | type[enum.IntFlag], tuple[str, ...]], ...] = (
+    ("CW_F_", SockFlag, ()),
+    ("CW_EV_", EventType, ()),
+    ("CW_EXIT_", ExitHow, ()),
+    ("CW_STAT_", Stat, ("CW_STAT_MAX",)),
+    ("CW_TCP_", TcpState, ()),
+    ("CW_PID_", PidMark, ()),
+)
+
+
+def _bind_header(header: cheader.Header) -> None:
+    """Lay out C_STRUCTS from the header and check the enums against its constants;
+    BpfHeaderError if either cannot be done."""
+    cheader.fill_structs(header, C_STRUCTS)
+    problems = [p for prefix, members, exclude in C_ENUMS
+                for p in cheader.enum_problems(header, prefix, members, exclude)]
+    if problems:
+        raise BpfHeaderError("the enums of decode.py and the header differ: " + "; ".join(problems))
+
+
+_bind_header(HEADER)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -297,42 +252,34 @@ def sock_from_c(c: CSock) -> SockInfo:
     )
 
 
+#: Event fields copied from the C struct as they are.
+_EVENT_PLAIN = ("ts", "tgid", "tid", "oldstate", "newstate", "exit_code")
+
+
 def decode_event(data: bytes | bytearray | memoryview) -> Event:
     """Decode one ring buffer record; raises ValueError on a short record."""
     if len(data) < ct.sizeof(CEvent):
         raise ValueError(f"ring buffer record of {len(data)} bytes, expected {ct.sizeof(CEvent)}")
     c = CEvent.from_buffer_copy(bytes(data[: ct.sizeof(CEvent)]))
     return Event(
-        ts=c.ts,
+        **{name: getattr(c, name) for name in _EVENT_PLAIN},
         type=EventType(c.type),
-        tgid=c.tgid,
-        tid=c.tid,
-        oldstate=c.oldstate,
-        newstate=c.newstate,
         exit_how=ExitHow(c.exit_how),
         comm=_comm(c.comm),
         sock=sock_from_c(c.sock),
-        exit_code=c.exit_code,
     )
+
+
+def _copy_plain(c: ct.Structure, record: SockInfo | Event, names: tuple[str, ...]) -> None:
+    for name in names:
+        setattr(c, name, getattr(record, name))
 
 
 def encode_sock(s: SockInfo) -> CSock:
     """The inverse of sock_from_c, for tests and recorded traces."""
     c = CSock()
-    c.skaddr = s.skaddr
-    c.ts_first = s.ts_first
-    c.ts_established = s.ts_established
-    c.ts_cw_enter = s.ts_cw_enter
-    c.ts_accept = s.ts_accept
-    c.ts_close = s.ts_close
-    c.owner_tgid = s.owner_tgid
-    c.closer_tgid = s.closer_tgid
+    _copy_plain(c, s, _SOCK_PLAIN)
     c.flags = int(s.flags)
-    c.family = s.family
-    c.lport = s.lport
-    c.rport = s.rport
-    c.netns = s.netns
-    c.listener_ino = s.listener_ino
     for name, text in (("laddr", s.laddr), ("raddr", s.raddr)):
         ip = ipaddress.ip_address(text)
         raw = (
@@ -346,15 +293,11 @@ def encode_sock(s: SockInfo) -> CSock:
 
 
 def encode_event(e: Event) -> bytes:
+    """The inverse of decode_event."""
     c = CEvent()
-    c.ts = e.ts
+    _copy_plain(c, e, _EVENT_PLAIN)
     c.type = int(e.type)
-    c.tgid = e.tgid
-    c.tid = e.tid
-    c.oldstate = e.oldstate
-    c.newstate = e.newstate
     c.exit_how = int(e.exit_how)
-    c.exit_code = e.exit_code
     c.comm = e.comm.encode()[: COMM_LEN - 1]
     c.sock = encode_sock(e.sock)
     return bytes(c)

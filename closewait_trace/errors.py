@@ -39,6 +39,11 @@ class BpfLoadError(CloseWaitError, exit_code=70):
     """The BPF programs failed to compile, load or attach."""
 
 
+class BpfHeaderError(BpfLoadError):
+    """bpf/closewait.h, the layout shared by the BPF programs and the decoder, cannot be read
+    or holds something outside the C subset the decoder reads (closewait_trace/cheader.py)."""
+
+
 class EnrichError(CloseWaitError, exit_code=74):
     """Userspace enrichment failed: the sock_diag netlink query, or a process's /proc entries."""
 

@@ -1,21 +1,28 @@
 """bpf/closewait.h and closewait_trace/decode.py must agree: struct layouts, constants, codec.
 
-The header is parsed here with a small regex parser and laid out with the C rules for
-natural alignment (what clang does for the BPF target and for x86-64/arm64 userspace), then
-compared with the ctypes mirror field by field: name, order, type, offset, size.
+decode.py builds its ctypes structs from the header (closewait_trace/cheader.py parses it and
+lays it out with the C rules for natural alignment). These tests pin the parser to layouts
+computed by hand, check that ctypes lays the built classes out as the parser computes, and
+that a changed header changes the Python side with it, or is refused with BpfHeaderError.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import re
+import shutil
 import socket
-from dataclasses import dataclass, replace
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from closewait_trace import cheader
 from closewait_trace import decode as D
+from closewait_trace.cheader import parse_defines, parse_structs
 from closewait_trace.decode import (
     CEvent,
     Event,
@@ -28,148 +35,24 @@ from closewait_trace.decode import (
     decode_event,
     encode_event,
 )
+from closewait_trace.errors import BpfHeaderError, BpfLoadError
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "closewait.h"
-
-# --- a tiny C header parser -------------------------------------------------------------------
-
-#: C scalar type -> (size, alignment, ctypes type)
-SCALARS: dict[str, tuple[int, int, type]] = {
-    "__u8": (1, 1, ct.c_uint8),
-    "__u16": (2, 2, ct.c_uint16),
-    "__u32": (4, 4, ct.c_uint32),
-    "__u64": (8, 8, ct.c_uint64),
-    "__s32": (4, 4, ct.c_int32),
-    "char": (1, 1, ct.c_char),
-}
-
-_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
-_DEFINE = re.compile(r"^[ \t]*#define[ \t]+(\w+)[ \t]+(.+?)[ \t]*$", re.M)
-_STRUCT = re.compile(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", re.S)
-_FIELD = re.compile(r"^(struct\s+\w+|\w+)\s+(\w+)\s*(?:\[\s*(\w+)\s*\])?$")
-
-
-@dataclass(frozen=True)
-class CField:
-    name: str
-    ctype: str  # "__u32", "char", "struct cw_sock"
-    count: int | None  # array length, None for a scalar
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True)
-class CStruct:
-    name: str
-    fields: tuple[CField, ...]
-    size: int
-    align: int
-
-
-def _eval_define(text: str) -> int | None:
-    """Integer value of a #define body: 16, 1u, (1u << 3); None for anything else."""
-    t = text.strip()
-    while t.startswith("(") and t.endswith(")"):
-        t = t[1:-1].strip()
-    m = re.fullmatch(r"(\d+)[uUlL]*", t)
-    if m:
-        return int(m.group(1))
-    m = re.fullmatch(r"(\d+)[uUlL]*\s*<<\s*(\d+)", t)
-    if m:
-        return int(m.group(1)) << int(m.group(2))
-    return None
-
-
-def parse_defines(text: str) -> dict[str, int]:
-    out = {}
-    for name, body in _DEFINE.findall(_COMMENT.sub("", text)):
-        value = _eval_define(body)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def parse_structs(text: str) -> dict[str, CStruct]:
-    """Every `struct NAME { ... };` of the header, laid out with natural alignment."""
-    defines = parse_defines(text)
-    body_text = _COMMENT.sub("", text)
-    structs: dict[str, CStruct] = {}
-    for sname, body in _STRUCT.findall(body_text):
-        offset = 0
-        align = 1
-        fields = []
-        for decl in body.split(";"):
-            decl = " ".join(decl.split())
-            if not decl:
-                continue
-            m = _FIELD.match(decl)
-            if m is None:
-                raise ValueError(f"struct {sname}: cannot parse {decl!r}")
-            ctype, fname, count_text = m.groups()
-            if ctype.startswith("struct "):
-                inner = structs[ctype.split()[1]]  # must be defined earlier in the header
-                esize, ealign = inner.size, inner.align
-            elif ctype in SCALARS:
-                esize, ealign, _ = SCALARS[ctype]
-            else:
-                raise ValueError(f"struct {sname}: unknown type {ctype!r}")
-            count = None
-            if count_text is not None:
-                count = int(count_text) if count_text.isdigit() else defines[count_text]
-            size = esize * (count or 1)
-            offset = (offset + ealign - 1) // ealign * ealign
-            fields.append(CField(fname, ctype, count, offset, size))
-            offset += size
-            align = max(align, ealign)
-        total = (offset + align - 1) // align * align
-        structs[sname] = CStruct(sname, tuple(fields), total, align)
-    return structs
-
-
-def layout_problems(text: str, mirrors: dict[str, type[ct.Structure]]) -> list[str]:
-    """Every disagreement between the header's structs and their ctypes mirrors."""
-    problems: list[str] = []
-    structs = parse_structs(text)
-    if set(structs) != set(mirrors):
-        problems.append(f"struct sets differ: header {sorted(structs)} vs mirror {sorted(mirrors)}")
-    ctype_of_struct = {name: cls for name, cls in mirrors.items()}
-    for name, cls in mirrors.items():
-        cs = structs.get(name)
-        if cs is None:
-            continue
-        py_fields = [f[0] for f in cls._fields_]
-        c_fields = [f.name for f in cs.fields]
-        if py_fields != c_fields:
-            problems.append(f"{name}: fields {c_fields} in C, {py_fields} in Python")
-        if cs.size != ct.sizeof(cls):
-            problems.append(f"{name}: size {cs.size} in C, {ct.sizeof(cls)} in Python")
-        py_types = dict(cls._fields_)
-        for f in cs.fields:
-            if f.name not in py_types:
-                continue
-            desc = getattr(cls, f.name)
-            if desc.offset != f.offset:
-                problems.append(f"{name}.{f.name}: offset {f.offset} in C, {desc.offset} in Python")
-            if desc.size != f.size:
-                problems.append(f"{name}.{f.name}: size {f.size} in C, {desc.size} in Python")
-            pt = py_types[f.name]
-            if f.count is not None:
-                if getattr(pt, "_length_", None) != f.count:
-                    problems.append(f"{name}.{f.name}: array length {f.count} in C, {pt} in Python")
-                    continue
-                pt = pt._type_
-            if f.ctype.startswith("struct "):
-                want = ctype_of_struct.get(f.ctype.split()[1])
-            else:
-                want = SCALARS[f.ctype][2]
-            if pt is not want:
-                problems.append(f"{name}.{f.name}: type {f.ctype} in C, {pt.__name__} in Python")
-    return problems
 
 
 @pytest.fixture(scope="module")
 def header_text() -> str:
     return HEADER.read_text()
+
+
+def fresh_structs(text: str) -> dict[str, type[ct.Structure]]:
+    """New ctypes classes (one per struct of TEXT) filled from TEXT as decode.py fills its own."""
+    header = cheader.parse_header(text)
+    classes: dict[str, type[ct.Structure]] = {
+        name: type(name, (ct.Structure,), {"__slots__": ()}) for name in header.structs
+    }
+    cheader.fill_structs(header, classes)
+    return classes
 
 
 # --- the parser itself --------------------------------------------------------------------------
@@ -199,11 +82,68 @@ def test_parser_computes_natural_alignment_and_padding() -> None:
         ("tail", 32, 4, None),
     ]
     assert (out.size, out.align) == (40, 8)
+    built = fresh_structs(text)
+    assert ct.sizeof(built["outer"]) == 40
+    assert [getattr(built["outer"], n).offset for n in ("c", "x", "arr", "in", "tail")] == [
+        0, 8, 16, 24, 32]
+    assert dict(built["outer"]._fields_)["in"] is built["inner"]
 
 
-def test_parser_rejects_unknown_types() -> None:
-    with pytest.raises(ValueError, match="unknown type 'int'"):
-        parse_structs("struct bad { int x; };")
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("struct bad { int x; };", "struct bad: unknown type 'int'"),
+        ("struct bad { __u32 *p; };", "struct bad: cannot parse '__u32 *p'"),
+        ("struct bad { __u32 a, b; };", "cannot parse '__u32 a, b'"),
+        ("struct bad { __u32 a : 3; };", "cannot parse '__u32 a : 3'"),
+        ("struct bad { __u8 a[NOPE]; };", "array length 'NOPE' is not a number or a #define"),
+        ("struct bad { struct later l; };\nstruct later { __u8 x; };",
+         "struct later is not defined before it"),
+        ("struct a { __u8 x; };\nstruct a { __u8 y; };", "struct a is defined twice"),
+        ("struct bad { };", "struct bad has no members"),
+        ("struct bad { __u8 x;\n", "a struct block is not closed"),
+        ("struct bad { union { __u8 x; } u; };", "cannot parse"),
+    ],
+)
+def test_parser_refuses_what_it_does_not_read(text: str, message: str) -> None:
+    with pytest.raises(BpfHeaderError, match=re.escape(message)):
+        cheader.parse_header(text)
+
+
+def test_header_errors_are_load_errors_with_the_path(tmp_path: Path) -> None:
+    assert issubclass(BpfHeaderError, BpfLoadError)
+    with pytest.raises(BpfHeaderError, match="cannot read .*nothing.h"):
+        cheader.read_header(tmp_path / "nothing.h")
+    bad = tmp_path / "bad.h"
+    bad.write_text("struct cw_x { float f; };\n")
+    with pytest.raises(BpfHeaderError, match=re.escape(f"{bad}: struct cw_x: unknown type 'float'")):
+        cheader.read_header(bad)
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda h: h.replace("__u64 listener_ino;", "unsigned long listener_ino;"), "cannot parse"),
+    (lambda h: h.replace("#define CW_EV_APP_CLOSE 6", "#define CW_EV_APP_CLOSE 7"),
+     "EventType.APP_CLOSE: 7 in C"),
+    (lambda h: h.replace("#define CW_HIST_BUCKETS 40", ""), "#define CW_HIST_BUCKETS is missing"),
+    (lambda h: None, "cannot read"),
+])
+def test_a_shipped_header_decode_cannot_use_stops_the_import_with_bpf_header_error(
+    tmp_path: Path, header_text: str, edit: Callable[[str], str | None], expect: str
+) -> None:
+    pkg = tmp_path / "closewait_trace"
+    shutil.copytree(Path(D.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "bpf"))
+    (pkg / "bpf").mkdir()
+    (pkg / "bpf" / "closewait.bpf.c").write_text("")
+    text = edit(header_text)
+    if text is not None:
+        (pkg / "bpf" / "closewait.h").write_text(text)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import closewait_trace.decode"], capture_output=True, text=True,
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert probe.returncode != 0
+    last = probe.stderr.strip().splitlines()[-1]
+    assert last.startswith("closewait_trace.errors.BpfHeaderError: "), probe.stderr
+    assert expect in last
 
 
 def test_header_parses_to_the_expected_structs(header_text: str) -> None:
@@ -222,13 +162,21 @@ def test_header_parses_to_the_expected_structs(header_text: str) -> None:
     assert structs["cw_peer"].size == 24
     assert structs["cw_accept_stat"].size == 40
     assert structs["cw_accept_err"].size == 8
+    assert cheader.parse_header(header_text) == D.HEADER  # decode read the same file
 
 
 # --- header vs ctypes -----------------------------------------------------------------------
 
 
-def test_every_header_struct_matches_its_ctypes_mirror(header_text: str) -> None:
-    assert layout_problems(header_text, D.C_STRUCTS) == []
+def test_decode_builds_every_header_struct(header_text: str) -> None:
+    assert list(D.C_STRUCTS) == list(parse_structs(header_text))
+    assert cheader.layout_problems(D.HEADER, D.C_STRUCTS) == []
+    # the same hand-computed spot values, read from the built classes
+    assert (ct.sizeof(D.CConfig), ct.sizeof(D.CSock), ct.sizeof(CEvent)) == (40, 128, 184)
+    assert (CEvent.comm.offset, CEvent.sock.offset, D.CSock.laddr.offset) == (40, 56, 72)
+    assert (ct.sizeof(D.CPeer), ct.sizeof(D.CAcceptStat), ct.sizeof(D.CAcceptErr)) == (24, 40, 8)
+    assert (ct.sizeof(D.CListenerKey), ct.sizeof(D.CListener)) == (8, 32)
+    assert dict(CEvent._fields_)["sock"] is D.CSock
 
 
 @pytest.mark.parametrize("name", sorted(D.C_STRUCTS))
@@ -241,63 +189,99 @@ def test_struct_fields_offsets_and_size(header_text: str, name: str) -> None:
     assert cs.size == ct.sizeof(cls)
 
 
+def test_a_field_the_header_does_not_have_fails_on_write_too() -> None:
+    with pytest.raises(AttributeError):
+        D.CSock().closer_pid = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        D.CConfig().redy = 1  # type: ignore[attr-defined]
+
+
+def _field(structs: dict[str, type[ct.Structure]], struct: str, name: str) -> object:
+    return dict(structs[struct]._fields_).get(name)
+
+
+@pytest.mark.parametrize(
+    "old, new, follows",
+    [
+        # rename a field: the old name is gone (a stale caller fails on read and on write)
+        ("__u32 closer_tgid;", "__u32 closer_pid;",
+         lambda s: _field(s, "cw_sock", "closer_tgid") is None
+         and _field(s, "cw_sock", "closer_pid") is ct.c_uint32),
+        # reorder two fields of the same size (sizes unchanged: only the offsets by name tell)
+        ("__u16 lport;          /* local port, host order */\n    __u16 rport;",
+         "__u16 rport;\n    __u16 lport;",
+         lambda s: (s["cw_sock"].rport.offset, s["cw_sock"].lport.offset) == (62, 64)),
+        # widen a field: offsets of everything after it move
+        ("__u16 family;", "__u32 family;",
+         lambda s: (s["cw_sock"].lport.offset, ct.sizeof(s["cw_sock"])) == (64, 136)),
+        # same size, other signedness
+        ("__s32 last_err;", "__u32 last_err;",
+         lambda s: _field(s, "cw_accept_stat", "last_err") is ct.c_uint32),
+        # drop a field
+        ("    __u32 ready;         /* non-zero: everything above and the filter maps are written */\n",
+         "", lambda s: _field(s, "cw_config", "ready") is None and ct.sizeof(s["cw_config"]) == 40),
+        # an array length constant changes
+        ("#define CW_COMM_LEN 16", "#define CW_COMM_LEN 32",
+         lambda s: (s["cw_sock"].owner_comm.size, ct.sizeof(s["cw_sock"])) == (32, 144)),
+    ],
+)
+def test_the_python_side_follows_a_changed_header(
+    header_text: str, old: str, new: str, follows: Callable[[dict[str, type[ct.Structure]]], bool]
+) -> None:
+    assert old in header_text, f"test needs updating: {old!r} not in the header"
+    built = fresh_structs(header_text.replace(old, new, 1))
+    assert follows(built)
+    assert not follows(fresh_structs(header_text)), "the mutation changed nothing"
+
+
 @pytest.mark.parametrize(
     "old, new, expect",
     [
-        # rename a field
-        ("__u32 closer_tgid;", "__u32 closer_pid;", "cw_sock: fields"),
-        # reorder two fields of the same size (sizes and offsets unchanged: only names tell)
-        ("__u16 lport;          /* local port, host order */\n    __u16 rport;",
-         "__u16 rport;\n    __u16 lport;", "cw_sock: fields"),
-        # widen a field: offsets of everything after it move
-        ("__u16 family;", "__u32 family;", "cw_sock.lport: offset 64 in C, 62 in Python"),
-        # same size, other signedness
-        ("__s32 last_err;", "__u32 last_err;", "cw_accept_stat.last_err: type __u32"),
-        # drop a field
-        ("    __u32 ready;         /* non-zero: everything above and the filter maps are written */\n", "",
-         "cw_config: fields"),
-        # an array length constant changes
-        ("#define CW_COMM_LEN 16", "#define CW_COMM_LEN 32", "cw_sock.owner_comm: size 32"),
-        # a new struct the mirror does not know
+        # a new struct decode.py has no class for
         ("#endif /* CLOSEWAIT_H */", "struct cw_new { __u64 x; };\n#endif", "struct sets differ"),
+        # a type outside the subset
+        ("__u64 listener_ino;", "unsigned long listener_ino;", "cannot parse"),
+        # an array sized by a constant the header does not define
+        ("__u8 laddr[CW_ADDR_LEN];", "__u8 laddr[CW_ADDR_LENGTH];", "'CW_ADDR_LENGTH'"),
     ],
 )
-def test_layout_checker_catches_drift(header_text: str, old: str, new: str, expect: str) -> None:
+def test_a_header_decode_cannot_follow_is_refused(header_text: str, old: str, new: str,
+                                                  expect: str) -> None:
     assert old in header_text, f"test needs updating: {old!r} not in the header"
-    mutated = header_text.replace(old, new, 1)
-    problems = layout_problems(mutated, D.C_STRUCTS)
-    assert problems, "the layout checker accepted a changed header"
-    assert any(expect in p for p in problems), problems
+    header = header_text.replace(old, new, 1)
+    with pytest.raises(BpfHeaderError, match=expect):
+        cheader.fill_structs(cheader.parse_header(header),
+                             {name: type(name, (ct.Structure,), {}) for name in D.C_STRUCTS})
 
 
 # --- constants ------------------------------------------------------------------------------
 
 
-def _prefixed(defines: dict[str, int], prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, int]:
-    return {
-        k[len(prefix):]: v for k, v in defines.items() if k.startswith(prefix) and k not in exclude
-    }
+def test_enum_constants_mirror_the_header() -> None:
+    assert [prefix for prefix, _enum, _exclude in D.C_ENUMS] == [
+        "CW_F_", "CW_EV_", "CW_EXIT_", "CW_STAT_", "CW_TCP_", "CW_PID_"]
+    for prefix, members, exclude in D.C_ENUMS:
+        assert D.HEADER.prefixed(prefix, exclude), f"no {prefix}* constants parsed"
+        assert cheader.enum_problems(D.HEADER, prefix, members, exclude) == []
 
 
 @pytest.mark.parametrize(
-    "prefix, enum_cls, exclude",
+    "old, new, expect",
     [
-        ("CW_F_", SockFlag, ()),
-        ("CW_EV_", EventType, ()),
-        ("CW_EXIT_", ExitHow, ()),
-        ("CW_STAT_", Stat, ("CW_STAT_MAX",)),
-        ("CW_TCP_", TcpState, ()),
-        ("CW_PID_", D.PidMark, ()),
+        ("#define CW_F_REPORTED (1u << 9)", "#define CW_F_REPORTED (1u << 11)",
+         ["SockFlag.REPORTED: 2048 in C (CW_F_REPORTED), 512 in Python"]),
+        ("#define CW_EV_APP_CLOSE 6", "#define CW_EV_APP_CLOSE 6\n#define CW_EV_NEW 7",
+         ["EventType.NEW: 7 in C (CW_EV_NEW), None in Python"]),
+        ("#define CW_EXIT_NONE 0\n", "", ["ExitHow.NONE: None in C (CW_EXIT_NONE), 0 in Python"]),
     ],
 )
-def test_enum_constants_mirror_the_header(
-    header_text: str, prefix: str, enum_cls: type, exclude: tuple[str, ...]
-) -> None:
-    defines = parse_defines(header_text)
-    c_side = _prefixed(defines, prefix, exclude)
-    py_side = {m.name: int(m.value) for m in enum_cls}  # type: ignore[attr-defined]
-    assert c_side, f"no {prefix}* constants parsed"
-    assert py_side == c_side
+def test_enum_checker_catches_drift(header_text: str, old: str, new: str,
+                                    expect: list[str]) -> None:
+    assert old in header_text, f"test needs updating: {old!r} not in the header"
+    header = cheader.parse_header(header_text.replace(old, new, 1))
+    problems = [p for prefix, members, exclude in D.C_ENUMS
+                for p in cheader.enum_problems(header, prefix, members, exclude)]
+    assert problems == expect
 
 
 def test_flag_values_are_the_documented_bits(header_text: str) -> None:
