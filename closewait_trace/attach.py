@@ -327,10 +327,8 @@ class Probes:
                 self.bpf.attach_kretprobe(event=b"inet_csk_accept", fn_name=b"cwt_accept_ret")
                 self.bpf.attach_kprobe(event=b"tcp_close", fn_name=b"cwt_tcp_close")
                 self._attach_queue_probe()
-                if self.bpf.get_kprobe_functions(b"^__sys_accept4$"):
-                    self.bpf.attach_kretprobe(event=b"__sys_accept4",
-                                              fn_name=b"cwt_accept_syscall_ret")
-                else:
+                if not self._kprobe_if_present(b"__sys_accept4", b"cwt_accept_syscall_ret",
+                                               ret=True):
                     self._syscall_fallback()
             elif backend is Backend.FENTRY and self.settings.sys_accept4_nargs != 4:
                 self._syscall_fallback()
@@ -341,12 +339,26 @@ class Probes:
 
     def _attach_queue_probe(self) -> None:
         """kprobe inet_csk_complete_hashdance: the exact listener of each queued child."""
-        if self.bpf.get_kprobe_functions(b"^inet_csk_complete_hashdance$"):
-            self.bpf.attach_kprobe(event=b"inet_csk_complete_hashdance",
-                                   fn_name=b"cwt_complete_hashdance")
-        else:
+        if not self._kprobe_if_present(b"inet_csk_complete_hashdance",
+                                       b"cwt_complete_hashdance"):
             self.notices.append("inet_csk_complete_hashdance cannot be probed on this kernel: a"
                                 " never-accepted socket's listener is the best candidate")
+
+    def _kprobe_if_present(self, event: bytes, fn_name: bytes, *, ret: bool = False) -> bool:
+        """Attach a kprobe (a kretprobe with ``ret``) where the kernel can probe ``event``;
+        False where it cannot (not built, inlined, blacklisted). One attach attempt, not BCC's
+        function listing, which matches a regex against every kernel symbol: a quarter of a
+        second on a host, 8 s per call under emulation. The program is loaded first, so that
+        a verifier refusal stays an error rather than passing for an absent function."""
+        bcc = import_bcc()
+        self.bpf.load_func(fn_name, bcc.BPF.KPROBE)
+        attach = self.bpf.attach_kretprobe if ret else self.bpf.attach_kprobe
+        with _captured_stderr():  # BCC prints the failed attach; the notice says it instead
+            try:
+                attach(event=event, fn_name=fn_name)
+            except Exception:  # BCC raises bare Exception
+                return False
+        return True
 
     def _syscall_fallback(self) -> None:
         for tp in self.SYSCALL_EXITS:

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REQUIRE_KERNEL = os.environ.get("CLOSEWAIT_REQUIRE_KERNEL") == "1"
+#: Set by the VM matrix's runner: "1" in the one cell of each kernel that runs the tests
+#: marked `per_kernel` (they depend on the kernel, not on the backend), "0" in the others.
+PER_KERNEL_CELL = os.environ.get("CLOSEWAIT_VM_PER_KERNEL", "1") == "1"
 
 
 def _kernel_unavailable() -> str | None:
@@ -21,6 +24,8 @@ def _kernel_unavailable() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not PER_KERNEL_CELL:
+        _deselect_per_kernel(config, items)
     why = _kernel_unavailable()
     if why is None:
         return
@@ -30,6 +35,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.usefixtures("_kernel_required_but_missing"))
             else:
                 item.add_marker(pytest.mark.skip(reason=why))
+
+
+def _deselect_per_kernel(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (never skip) the per_kernel tests: another cell of this kernel runs them."""
+    elsewhere = [item for item in items if "per_kernel" in item.keywords]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if "per_kernel" not in item.keywords]
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bench.tracer import JsonTracer
 from bench.tracer import Record as Record
@@ -147,3 +148,32 @@ def kill_groups(procs: Sequence[subprocess.Popen[str]]) -> None:
         except ProcessLookupError:
             pass
         p.wait()
+
+
+# --- reading the records --------------------------------------------------------------------
+
+
+def summary_of(records: list[Record]) -> Record:
+    return next(r for r in records if r["type"] == "summary")
+
+
+def conns(records: list[Record], kind: str,
+          pred: Callable[[dict[str, Any]], bool] = lambda c: True) -> list[dict[str, Any]]:
+    """The connection of each `kind` record (leak, close...) matching pred, one per socket
+    stay (the last record of each)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["type"] == kind and pred(r["connection"]):
+            out[r["connection"]["id"]] = r["connection"]
+    return list(out.values())
+
+
+def on_port(port: int | None, side: str = "local") -> Callable[[dict[str, Any]], bool]:
+    """Whether a connection's ``side`` address is on ``port``."""
+    assert port is not None
+    return lambda c: c[side].endswith(f":{port}")
+
+
+def verdict_text(c: dict[str, Any]) -> str:
+    v = c["verdict"]
+    return f"{v['cause']} ({v['confidence']}): {v['summary']} {v['evidence']}"

@@ -10,7 +10,7 @@ import pytest
 from closewait_trace import btf, features
 from closewait_trace.features import Backend
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.per_kernel]  # BTF, features, a tracepoint load
 
 
 def _kernel_version() -> tuple[int, int]:

@@ -12,7 +12,7 @@ from closewait_trace.errors import KernelHeadersError
 from closewait_trace.features import choose_backend, ensure_tracefs, probe_features
 from closewait_trace.headers import HeaderCandidate, candidate_header_dirs
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.per_kernel]  # the tracepoint backend's compile
 
 
 def _settings() -> ProbeSettings:

@@ -118,6 +118,7 @@ def test_child_that_inherits_a_socket_and_leaks_it_is_traced_under_the_parents_p
         assert t.stop() == 0
 
 
+@pytest.mark.per_kernel  # refused before any BPF
 def test_non_root_is_refused_with_the_privileges_it_lacks() -> None:
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         "--inh-caps=-all", sys.executable, "-m", "closewait_trace", "--json"],
@@ -130,6 +131,7 @@ def test_non_root_is_refused_with_the_privileges_it_lacks() -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.per_kernel  # the default backend, whatever the cell's
 def test_writes_no_file_it_was_not_asked_for(tmp_path: Path) -> None:
     """A run, a flagged leak and a clean exit leave the working directory and HOME empty."""
     home = tmp_path / "home"

@@ -13,7 +13,7 @@ import pytest
 
 from .harness import Server
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.per_kernel]  # no BPF
 
 
 def _snapshot(*args: str) -> dict:

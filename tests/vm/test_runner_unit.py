@@ -152,8 +152,10 @@ def test_guest_script_is_written(fake: dict[str, Path]) -> None:
     soft = runner.DEFAULT_TIMEOUT - runner.SOFT_GRACE
     assert f"left=$(( {soft} - $(cut -d. -f1 /proc/uptime) ))" in run_sh
     assert 'timeout -s INT -k 60 "$left" bash "$R/cmd.sh"' in run_sh
+    assert "export CLOSEWAIT_VM_PER_KERNEL=1" in run_sh  # the kernel's only cell
     vng_cmd = (d / "vng-cmd.txt").read_text()
-    for flag in ["--disable-kvm", "--force-9p", "--user root", f"--rwdir {d}", "--overlay-rwdir"]:
+    for flag in ["--disable-kvm", "--force-9p", "--user root", f"--rwdir {d}", "--overlay-rwdir",
+                 "virtio-serial-device.max_ports=2"]:
         assert flag in vng_cmd, flag
 
 
@@ -222,3 +224,17 @@ def test_per_kernel_backends() -> None:
         ("6.1-rt", ["kprobe", "tracepoint"]),
         ("6.12", []),
     ]
+
+
+def _cells(spec: list[tuple[str, str]]) -> list[runner.Cell]:
+    return [runner.Cell(k, b, None, Path(f"/x/{k}-{b}")) for k, b in spec]
+
+
+def test_one_cell_per_kernel_runs_the_per_kernel_tests_and_starts_first() -> None:
+    cells = runner.assign_per_kernel(_cells([
+        ("6.1", "kprobe"), ("6.1", "fentry"), ("6.1", "tracepoint"),
+        ("6.12", "kprobe"), ("6.12", "tracepoint"), ("5.10", "fentry"), ("5.10", "kprobe")]))
+    assert [(c.name, c.per_kernel) for c in cells] == [
+        ("6.1-tracepoint", True), ("6.12-tracepoint", True), ("5.10-fentry", True),
+        ("6.1-kprobe", False), ("6.1-fentry", False), ("6.12-kprobe", False),
+        ("5.10-kprobe", False)]
