@@ -476,7 +476,7 @@ def prepare_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> tuple[list[s
         argv.append("--disable-kvm")
     if opts.repo_overlay:
         argv += ["--overlay-rwdir", str(REPO)]
-    argv += ["--qemu-opts", QEMU_QUIET]
+    argv.append(f"--qemu-opts={QEMU_QUIET}")  # one word: the value starts with a dash
     argv += opts.vng_extra
     argv += ["--exec", f"bash {d}/run.sh"]
     host_env = dict(os.environ)
