@@ -40,8 +40,8 @@ The guest also gets these environment variables: CLOSEWAIT_VM=1, CLOSEWAIT_VM_KE
 CLOSEWAIT_VM_RELEASE, CLOSEWAIT_VM_BACKEND, CLOSEWAIT_VM_RESULTS, CLOSEWAIT_VM_JUNIT,
 CLOSEWAIT_VM_KHEADERS, CLOSEWAIT_VM_PER_KERNEL (1 in one cell per kernel, its tracepoint
 cell if it has one: that cell alone runs the tests marked ``per_kernel``, which depend on the
-kernel and not on the backend; such cells start first), and any ``--env K=V`` (placeholders
-allowed in V).  The guest's PATH
+kernel and not on the backend; such cells start first), any ``--env K=V`` (placeholders
+allowed in V), and a cell's own ``--cell-env CELL:K=V`` (``6.1-fentry:CLOSEWAIT_FORCE_PERF_BUFFER=1``).  The guest's PATH
 is virtme's default (/usr/local/bin, /usr/bin, /bin, ...), not the host's.
 
 Example (the project's kernel tests, one cell per kernel and backend)::
@@ -265,6 +265,8 @@ class Cell:
     dir: Path
     #: this cell runs the tests marked per_kernel (CLOSEWAIT_VM_PER_KERNEL=1): one per kernel
     per_kernel: bool = True
+    #: this cell's own guest variables (--cell-env), after the common --env ones
+    env: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -456,7 +458,7 @@ def prepare_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> tuple[list[s
         "CLOSEWAIT_VM_KHEADERS": opts.kheaders,
         "CLOSEWAIT_VM_PER_KERNEL": "1" if cell.per_kernel else "0",
     }
-    for kv in opts.env:
+    for kv in [*opts.env, *cell.env]:
         k, _, v = kv.partition("=")
         env[k] = substitute(v, values)
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
@@ -500,7 +502,8 @@ def run_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> CellResult:
         _say(f"[{cell.name}] would run: {shlex.join(argv)}")
         res.result = "DRY-RUN"
         return res
-    _say(f"[{cell.name}] booting {k.release} (output: {res.output_log})")
+    extra = f", with {' '.join(cell.env)}" if cell.env else ""
+    _say(f"[{cell.name}] booting {k.release}{extra} (output: {res.output_log})")
     t0 = time.monotonic()
     timed_out = False
     with open(res.output_log, "wb") as out, open(res.console_log, "wb") as con:
@@ -646,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="2G", help="guest memory [%(default)s]")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="extra guest environment variable (placeholders allowed in V); repeatable")
+    p.add_argument("--cell-env", action="append", default=[], metavar="CELL:K=V",
+                   help="a guest variable for one cell only, e.g."
+                   " 6.1-fentry:CLOSEWAIT_FORCE_PERF_BUFFER=1; repeatable")
     p.add_argument("--require-junit", action="store_true",
                    help="fail a cell without junit XML even if CMD does not mention {junit}")
     p.add_argument("--no-repo-overlay", dest="repo_overlay", action="store_false",
@@ -697,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", kv):
             parser.error(f"--env wants K=V, got {kv!r}")
+    for spec in args.cell_env:
+        if not re.match(r"^[^:=\s]+:[A-Za-z_][A-Za-z0-9_]*=", spec):
+            parser.error(f"--cell-env wants CELL:K=V, got {spec!r}")
 
     logs = (args.logs or DEFAULT_LOGS_ROOT / time.strftime("%Y%m%d-%H%M%S")).resolve()
     logs.mkdir(parents=True, exist_ok=True)
@@ -723,6 +732,13 @@ def main(argv: list[str] | None = None) -> int:
     if not cells:
         parser.error("no cells: empty --kernels or --backends")
     cells = assign_per_kernel(cells)
+    for spec in args.cell_env:
+        name, _, kv = spec.partition(":")
+        targets = [c for c in cells if c.name == name]
+        if not targets:
+            parser.error(f"--cell-env {spec!r}: no cell {name} (cells: "
+                         f"{', '.join(c.name for c in cells)})")
+        targets[0].env.append(kv)
     if args.kheaders and not args.dry_run:
         t = time.monotonic()
         trees = premerge_headers([c.kernel for c in cells if c.kernel is not None])

@@ -238,3 +238,18 @@ def test_one_cell_per_kernel_runs_the_per_kernel_tests_and_starts_first() -> Non
         ("6.1-tracepoint", True), ("6.12-tracepoint", True), ("5.10-fentry", True),
         ("6.1-kprobe", False), ("6.1-fentry", False), ("6.12-kprobe", False),
         ("5.10-kprobe", False)]
+
+
+def test_cell_env_reaches_that_cell_only(fake: dict[str, Path]) -> None:
+    assert _run(fake, "true", "--dry-run", "--backends", "kprobe,fentry", "--cell-env",
+                "6.1.0-99-amd64-fentry:CLOSEWAIT_FORCE_PERF_BUFFER=1") == 0
+    fentry = (fake["logs"] / "6.1.0-99-amd64-fentry" / "run.sh").read_text()
+    kprobe = (_cell(fake) / "run.sh").read_text()
+    assert "export CLOSEWAIT_FORCE_PERF_BUFFER=1" in fentry
+    assert "CLOSEWAIT_FORCE_PERF_BUFFER" not in kprobe
+
+
+def test_cell_env_for_an_unknown_cell_is_a_usage_error(fake: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _run(fake, "true", "--dry-run", "--cell-env", "6.1-nothing:A=1")
+    assert exc.value.code == 2
