@@ -6,8 +6,8 @@ Servers print "PORT n"; those built on `_listen` then wait for a line on stdin b
 listen, and print "LISTENING" once they do. A client marked ready prints "READY" once set up.
 The load roles print "LEAK local remote" for each connection they leave in CLOSE_WAIT on
 purpose and "DONE n" once a client has made its n connections. With CLOSEWAIT_DEMO_GATE=1 in
-the environment, any role first waits for a line on stdin (the parent starts clients once the
-tracer is attached); with CLOSEWAIT_DEMO_PARENT=PID, a role dies with that parent.
+the environment, any role first prints "WAITING" and waits for a line on stdin (the parent
+starts clients once the tracer is attached: then they are started up, and a burst is one); with CLOSEWAIT_DEMO_PARENT=PID, a role dies with that parent.
 """
 
 from __future__ import annotations
@@ -537,8 +537,10 @@ ROLES: dict[str, tuple[Callable[..., None], tuple[Callable[[str], object], ...]]
 def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _die_with_parent()
-    if os.environ.get("CLOSEWAIT_DEMO_GATE") == "1" and not sys.stdin.readline():
-        return 0  # the parent went away before saying go
+    if os.environ.get("CLOSEWAIT_DEMO_GATE") == "1":
+        print("WAITING", flush=True)
+        if not sys.stdin.readline():
+            return 0  # the parent went away before saying go
     if not argv or argv[0] not in ROLES:
         print(f"usage: python -m closewait_trace.workloads ROLE [ARGS]; roles: "
               f"{', '.join(ROLES)}", file=sys.stderr)

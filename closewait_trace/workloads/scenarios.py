@@ -250,16 +250,19 @@ class ScenarioRun:
         self.ports: dict[str, int] = {}
 
     def start_servers(self) -> None:
-        """Start every role: the servers bind and say their port; the clients wait."""
+        """Start every role: the servers bind and say their port; the clients start up and
+        wait, so that once told they act at once (an edge-triggered server's burst must come
+        as one)."""
         try:
             for role in self.scenario.roles:
                 if role.server:
                     child = self.children.spawn(role.label, role.argv)
                     self.ports[role.label] = child.expect_port()
-            for role in self.scenario.roles:
-                if not role.server:
-                    argv = [a.format(**self.ports) for a in role.argv]
-                    self.children.spawn(role.label, argv, gated=True)
+            gated = [self.children.spawn(role.label, [a.format(**self.ports) for a in role.argv],
+                                         gated=True)
+                     for role in self.scenario.roles if not role.server]
+            for child in gated:  # started up (seconds under emulation), waiting to be told
+                child.expect("WAITING")
         except BaseException:
             self.stop()
             raise

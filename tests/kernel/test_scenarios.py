@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -53,20 +53,35 @@ class Run:
     records: list[Record]
 
 
-def run_scenario(tracer: Tracer, name: str, duration: float) -> Run:
-    """Start scenario ``name``'s servers and clients, let it run ``duration`` seconds (scaled
-    under emulation), stop its processes; the records are those printed until then."""
+#: After what a test waits for has come: long enough for one more leak to cross the threshold
+#: and be printed at the next tick, so that what should not come has had its chance.
+SETTLE = THRESHOLD + 1.0
+
+
+def run_scenario(tracer: Tracer, name: str, limit: float,
+                 until: Callable[[Run], bool]) -> Run:
+    """Start scenario ``name``'s servers and clients, run it until ``until`` holds (at most
+    ``limit`` seconds), then SETTLE more (both scaled under emulation), and stop its
+    processes; the records are those printed meanwhile."""
     run = ScenarioRun(SCENARIOS[name])
     start = len(tracer.records)
     try:
         run.start_servers()
         run.start_clients()
-        time.sleep(duration * TIME_SCALE)
         roles = {label: (pid, run.ports.get(label)) for label, pid in run.pids().items()}
+        deadline = time.monotonic() + limit * TIME_SCALE
+        while time.monotonic() < deadline and not until(Run(roles, tracer.records[start:])):
+            time.sleep(0.2)
+        time.sleep(SETTLE * TIME_SCALE)
         records = tracer.records[start:]
     finally:
         run.stop()
     return Run(roles, records)
+
+
+def leaks_at_least(n: int, role: str = "server", side: str = "local") -> Callable[[Run], bool]:
+    """Until ``n`` sockets on ``role``'s port (its ``side`` of the connection) were flagged."""
+    return lambda r: len(conns(r.records, "leak", on_port(r.roles[role][1], side))) >= n
 
 
 # --- one test per scenario ------------------------------------------------------------------
@@ -76,7 +91,7 @@ def test_fd_limit_queue_full_of_never_accepted_with_emfile(tracer: Tracer) -> No
     params = SCENARIOS["fd-limit"].params
     backlog = int(params["backlog"])
     nofile = int(params["nofile"])
-    t = run_scenario(tracer, "fd-limit", 7)
+    t = run_scenario(tracer, "fd-limit", 7, leaks_at_least(backlog + 1))
     pid, port = t.roles["server"]
     leaks = conns(t.records, "leak", on_port(port))
     never = [c for c in leaks if c["accepted"] == "no"]
@@ -99,7 +114,7 @@ def test_fd_limit_queue_full_of_never_accepted_with_emfile(tracer: Tracer) -> No
 
 def test_forgotten_close_is_accepted_not_closed_after_reading_eof(tracer: Tracer) -> None:
     n = int(SCENARIOS["forgotten-close"].params["connections"])
-    t = run_scenario(tracer, "forgotten-close", 6)
+    t = run_scenario(tracer, "forgotten-close", 6, leaks_at_least(n))
     pid, port = t.roles["server"]
     leaks = conns(t.records, "leak", on_port(port))
     assert len(leaks) == n, [verdict_text(c) for c in leaks]
@@ -116,7 +131,7 @@ def test_forgotten_close_is_accepted_not_closed_after_reading_eof(tracer: Tracer
 def test_et_accept_loop_leaves_the_burst_in_the_queue(tracer: Tracer) -> None:
     params = SCENARIOS["et-accept"].params
     stuck = int(params["burst"]) - int(params["limit"])
-    t = run_scenario(tracer, "et-accept", 6)
+    t = run_scenario(tracer, "et-accept", 6, leaks_at_least(stuck))
     pid, port = t.roles["server"]
     leaks = conns(t.records, "leak", on_port(port))
     never = [c for c in leaks if c["accepted"] == "no"]
@@ -138,7 +153,8 @@ def test_slow_handler_is_closed_late_with_its_close_wait_time(tracer: Tracer) ->
     params = SCENARIOS["slow-handler"].params
     # The handler sleeps `delay` from accept; the client gave up `patience` after connecting.
     expected = params["delay"] - params["patience"]
-    t = run_scenario(tracer, "slow-handler", 6)
+    t = run_scenario(tracer, "slow-handler", 6, lambda r: bool(conns(
+        r.records, "close", lambda c: on_port(r.roles["server"][1])(c) and c["flagged"])))
     pid, port = t.roles["server"]
     closes = conns(t.records, "close", lambda c: on_port(port)(c) and c["flagged"])
     assert closes, [verdict_text(c) for c in conns(t.records, "leak", on_port(port))]
@@ -155,7 +171,7 @@ def test_slow_handler_is_closed_late_with_its_close_wait_time(tracer: Tracer) ->
 
 def test_client_pool_is_outbound_not_closed_on_the_pool_process(tracer: Tracer) -> None:
     pool_size = int(SCENARIOS["client-pool"].params["pool"])
-    t = run_scenario(tracer, "client-pool", 5)
+    t = run_scenario(tracer, "client-pool", 5, leaks_at_least(pool_size, side="remote"))
     _, port = t.roles["server"]
     pool_pid, _ = t.roles["pool"]
     leaks = conns(t.records, "leak", on_port(port, "remote"))
@@ -169,6 +185,10 @@ def test_client_pool_is_outbound_not_closed_on_the_pool_process(tracer: Tracer) 
 
 
 def test_mixed_scenario_gets_every_cause_it_stands_for(tracer: Tracer) -> None:
-    t = run_scenario(tracer, "mixed", 6)
-    causes = {c["verdict"]["cause"] for c in conns(t.records, "leak") if c["verdict"]}
-    assert set(SCENARIOS["mixed"].expected) <= causes, causes
+    expected = set(SCENARIOS["mixed"].expected)
+    t = run_scenario(tracer, "mixed", 6, lambda r: expected <= causes_of(r))
+    assert expected <= causes_of(t), causes_of(t)
+
+
+def causes_of(run: Run) -> set[str]:
+    return {c["verdict"]["cause"] for c in conns(run.records, "leak") if c["verdict"]}
