@@ -69,20 +69,29 @@ def _bpftool_offset(types: list[dict[str, object]], struct: str, path: str) -> i
     return bits // 8
 
 
+@pytest.fixture(scope="module")
+def bpftool_types() -> list[dict[str, object]]:
+    """bpftool's JSON dump of the kernel's BTF, once for the module (seconds under emulation)."""
+    import json
+    import subprocess
+    dump = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(btf.VMLINUX_BTF)],
+                          check=True, capture_output=True, text=True).stdout
+    types = json.loads(dump)["types"]
+    assert isinstance(types, list)
+    return types
+
+
 @pytest.mark.parametrize("struct, path", [
     ("task_struct", "flags"), ("task_struct", "exit_code"), ("task_struct", "tgid"),
     ("task_struct", "real_parent"), ("sock", "__sk_common.skc_family"),
     ("sock", "__sk_common.skc_net"), ("net", "ns.inum"),
 ])
-def test_real_btf_member_offsets_match_bpftool(struct: str, path: str) -> None:
-    import json
-    import subprocess
-    dump = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(btf.VMLINUX_BTF)],
-                          check=True, capture_output=True, text=True).stdout
+def test_real_btf_member_offsets_match_bpftool(bpftool_types: list[dict[str, object]],
+                                               struct: str, path: str) -> None:
     btf.clear_cache()
     found = btf.member(struct, path)
     assert found is not None
-    assert found.offset == _bpftool_offset(json.loads(dump)["types"], struct, path)
+    assert found.offset == _bpftool_offset(bpftool_types, struct, path)
 
 
 def test_every_kernel_field_the_c_reads_resolves_on_this_kernel() -> None:

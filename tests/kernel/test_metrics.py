@@ -45,6 +45,7 @@ def _value(text: str, name: str, **labels: str) -> float:
     return -1.0  # absent
 
 
+@pytest.mark.per_kernel  # userspace series over events that test_live checks per backend
 def test_metrics_during_a_real_leak() -> None:
     srv = Server(accept=False, backlog=8).start()
     mport = _free_port()

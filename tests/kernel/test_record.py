@@ -12,7 +12,7 @@ import pytest
 
 from .harness import Server, Tracer
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.per_kernel]  # every backend sends the same events
 
 
 def _records(text: str) -> list[dict]:
