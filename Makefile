@@ -11,8 +11,12 @@ VM_KERNELS ?= 6.1,6.12
 VM_EXTENDED ?= 5.10,6.1-rt:kprobe+tracepoint
 VM_BACKENDS ?= kprobe,fentry,tracepoint
 VM_LOGS ?= logs/vm
+#: The perf-buffer event path (kernels before 5.8) forced in one cell: 6.1's fentry cell (6.12's
+#: fentry cell keeps the ring buffer).
+VM_CELL_ENV ?= --cell-env 6.1-fentry:CLOSEWAIT_FORCE_PERF_BUFFER=1
 VM_CMD = CLOSEWAIT_BACKEND={backend} CLOSEWAIT_REQUIRE_KERNEL=1 CLOSEWAIT_START_TIMEOUT=600 \
-  .venv/bin/python -m pytest tests/kernel -q -p no:cacheprovider -m 'not host_only' --junitxml={junit}
+  .venv/bin/python -m pytest tests/kernel -q -p no:cacheprovider -m 'not host_only' \
+  --durations=15 --junitxml={junit}
 
 .PHONY: setup setup-dev setup-vm demo test test-host test-unit test-kernel test-vm \
   test-vm-extended typecheck bench scale soak clean
@@ -36,7 +40,7 @@ test: setup-vm
 	$(MAKE) --no-print-directory test-vm
 
 test-host: setup-dev
-	$(SUDO) env CLOSEWAIT_REQUIRE_KERNEL=1 $(PY) -m pytest -q tests
+	$(SUDO) env CLOSEWAIT_REQUIRE_KERNEL=1 $(PY) -m pytest -q --durations=25 tests
 	$(PY) -m mypy
 
 test-unit: setup-dev
@@ -48,7 +52,7 @@ test-kernel: setup-dev
 # The runner merges the header trees on the host first; the guests' tracers reuse them.
 test-vm: setup-vm
 	$(SUDO) $(PY) -m tests.vm.runner --kernels $(VM_KERNELS) --backends $(VM_BACKENDS) \
-	  --jobs 2 --cpus 1 --timeout 1800 --logs $(VM_LOGS) -- "$(VM_CMD)"
+	  --jobs 2 --cpus 1 --timeout 1800 --logs $(VM_LOGS) $(VM_CELL_ENV) -- "$(VM_CMD)"
 
 test-vm-extended: setup-vm
 	scripts/setup.sh --dev --vm --vm-extra
