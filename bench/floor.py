@@ -28,8 +28,8 @@ import sys
 import time
 from types import FrameType
 
-from closewait_trace.attach import import_bcc
-from closewait_trace.headers import candidate_header_dirs
+from closewait_trace.kernel.attach import import_bcc
+from closewait_trace.kernel.headers import candidate_header_dirs
 
 # One body; only the entry point differs (CW_RAW selects the raw tracepoint).
 PROGRAM = r"""

@@ -594,7 +594,7 @@ def bcc_kernel_source(explicit: str | None, tool: str | None = None) -> tuple[st
     try:
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
-        from closewait_trace.headers import candidate_header_dirs
+        from closewait_trace.kernel.headers import candidate_header_dirs
 
         cands = candidate_header_dirs()
     except Exception as exc:  # noqa: BLE001 - any failure means "none found"

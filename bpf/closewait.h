@@ -1,8 +1,8 @@
 /* closewait.h - the layout shared by the BPF programs and the Python decoder.
  *
  * Only fixed-width types, explicit padding and constants live here: the Python side
- * (closewait_trace/decode.py) builds its ctypes structs from this very file at import
- * (closewait_trace/cheader.py), so members may only be __u8, __u16, __u32, __u64, __s32 or
+ * (closewait_trace/kernel/decode.py) builds its ctypes structs from this very file at import
+ * (closewait_trace/kernel/cheader.py), so members may only be __u8, __u16, __u32, __u64, __s32 or
  * char, arrays of them sized by a number or a #define of this file, or a struct defined above;
  * anything else stops the tracer with BpfHeaderError. The CW_F_, CW_EV_, CW_EXIT_, CW_STAT_,
  * CW_TCP_ and CW_PID_ constants are checked against decode.py's enums at import.

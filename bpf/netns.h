@@ -1,6 +1,6 @@
 /* netns.h - the network namespace of a socket and of the current task: the inode number that
  * `readlink /proc/PID/ns/net` and `lsns -t net` show. Read at the running kernel's offsets
- * (closewait_trace/kfields.py, feature "netns"); where they are not known every reader gives 0,
+ * (closewait_trace/kernel/kfields.py, feature "netns"); where they are not known every reader gives 0,
  * the namespace-blind mode: one namespace for all, which userspace states. */
 #ifndef CW_NETNS_H
 #define CW_NETNS_H

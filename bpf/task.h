@@ -1,5 +1,5 @@
 /* task.h - fields of the current task, read at the running kernel's offsets (userspace takes
- * them from BTF: closewait_trace/kfields.py) so that no kernel header defines the layout.
+ * them from BTF: closewait_trace/kernel/kfields.py) so that no kernel header defines the layout.
  * Each reader compiles to "unknown" where userspace did not find its fields. */
 #ifndef CW_TASK_H
 #define CW_TASK_H

@@ -86,10 +86,10 @@ class AgentConfig:
 
 def run_agent(config: AgentConfig) -> int:
     """Serve health and metrics, attach, trace until SIGTERM/SIGINT; exit 0 when stopped."""
-    from . import enrich
-    from .metrics import Health, MetricsExporter, TeeRenderer, parse_listen
-    from .render import JsonRenderer
-    from .timeline import Exporter
+    from .facts import enrich
+    from .outputs.metrics import Health, MetricsExporter, TeeRenderer, parse_listen
+    from .outputs.render import JsonRenderer
+    from .pipeline.timeline import Exporter
 
     host, port = parse_listen(config.listen)
     sink: Any = (sys.stdout if config.log == "-" else

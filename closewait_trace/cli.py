@@ -26,14 +26,14 @@ import click
 from rich.console import Console
 
 from . import __version__
-from .containers import select_containers
+from .facts.containers import select_containers
 from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
-from .headers import HeaderCandidate
-from .netns import resolve_netns
+from .kernel.headers import HeaderCandidate
+from .facts.netns import resolve_netns
 from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, AcceptWatch, Options, \
     TimelineMode
-from .render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
-from .textsafe import visible
+from .outputs.render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
+from .outputs.textsafe import visible
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -274,7 +274,7 @@ def _json_stream() -> IO[str]:
 
 
 def _renderer(output: Output) -> Renderer:
-    from .timeline import Exporter
+    from .pipeline.timeline import Exporter
 
     exporter = Exporter(output.export) if output.export is not None else None
     if output.as_json:
@@ -308,8 +308,8 @@ def _open_recording(path: Path) -> IO[str]:
 
 
 def _start_metrics(address: str, renderer: Renderer) -> Renderer:
-    from . import enrich
-    from .metrics import MetricsExporter, TeeRenderer, parse_listen
+    from .facts import enrich
+    from .outputs.metrics import MetricsExporter, TeeRenderer, parse_listen
 
     host, port = parse_listen(address)
     exporter = MetricsExporter(host, port, listeners=enrich.listeners)
@@ -402,7 +402,7 @@ def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
     a single look can tell (no BPF needed: sock_diag and /proc only)."""
     import json
 
-    from .features import is_privileged
+    from .kernel.features import is_privileged
     from .snapshot import render_lines, take
 
     with edge():
@@ -430,7 +430,7 @@ def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
 @_EXPORT
 def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Path | None) -> None:
     """Rebuild the summary, leaks, diagnoses and timelines of a recording (no root needed)."""
-    from .record import RecordFormatError, open_replay
+    from .outputs.record import RecordFormatError, open_replay
     from .session import Session
     from .world import WorldEnded
 

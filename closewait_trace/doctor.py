@@ -28,7 +28,7 @@ OK, IMPOSSIBLE, NEEDS_PRIVILEGES = 0, 1, 77
 
 def doctor_checks() -> tuple[list[Check], int]:
     """Every check, and the exit status they add up to."""
-    from .features import is_privileged
+    from .kernel.features import is_privileged
 
     privileged, why = is_privileged()
     checks = [Check("privileges", privileged, f"ok ({why})" if privileged else why)]
@@ -44,7 +44,7 @@ def doctor_checks() -> tuple[list[Check], int]:
 
 
 def _kernel_checks() -> list[Check]:
-    from .features import choose_backend, ensure_tracefs, probe_features, requirements
+    from .kernel.features import choose_backend, ensure_tracefs, probe_features, requirements
 
     checks: list[Check] = []
     try:
@@ -71,7 +71,7 @@ def _kernel_checks() -> list[Check]:
 
 def _field_checks() -> list[Check]:
     """The features built on kernel struct offsets (from BTF): on, or off and why."""
-    from .kfields import resolve_kernel_fields
+    from .kernel.kfields import resolve_kernel_fields
 
     fields = resolve_kernel_fields()
     return [Check(f"feature {name}", name not in fields.disabled,
@@ -81,8 +81,8 @@ def _field_checks() -> list[Check]:
 
 
 def _userspace_checks() -> list[Check]:
-    from .attach import import_bcc
-    from .headers import candidate_header_dirs
+    from .kernel.attach import import_bcc
+    from .kernel.headers import candidate_header_dirs
 
     checks: list[Check] = []
     try:

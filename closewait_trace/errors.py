@@ -41,7 +41,7 @@ class BpfLoadError(CloseWaitError, exit_code=70):
 
 class BpfHeaderError(BpfLoadError):
     """bpf/closewait.h, the layout shared by the BPF programs and the decoder, cannot be read
-    or holds something outside the C subset the decoder reads (closewait_trace/cheader.py)."""
+    or holds something outside the C subset the decoder reads (closewait_trace/kernel/cheader.py)."""
 
 
 class EnrichError(CloseWaitError, exit_code=74):

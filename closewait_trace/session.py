@@ -16,12 +16,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
-from .enrich import DiagSocket
-from .enrichment import MAX_TRIES, Enrichment, container_matches
-from .facts import Listener
-from .join import Accepted, Change, ChangeKind, Connection, Tracker
-from .render import EXIT_WORDS, Renderer, TickStats, View
+from .pipeline.diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
+from .facts.enrich import DiagSocket
+from .pipeline.enrichment import MAX_TRIES, Enrichment, container_matches
+from .facts.facts import Listener
+from .pipeline.join import Accepted, Change, ChangeKind, Connection, Tracker
+from .outputs.render import EXIT_WORDS, Renderer, TickStats, View
 from .options import AcceptWatch, Options
 from .world import Counters, World, WorldEnded
 

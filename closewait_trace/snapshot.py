@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .diagnose import ListenerFacts, Verdict, diagnose, group_verdicts
-from .enrichment import Enrichment, choose_listener, container_matches, family_name
-from .join import Connection, Direction, Tracker
-from .render import container_text, endpoint, holder_dict, netns_dict
+from .pipeline.diagnose import ListenerFacts, Verdict, diagnose, group_verdicts
+from .pipeline.enrichment import Enrichment, choose_listener, container_matches, family_name
+from .pipeline.join import Connection, Direction, Tracker
+from .outputs.render import container_text, endpoint, holder_dict, netns_dict
 from .world import HostFacts, HostWorld
 
 

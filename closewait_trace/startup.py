@@ -17,16 +17,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
 
-from . import btf
-from .attach import ProbeSettings, Probes
+from .kernel import btf
+from .kernel.attach import ProbeSettings, Probes
 from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
-from .features import Backend, KernelFeatures, choose_backend, ensure_tracefs, is_privileged, \
+from .kernel.features import Backend, KernelFeatures, choose_backend, ensure_tracefs, is_privileged, \
     probe_features
-from .headers import HeaderCandidate, candidate_header_dirs, user_header_dir
+from .kernel.headers import HeaderCandidate, candidate_header_dirs, user_header_dir
 from .options import Options
-from .enrich import resolve_target
-from .record import RecordingWorld
-from .render import Renderer
+from .facts.enrich import resolve_target
+from .outputs.record import RecordingWorld
+from .outputs.render import Renderer
 from .session import Session
 from .world import LiveWorld, World
 

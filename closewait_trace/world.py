@@ -16,13 +16,13 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import containers, enrich, holders, netns
-from .attach import Probes
-from .containers import ContainerIdentity
-from .decode import Event, SockInfo, Stat
-from .enrich import DiagSocket, SocketOwner, TcpState
+from .facts import containers, enrich, holders, netns
+from .kernel.attach import Probes
+from .facts.containers import ContainerIdentity
+from .kernel.decode import Event, SockInfo, Stat
+from .facts.enrich import DiagSocket, SocketOwner, TcpState
 from .errors import CloseWaitError
-from .facts import Listener, ListenerHolder, Namespaces, Process
+from .facts.facts import Listener, ListenerHolder, Namespaces, Process
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""closewait_trace.enrich against the running kernel: real loopback sockets, no BPF.
+"""closewait_trace.facts.enrich against the running kernel: real loopback sockets, no BPF.
 
 These need root only for reading every process's /proc entries; sock_diag itself works
 unprivileged.  Each test binds its own ephemeral port (port 0) and filters on it, so
@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import pytest
 
-from closewait_trace.enrich import (
+from closewait_trace.facts.enrich import (
     DiagSocket,
     ProcessIndex,
     SocketOwner,

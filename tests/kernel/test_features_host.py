@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from closewait_trace import btf, features
-from closewait_trace.features import Backend
+from closewait_trace.kernel import btf, features
+from closewait_trace.kernel.features import Backend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.per_kernel]  # BTF, features, a tracepoint load
 
@@ -95,7 +95,7 @@ def test_real_btf_member_offsets_match_bpftool(bpftool_types: list[dict[str, obj
 
 
 def test_every_kernel_field_the_c_reads_resolves_on_this_kernel() -> None:
-    from closewait_trace.kfields import KERNEL_FIELDS, resolve_kernel_fields
+    from closewait_trace.kernel.kfields import KERNEL_FIELDS, resolve_kernel_fields
     btf.clear_cache()
     fields = resolve_kernel_fields()
     assert dict(fields.disabled) == {}
@@ -108,9 +108,9 @@ def test_without_btf_offsets_the_programs_still_load_and_say_what_is_off(tmp_pat
     notices name each one (the ready record carries the same as features_off)."""
     from pathlib import Path
 
-    from closewait_trace.attach import ProbeSettings, Probes
-    from closewait_trace.headers import candidate_header_dirs
-    from closewait_trace.kfields import KERNEL_FIELDS, resolve_kernel_fields
+    from closewait_trace.kernel.attach import ProbeSettings, Probes
+    from closewait_trace.kernel.headers import candidate_header_dirs
+    from closewait_trace.kernel.kfields import KERNEL_FIELDS, resolve_kernel_fields
     assert isinstance(tmp_path, Path)
     features.ensure_tracefs()
     fields = resolve_kernel_fields(path=tmp_path / "no-btf")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace.attach import ProbeSettings, Probes
+from closewait_trace.kernel.attach import ProbeSettings, Probes
 from closewait_trace.errors import KernelHeadersError
-from closewait_trace.features import choose_backend, ensure_tracefs, probe_features
-from closewait_trace.headers import HeaderCandidate, candidate_header_dirs
+from closewait_trace.kernel.features import choose_backend, ensure_tracefs, probe_features
+from closewait_trace.kernel.headers import HeaderCandidate, candidate_header_dirs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.per_kernel]  # the tracepoint backend's compile
 

@@ -1,6 +1,6 @@
 """Listener holders against the running kernel: a real pre-fork Python server (the master
 listens, forks workers that wait for the listener in different ways, and itself waits only on
-a pipe), read through /proc by closewait_trace.holders."""
+a pipe), read through /proc by closewait_trace.facts.holders."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from closewait_trace.holders import Holder, ProcState, Waiting, find_holders, listener_holders
+from closewait_trace.facts.holders import Holder, ProcState, Waiting, find_holders, listener_holders
 from tests.kernel.podman import container
 
 pytestmark = [pytest.mark.kernel, pytest.mark.host_only]  # /proc and sock_diag from userspace: no BPF program involved

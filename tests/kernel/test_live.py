@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from closewait_trace.features import FORCE_PERF_ENV
+from closewait_trace.kernel.features import FORCE_PERF_ENV
 
 from .harness import Server, Tracer, bpf_prog_ids, kprobe_events, prog_ids_of
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import pytest
 
-from closewait_trace.containers import (
+from closewait_trace.facts.containers import (
     NameResolver,
     Runtime,
     cgroup_v2_id,
     identity_of_pid,
     select_containers,
 )
-from closewait_trace.enrich import TcpState, diag_sockets
+from closewait_trace.facts.enrich import TcpState, diag_sockets
 from closewait_trace.errors import EnrichError
-from closewait_trace.netns import (
+from closewait_trace.facts.netns import (
     NetnsDiag,
     list_netns,
     netns_inode,

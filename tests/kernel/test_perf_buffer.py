@@ -94,7 +94,7 @@ def test_a_full_perf_buffer_counts_its_losses(
 
 def test_ring_buffer_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernel has ring buffers (as the VM matrix's and the host's do), they are used."""
-    from closewait_trace.features import ringbuf_probe
+    from closewait_trace.kernel.features import ringbuf_probe
 
     if ringbuf_probe()[0] is not True:
         pytest.skip("this kernel has no BPF ring buffer")

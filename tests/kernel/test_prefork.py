@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from closewait_trace.holders import read_epoll
+from closewait_trace.facts.holders import read_epoll
 from tests.kernel.harness import Tracer
 
 # Real containers, nginx and pre-fork servers: facts read from /proc and sock_diag, on the host.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from closewait_trace import features, startup
+from closewait_trace.kernel import features
+from closewait_trace import startup
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import socket
 
-from closewait_trace.decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
-from closewait_trace.join import Connection, Direction
+from closewait_trace.kernel.decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
+from closewait_trace.pipeline.join import Connection, Direction
 
 MS = 1_000_000
 S = 1_000_000_000

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from closewait_trace.attach import ProbeSettings, Probes
-from closewait_trace.features import Backend
+from closewait_trace.kernel.attach import ProbeSettings, Probes
+from closewait_trace.kernel.features import Backend
 
 
 class FakeBpf:

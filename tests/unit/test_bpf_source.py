@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace.attach import bpf_source
-from closewait_trace.bpfdir import bpf_source_dir
+from closewait_trace.kernel.attach import bpf_source
+from closewait_trace.kernel.bpfdir import bpf_source_dir
 from closewait_trace.errors import BpfLoadError
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"

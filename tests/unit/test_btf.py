@@ -1,4 +1,4 @@
-"""Kernel-free tests of closewait_trace.btf on synthetic BTF blobs built here byte by byte."""
+"""Kernel-free tests of closewait_trace.kernel.btf on synthetic BTF blobs built here byte by byte."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace import btf
-from closewait_trace.btf import BtfFile, BtfKind, func_arg_count, func_btf_id
+from closewait_trace.kernel import btf
+from closewait_trace.kernel.btf import BtfFile, BtfKind, func_arg_count, func_btf_id
 from closewait_trace.errors import TracingUnavailableError
 
 

@@ -38,7 +38,7 @@ def _guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def no_bpf(*_a: object, **_kw: object) -> None:
         raise AssertionError("a CLI unit test reached Probes.load")
 
-    monkeypatch.setattr("closewait_trace.attach.Probes.load", no_bpf)
+    monkeypatch.setattr("closewait_trace.kernel.attach.Probes.load", no_bpf)
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)

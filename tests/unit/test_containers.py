@@ -1,4 +1,4 @@
-"""Kernel-free tests of closewait_trace.containers: cgroup paths of every runtime (cgroup v1
+"""Kernel-free tests of closewait_trace.facts.containers: cgroup paths of every runtime (cgroup v1
 and v2, cgroupfs and systemd drivers), names from the runtimes' on-disk files, and the
 selection of a container by id or name."""
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from closewait_trace.containers import (
+from closewait_trace.facts.containers import (
     CgroupLine,
     ContainerIdentity,
     NameResolver,

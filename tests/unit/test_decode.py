@@ -1,6 +1,6 @@
-"""bpf/closewait.h and closewait_trace/decode.py must agree: struct layouts, constants, codec.
+"""bpf/closewait.h and closewait_trace/kernel/decode.py must agree: struct layouts, constants, codec.
 
-decode.py builds its ctypes structs from the header (closewait_trace/cheader.py parses it and
+decode.py builds its ctypes structs from the header (closewait_trace/kernel/cheader.py parses it and
 lays it out with the C rules for natural alignment). These tests pin the parser to layouts
 computed by hand, check that ctypes lays the built classes out as the parser computes, and
 that a changed header changes the Python side with it, or is refused with BpfHeaderError.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace import cheader
-from closewait_trace import decode as D
-from closewait_trace.cheader import parse_defines, parse_structs
-from closewait_trace.decode import (
+from closewait_trace.kernel import cheader
+from closewait_trace.kernel import decode as D
+from closewait_trace.kernel.cheader import parse_defines, parse_structs
+from closewait_trace.kernel.decode import (
     CEvent,
     Event,
     EventType,
@@ -131,14 +131,15 @@ def test_a_shipped_header_decode_cannot_use_stops_the_import_with_bpf_header_err
     tmp_path: Path, header_text: str, edit: Callable[[str], str | None], expect: str
 ) -> None:
     pkg = tmp_path / "closewait_trace"
-    shutil.copytree(Path(D.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "bpf"))
+    shutil.copytree(Path(D.__file__).parent.parent, pkg,  # the package, decode.py is in kernel/
+                    ignore=shutil.ignore_patterns("__pycache__", "bpf"))
     (pkg / "bpf").mkdir()
     (pkg / "bpf" / "closewait.bpf.c").write_text("")
     text = edit(header_text)
     if text is not None:
         (pkg / "bpf" / "closewait.h").write_text(text)
     probe = subprocess.run(
-        [sys.executable, "-c", "import closewait_trace.decode"], capture_output=True, text=True,
+        [sys.executable, "-c", "import closewait_trace.kernel.decode"], capture_output=True, text=True,
         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert probe.returncode != 0
     last = probe.stderr.strip().splitlines()[-1]

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from closewait_trace.decode import Stat
-from closewait_trace.diagnose import Cause, Confidence, Verdict
-from closewait_trace.join import Accepted, Connection
-from closewait_trace.metrics import (
+from closewait_trace.kernel.decode import Stat
+from closewait_trace.pipeline.diagnose import Cause, Confidence, Verdict
+from closewait_trace.pipeline.join import Accepted, Connection
+from closewait_trace.outputs.metrics import (
     MAX_SERIES, CgroupContainers, Health, MetricsExporter, container_of_cgroup,
 )
-from closewait_trace.render import TickStats, View
+from closewait_trace.outputs.render import TickStats, View
 
 from .events import S, connection
 

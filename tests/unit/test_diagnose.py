@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from closewait_trace.decode import ExitHow
-from closewait_trace.diagnose import (
+from closewait_trace.kernel.decode import ExitHow
+from closewait_trace.pipeline.diagnose import (
     DurationStats,
     AcceptStats,
     Cause,
@@ -19,7 +19,7 @@ from closewait_trace.diagnose import (
     diagnose,
     errno_name,
 )
-from closewait_trace.join import Accepted, Direction
+from closewait_trace.pipeline.join import Accepted, Direction
 
 from .events import MS, S, connection
 
@@ -361,7 +361,7 @@ def test_verdict_as_dict() -> None:
 
 
 def test_group_verdicts_counts_by_process_port_and_cause() -> None:
-    from closewait_trace.diagnose import Verdict, group_verdicts
+    from closewait_trace.pipeline.diagnose import Verdict, group_verdicts
 
     a = connection(key=(1, 1), lport=80, owner_pid=42, owner_comm="web")
     b = connection(key=(2, 1), lport=80, owner_pid=42, owner_comm="web")

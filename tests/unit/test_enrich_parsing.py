@@ -1,4 +1,4 @@
-"""Kernel-free parts of closewait_trace.enrich: addresses, tuple lookup, /proc parsing."""
+"""Kernel-free parts of closewait_trace.facts.enrich: addresses, tuple lookup, /proc parsing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace.enrich import (
+from closewait_trace.facts.enrich import (
     DiagSocket,
     ProcessIndex,
     SocketOwner,
@@ -404,7 +404,7 @@ def test_pid_alive_zombie_is_not_alive() -> None:
 
 
 def test_diag_sockets_argument_checks_need_no_kernel() -> None:
-    from closewait_trace.enrich import diag_sockets
+    from closewait_trace.facts.enrich import diag_sockets
 
     assert diag_sockets(()) == []
     with pytest.raises(UsageError):
@@ -413,7 +413,7 @@ def test_diag_sockets_argument_checks_need_no_kernel() -> None:
 
 def test_netlink_failure_becomes_enrich_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the netlink socket raises (here: it cannot be created) surfaces typed."""
-    from closewait_trace import enrich
+    from closewait_trace.facts import enrich
 
     def unavailable(*args: object, **kwargs: object) -> None:
         raise OSError(93, "Protocol not supported")
@@ -438,7 +438,7 @@ def _diag_msg(family: int, state: int, src: bytes, sport: int, dst: bytes, dport
 def test_parse_diag_messages_reads_the_fixed_inet_diag_msg() -> None:
     import struct
 
-    from closewait_trace.enrich import parse_diag_messages
+    from closewait_trace.facts.enrich import parse_diag_messages
 
     v4 = _diag_msg(socket.AF_INET, 8, bytes([127, 0, 0, 1]), 8080, bytes([10, 0, 0, 7]),
                    51000, inode=0)
@@ -463,7 +463,7 @@ def test_parse_diag_messages_reads_the_fixed_inet_diag_msg() -> None:
 def test_parse_diag_messages_netlink_error_is_typed() -> None:
     import struct
 
-    from closewait_trace.enrich import parse_diag_messages
+    from closewait_trace.facts.enrich import parse_diag_messages
 
     err = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -13) + bytes(16)
     with pytest.raises(EnrichError, match="Permission denied"):
@@ -475,7 +475,7 @@ def test_parse_diag_messages_netlink_error_is_typed() -> None:
 # --- thread states and epoll sets (fake /proc trees) ----------------------------------------
 
 def test_parse_epoll_fdinfo_reads_targets_and_masks() -> None:
-    from closewait_trace.enrich import EPOLLET, parse_epoll_fdinfo
+    from closewait_trace.facts.enrich import EPOLLET, parse_epoll_fdinfo
 
     text = ("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n"
             "tfd:        6 events: 80000019 data:                6  pos:0 ino:1234 sdev:8\n"
@@ -488,7 +488,7 @@ def test_parse_epoll_fdinfo_reads_targets_and_masks() -> None:
 def test_edge_triggered_fds_and_thread_syscalls_on_a_fake_proc(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from closewait_trace.enrich import edge_triggered_fds, syscall_name, thread_syscalls
+    from closewait_trace.facts.enrich import edge_triggered_fds, syscall_name, thread_syscalls
 
     pid = tmp_path / "77"
     (pid / "fd").mkdir(parents=True)

@@ -8,14 +8,14 @@ import json
 import socket
 from typing import Any
 
-from closewait_trace.containers import ContainerIdentity, Runtime
-from closewait_trace.diagnose import Cause, Confidence, Facts, ListenerFacts, diagnose, \
+from closewait_trace.facts.containers import ContainerIdentity, Runtime
+from closewait_trace.pipeline.diagnose import Cause, Confidence, Facts, ListenerFacts, diagnose, \
     responsible_holders
-from closewait_trace.enrich import DiagSocket, SocketOwner, TcpState
-from closewait_trace.enrichment import Enrichment, choose_listener, container_matches
-from closewait_trace.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
-from closewait_trace.join import Accepted, Connection, Direction, Tracker
-from closewait_trace.record import FORMAT, RecordingWorld, ReplayWorld
+from closewait_trace.facts.enrich import DiagSocket, SocketOwner, TcpState
+from closewait_trace.pipeline.enrichment import Enrichment, choose_listener, container_matches
+from closewait_trace.facts.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
+from closewait_trace.pipeline.join import Accepted, Connection, Direction, Tracker
+from closewait_trace.outputs.record import FORMAT, RecordingWorld, ReplayWorld
 
 S = 1_000_000_000
 HOST, NS_A, NS_B = 4026531840, 4026532001, 4026532002
@@ -245,7 +245,7 @@ def test_a_format_1_recording_is_replayed_namespace_blind() -> None:
 
 
 def test_lines_say_how_the_namespace_is_known() -> None:
-    from closewait_trace.render import netns_text
+    from closewait_trace.outputs.render import netns_text
 
     conn = _conn(1)
     assert netns_text(conn) == "netns=?"

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace import decode, features as F
-from closewait_trace.attach import (
+from closewait_trace.kernel import decode, features as F
+from closewait_trace.kernel.attach import (
     RINGBUF_MAX_BYTES,
     ProbeSettings,
     merge_event_losses,
     ringbuf_pages_for,
 )
-from closewait_trace.decode import Stat
+from closewait_trace.kernel.decode import Stat
 from closewait_trace.errors import UsageError
-from closewait_trace.features import Backend, EventPath
+from closewait_trace.kernel.features import Backend, EventPath
 
 HAVE = (True, "a ring buffer map was created")
 REFUSED = (False, "BPF_MAP_TYPE_RINGBUF refused: EINVAL")

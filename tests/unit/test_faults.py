@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from closewait_trace import cli, enrich
+from closewait_trace import cli
+from closewait_trace.facts import enrich
 from closewait_trace.errors import UsageError
-from closewait_trace.record import MAX_LINE, RecordingWorld, open_replay
+from closewait_trace.outputs.record import MAX_LINE, RecordingWorld, open_replay
 from closewait_trace.world import WorldEnded
 
 from .test_cli import assert_one_error_line

@@ -1,4 +1,4 @@
-"""Kernel-free tests of closewait_trace.features: backend choice, privileges, tracefs handling."""
+"""Kernel-free tests of closewait_trace.kernel.features: backend choice, privileges, tracefs handling."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace import features as F
+from closewait_trace.kernel import features as F
 from closewait_trace.errors import TracingUnavailableError, UsageError
-from closewait_trace.features import Backend, KernelFeatures, choose_backend
+from closewait_trace.kernel.features import Backend, KernelFeatures, choose_backend
 
 ALL_TPS = frozenset(F.PROBED_TRACEPOINTS)
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from closewait_trace import btf, cli, enrich
+from closewait_trace.kernel import btf
+from closewait_trace import cli
+from closewait_trace.facts import enrich
 from closewait_trace.errors import CloseWaitError, EnrichError
-from closewait_trace.record import RecordFormatError, open_replay
+from closewait_trace.outputs.record import RecordFormatError, open_replay
 
 FUZZ_EXAMPLES = int(os.environ.get("CLOSEWAIT_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None,

@@ -1,4 +1,4 @@
-"""Kernel-free tests of closewait_trace.headers on fake /usr/src and /lib/modules trees."""
+"""Kernel-free tests of closewait_trace.kernel.headers on fake /usr/src and /lib/modules trees."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace import headers as H
+from closewait_trace.kernel import headers as H
 from closewait_trace.errors import KernelHeadersError
 
 MACHINE = "x86_64"

@@ -1,4 +1,4 @@
-"""Kernel-free parsing of the /proc text closewait_trace.holders reads."""
+"""Kernel-free parsing of the /proc text closewait_trace.facts.holders reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from closewait_trace.holders import (
+from closewait_trace.facts.holders import (
     EpollEntry,
     ProcState,
     parse_epoll_entries,

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from closewait_trace.decode import ExitHow, SockFlag, TcpState
-from closewait_trace.facts import Listener
-from closewait_trace.join import (
+from closewait_trace.kernel.decode import ExitHow, SockFlag, TcpState
+from closewait_trace.facts.facts import Listener
+from closewait_trace.pipeline.join import (
     Accepted,
     Change,
     ChangeKind,

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from closewait_trace.decode import ExitHow
-from closewait_trace.join import Accepted, Change, ChangeKind, Connection, Tracker
+from closewait_trace.kernel.decode import ExitHow
+from closewait_trace.pipeline.join import Accepted, Change, ChangeKind, Connection, Tracker
 
 from .events import MS, OWNER_PID, cw_entry, cw_exit, preexisting_exit
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from closewait_trace import btf
-from closewait_trace.kfields import KERNEL_FIELDS, KernelField, resolve_kernel_fields
+from closewait_trace.kernel import btf
+from closewait_trace.kernel.kfields import KERNEL_FIELDS, KernelField, resolve_kernel_fields
 
 from .test_btf import layouts, write
 

@@ -1,4 +1,4 @@
-"""Kernel-free parts of closewait_trace.netns."""
+"""Kernel-free parts of closewait_trace.facts.netns."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from pathlib import Path
 
 from closewait_trace.errors import UsageError
-from closewait_trace.netns import parse_ns_link, resolve_netns
+from closewait_trace.facts.netns import parse_ns_link, resolve_netns
 
 
 @pytest.mark.parametrize(("text", "inode"), [

@@ -26,7 +26,7 @@ def test_wheel_contains_the_bpf_sources_and_the_package_finds_them(tmp_path: Pat
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     probe = subprocess.run(
-        [sys.executable, "-c", "from closewait_trace.bpfdir import bpf_source_dir;"
+        [sys.executable, "-c", "from closewait_trace.kernel.bpfdir import bpf_source_dir;"
          " print(bpf_source_dir())"], capture_output=True, text=True, cwd=tmp_path,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert probe.returncode == 0, probe.stderr

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from closewait_trace.cli import main
-from closewait_trace.decode import Event, EventType, ExitHow, SockFlag, SockInfo
+from closewait_trace.kernel.decode import Event, EventType, ExitHow, SockFlag, SockInfo
 from closewait_trace.errors import CloseWaitError
-from closewait_trace.record import (
+from closewait_trace.outputs.record import (
     FORMAT, FORMAT_VERSION, RecordFormatError, RecordingWorld, ReplayWorld, event_from_json,
     event_to_json, open_replay,
 )

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from closewait_trace import render
-from closewait_trace.decode import ExitHow, Stat
-from closewait_trace.diagnose import Cause, Confidence, Verdict
-from closewait_trace.facts import Listener
-from closewait_trace.join import Accepted, Change, ChangeKind, Connection, Direction
-from closewait_trace.render import (
+from closewait_trace.outputs import render
+from closewait_trace.kernel.decode import ExitHow, Stat
+from closewait_trace.pipeline.diagnose import Cause, Confidence, Verdict
+from closewait_trace.facts.facts import Listener
+from closewait_trace.pipeline.join import Accepted, Change, ChangeKind, Connection, Direction
+from closewait_trace.outputs.render import (
     JsonRenderer,
     LiveRenderer,
     PlainRenderer,
@@ -316,7 +316,7 @@ def test_plain_ipv6_and_preexisting() -> None:
 
 
 def test_plain_lost_line_says_lost() -> None:
-    from closewait_trace.join import Tracker
+    from closewait_trace.pipeline.join import Tracker
 
     from .events import cw_entry
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from closewait_trace.decode import SockFlag, SockInfo
-from closewait_trace.render import View
+from closewait_trace.kernel.decode import SockFlag, SockInfo
+from closewait_trace.outputs.render import View
 from closewait_trace.options import AcceptWatch, Options
 from closewait_trace.session import Session
 from closewait_trace.world import Counters, ProcessInfo

@@ -17,12 +17,13 @@ import pytest
 from hypothesis import given, strategies as st
 from rich.console import Console
 
-from closewait_trace import textsafe, timeline
-from closewait_trace.diagnose import Cause, Confidence, Verdict
-from closewait_trace.join import Accepted, Change, ChangeKind
+from closewait_trace.outputs import textsafe
+from closewait_trace.pipeline import timeline
+from closewait_trace.pipeline.diagnose import Cause, Confidence, Verdict
+from closewait_trace.pipeline.join import Accepted, Change, ChangeKind
 from closewait_trace.options import TimelineMode
-from closewait_trace.render import JsonRenderer, LiveRenderer, PlainRenderer, summary_lines
-from closewait_trace.textsafe import visible
+from closewait_trace.outputs.render import JsonRenderer, LiveRenderer, PlainRenderer, summary_lines
+from closewait_trace.outputs.textsafe import visible
 
 from .test_render import NOW, S, SK, open_conn, view
 
@@ -156,7 +157,8 @@ def test_json_keeps_the_true_name_escaped_by_json() -> None:
 def test_snapshot_command_escapes_names(monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from closewait_trace import cli, features, snapshot
+    from closewait_trace import cli, snapshot
+    from closewait_trace.kernel import features
 
     conns, v = hostile_view(HOSTILE)
     snap = snapshot.Snapshot(taken_ns=NOW, connections=conns, verdicts=v.verdicts,

@@ -184,7 +184,7 @@ def premerge_headers(kernels: list[Kernel], cache: Path = HEADER_CACHE) -> list[
     into the guest's /usr/src, so its /lib/modules/RELEASE/build resolves as when installed).
     """
     from closewait_trace.errors import CloseWaitError
-    from closewait_trace.headers import candidate_header_dirs
+    from closewait_trace.kernel.headers import candidate_header_dirs
 
     trees: list[Path] = []
     srcs = [Path("/usr/src")] + [k.root / "usr" / "src" for k in kernels if k.root is not None]

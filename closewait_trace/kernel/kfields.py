@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf as _btf
-from .errors import TracingUnavailableError
+from ..errors import TracingUnavailableError
 
 __all__ = ["KernelField", "KERNEL_FIELDS", "KernelFields", "resolve_kernel_fields"]
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from closewait_trace.decode import TcpState  # one definition, shared with the decoder
+from closewait_trace.kernel.decode import TcpState  # one definition, shared with the decoder
 from closewait_trace.errors import EnrichError, UsageError
-from . import textsafe
+from ..outputs import textsafe
 
 if TYPE_CHECKING:
     from . import facts
@@ -245,7 +245,7 @@ def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
 
 def open_sock_diag() -> socket.socket:
     """A bound NETLINK_SOCK_DIAG socket.  It answers for the network namespace of the thread
-    that creates it, for as long as it lives (closewait_trace.netns opens one per namespace)."""
+    that creates it, for as long as it lives (closewait_trace.facts.netns opens one per namespace)."""
     nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
     try:
         nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)

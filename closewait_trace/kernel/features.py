@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf as _btf
-from .errors import TracingUnavailableError, UsageError
+from ..errors import TracingUnavailableError, UsageError
 
 __all__ = [
     "SYS_KERNEL",

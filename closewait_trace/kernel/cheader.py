@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import BpfHeaderError
+from ..errors import BpfHeaderError
 
 if TYPE_CHECKING:
     from ctypes import _CDataType

@@ -20,12 +20,12 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, Stat
-from .enrich import DiagSocket, SocketOwner, TcpState
-from .errors import CloseWaitError
-from .containers import ContainerIdentity
-from .facts import Listener, ListenerHolder, Namespaces, Process, container_from_dict
-from .world import AcceptCounters, Controls, Counters, World, WorldEnded
+from ..kernel.decode import Event, EventType, ExitHow, SockFlag, SockInfo, Stat
+from ..facts.enrich import DiagSocket, SocketOwner, TcpState
+from ..errors import CloseWaitError
+from ..facts.containers import ContainerIdentity
+from ..facts.facts import Listener, ListenerHolder, Namespaces, Process, container_from_dict
+from ..world import AcceptCounters, Controls, Counters, World, WorldEnded
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -30,7 +30,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TracingUnavailableError
+from ..errors import TracingUnavailableError
 
 __all__ = [
     "VMLINUX_BTF",

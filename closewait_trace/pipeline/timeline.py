@@ -17,10 +17,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .decode import TcpState
-from .errors import OutputError, UsageError
+from ..kernel.decode import TcpState
+from ..errors import OutputError, UsageError
 from .join import Connection, Direction
-from .textsafe import visible
+from ..outputs.textsafe import visible
 
 BAR_WIDTH = 48
 

@@ -1,7 +1,7 @@
 """Decode stage: the C layouts of bpf/closewait.h as ctypes structs, and plain Python records.
 
 The header is the one source: at import, the shipped bpf/closewait.h is parsed
-(closewait_trace/cheader.py) and the ctypes structs below get their fields from it, the
+(closewait_trace/kernel/cheader.py) and the ctypes structs below get their fields from it, the
 length constants are read from it, and the enums are checked against its constants. A header
 that cannot be read that way raises BpfHeaderError.
 """
@@ -16,9 +16,10 @@ import signal
 import socket
 from dataclasses import dataclass
 
-from . import cheader, textsafe
+from . import cheader
+from ..outputs import textsafe
 from .bpfdir import bpf_source_dir
-from .errors import BpfHeaderError
+from ..errors import BpfHeaderError
 
 #: bpf/closewait.h as shipped with the package, parsed: the one source of the layouts below.
 HEADER = cheader.read_header(bpf_source_dir() / "closewait.h")

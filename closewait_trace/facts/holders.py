@@ -26,8 +26,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from closewait_trace.diagnose import EPOLL_WAITS
-from closewait_trace.enrich import (
+from closewait_trace.pipeline.diagnose import EPOLL_WAITS
+from closewait_trace.facts.enrich import (
     EPOLLET,
     PROC,
     _pids,

@@ -24,11 +24,11 @@ from typing import IO, Any
 from . import decode
 from .bpfdir import bpf_source_dir
 from .decode import CConfig, CListener, CListenerKey, CSock, SockInfo, Stat
-from .errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
+from ..errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
 from .features import Backend, EventPath, choose_event_path, ringbuf_probe
 from .headers import HeaderCandidate
 from .kfields import KernelFields, resolve_kernel_fields
-from .netns import own_netns_inode
+from ..facts.netns import own_netns_inode
 
 #: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
 DISTRO_BCC_DIRS = (

@@ -33,10 +33,10 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from . import __version__
-from .decode import HIST_BUCKETS, LOSS_SOURCES, Stat
-from .errors import UsageError
-from .join import Change, ChangeKind, Connection
+from .. import __version__
+from ..kernel.decode import HIST_BUCKETS, LOSS_SOURCES, Stat
+from ..errors import UsageError
+from ..pipeline.join import Change, ChangeKind, Connection
 from .render import View
 from .textsafe import visible
 

@@ -23,12 +23,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .decode import LOSS_SOURCES, LOSS_STATS, ExitHow, Stat, exit_code_text
-from .diagnose import Verdict, group_verdicts
-from . import timeline as tl
-from .facts import Listener, ListenerHolder, NetnsSource
-from .join import Change, ChangeKind, Connection, Direction
-from .options import TimelineMode
+from ..kernel.decode import LOSS_SOURCES, LOSS_STATS, ExitHow, Stat, exit_code_text
+from ..pipeline.diagnose import Verdict, group_verdicts
+from ..pipeline import timeline as tl
+from ..facts.facts import Listener, ListenerHolder, NetnsSource
+from ..pipeline.join import Change, ChangeKind, Connection, Direction
+from ..options import TimelineMode
 from .textsafe import visible
 
 SCHEMA_VERSION = 1

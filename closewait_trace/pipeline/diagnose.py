@@ -11,8 +11,8 @@ import enum
 import errno as errno_mod
 from dataclasses import dataclass, field
 
-from .decode import ExitHow, exit_code_text
-from .facts import ListenerHolder, Process
+from ..kernel.decode import ExitHow, exit_code_text
+from ..facts.facts import ListenerHolder, Process
 from .join import Accepted, Connection, Direction
 
 

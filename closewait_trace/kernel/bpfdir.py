@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import BpfLoadError
+from ..errors import BpfLoadError
 
 
 def bpf_source_dir() -> Path:
     """bpf/ of a source checkout, or closewait_trace/bpf of an installed package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "bpf", here.parent / "bpf"):
+    package = Path(__file__).resolve().parent.parent  # closewait_trace/, this file is in kernel/
+    for candidate in (package / "bpf", package.parent / "bpf"):
         if (candidate / "closewait.bpf.c").is_file():
             return candidate
-    raise BpfLoadError(f"the BPF sources are missing (looked in {here / 'bpf'} and {here.parent / 'bpf'})")
+    raise BpfLoadError(
+        f"the BPF sources are missing (looked in {package / 'bpf'} and {package.parent / 'bpf'})")

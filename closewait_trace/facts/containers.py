@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from closewait_trace.enrich import PROC, _pids  # one /proc pid listing for every stage
+from closewait_trace.facts.enrich import PROC, _pids  # one /proc pid listing for every stage
 from closewait_trace.errors import UsageError
 
 __all__ = [

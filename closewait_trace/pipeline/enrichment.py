@@ -24,12 +24,12 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .containers import ContainerIdentity
+from ..facts.containers import ContainerIdentity
 from .diagnose import AcceptStats, DurationStats, Facts, ListenerFacts, responsible_holders
-from .enrich import DiagSocket, TupleIndex, normalize_addr
-from .facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
+from ..facts.enrich import DiagSocket, TupleIndex, normalize_addr
+from ..facts.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
 from .join import Accepted, Connection, Direction, Tracker
-from .world import Counters, HostFacts
+from ..world import Counters, HostFacts
 
 _WILDCARDS = ("0.0.0.0", "::")
 #: tries at finding a connection's socket before giving up on it

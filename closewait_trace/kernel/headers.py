@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import KernelHeadersError
+from ..errors import KernelHeadersError
 
 __all__ = [
     "DEFAULT_CACHE_DIR",

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from closewait_trace.enrich import (
+from closewait_trace.facts.enrich import (
     _NLMSGHDR,
     NLM_F_REQUEST,
     NLMSG_ERROR,
@@ -331,7 +331,7 @@ class NetnsDiag:
 
     def diag_sockets(self, netns: int, states: Collection[TcpState],
                      families: Collection[int] = _FAMILIES) -> list[DiagSocket]:
-        """:func:`closewait_trace.enrich.diag_sockets` asked in namespace ``netns``.
+        """:func:`closewait_trace.facts.enrich.diag_sockets` asked in namespace ``netns``.
         Raises :class:`EnrichError` (also when the namespace no longer exists)."""
         sock, lock = self._socket(netns)
         with lock:

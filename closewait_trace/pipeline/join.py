@@ -16,10 +16,10 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .containers import ContainerIdentity
-from .decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
-from .facts import Listener
-from .facts import NetnsSource
+from ..facts.containers import ContainerIdentity
+from ..kernel.decode import Event, EventType, ExitHow, SockFlag, SockInfo, TcpState
+from ..facts.facts import Listener
+from ..facts.facts import NetnsSource
 
 
 class Direction(enum.Enum):
