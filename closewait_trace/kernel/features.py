@@ -13,6 +13,7 @@ import enum
 import errno
 import os
 import platform
+import resource
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "has_tracepoint",
     "kprobes_available",
     "fentry_probe",
+    "lift_memlock_limit",
     "fentry_available",
     "btf_available",
     "is_privileged",
@@ -497,8 +499,24 @@ class KernelFeatures:
         return tracepoint in self.tracepoints
 
 
+def lift_memlock_limit() -> None:
+    """Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK, summed over all the
+    processes of a user: with another BPF tool of root's running, even the fentry probe's
+    program is refused (EPERM), and the backend with it. Lift the limit before the first
+    probe, as BCC does when it loads; without CAP_SYS_RESOURCE, up to the hard limit (a
+    service's LimitMEMLOCK=infinity); past that, the refusal says EPERM."""
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    for limit in ((resource.RLIM_INFINITY, resource.RLIM_INFINITY), (hard, hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def probe_features() -> KernelFeatures:
     """Probe the running kernel.  Does not mount anything: call ensure_tracefs() first."""
+    lift_memlock_limit()
     root = tracefs_root()
     present = frozenset(
         tp for tp in PROBED_TRACEPOINTS if root is not None and has_tracepoint(*_split_tracepoint(tp), root=root)

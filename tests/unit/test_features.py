@@ -412,3 +412,46 @@ def test_bcc_version_of_an_importable_module(tmp_path: Path, monkeypatch: pytest
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(__import__("sys").modules, "bcc", raising=False)
     assert F.bcc_version() == "0.31.0"
+
+
+def test_memlock_is_lifted_before_the_first_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 5.11 a BPF program is charged to RLIMIT_MEMLOCK, summed over root's processes:
+    the fentry probe must run with the limit lifted (5.10 refused it with EPERM while another
+    tracer ran)."""
+    from closewait_trace.kernel import features as f
+
+    calls: list[tuple[int, tuple[int, int]]] = []
+    monkeypatch.setattr(f.resource, "setrlimit", lambda which, lim: calls.append((which, lim)))
+
+    def fake_fentry_probe(func: str = "tcp_close") -> tuple[bool, str]:
+        assert calls == [(f.resource.RLIMIT_MEMLOCK,
+                          (f.resource.RLIM_INFINITY, f.resource.RLIM_INFINITY))]
+        return True, "probed"
+
+    monkeypatch.setattr(f, "btf_available", lambda *a, **k: True)
+    monkeypatch.setattr(f._btf, "func_arg_count", lambda name: 4)
+    monkeypatch.setattr(f, "fentry_probe", fake_fentry_probe)
+    assert f.probe_features().fentry
+
+
+def test_without_the_capability_memlock_goes_up_to_the_hard_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from closewait_trace.kernel import features as f
+
+    tried: list[tuple[int, int]] = []
+
+    def only_up_to_hard(which: int, lim: tuple[int, int]) -> None:
+        tried.append(lim)
+        if lim[1] != 8 << 20:
+            raise ValueError("not allowed to raise maximum limit")
+
+    monkeypatch.setattr(f.resource, "getrlimit", lambda which: (64 << 10, 8 << 20))
+    monkeypatch.setattr(f.resource, "setrlimit", only_up_to_hard)
+    f.lift_memlock_limit()
+    assert tried == [(f.resource.RLIM_INFINITY, f.resource.RLIM_INFINITY), (8 << 20, 8 << 20)]
+
+    def refuse(which: int, lim: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(f.resource, "setrlimit", refuse)
+    f.lift_memlock_limit()  # no exception: the BPF refusal will say EPERM instead
