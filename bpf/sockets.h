@@ -95,7 +95,10 @@ static __always_inline void note_accept(void *pctx, u64 sk, u64 now)
     bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
     stat_inc(CW_STAT_ACCEPTS);
     if (s->flags & CW_F_IN_CW) {
-        s->flags |= CW_F_ACCEPT_IN_CW;
+        /* The FIN may be handled on another CPU between our timestamp and this
+         * check: accepted after it only if it came first by the clock. */
+        if (s->ts_cw_enter <= now)
+            s->flags |= CW_F_ACCEPT_IN_CW;
         sync_cw(cfg, sk, s);
     }
     if (s->flags & CW_F_TIMELINE)

@@ -122,7 +122,7 @@ def test_demo_large_backlog_connections_are_drained_late() -> None:
         assert c["accepted_after_fin"] is True, why
         # Certain once it crossed the threshold while it waited; likely below it.
         assert c["verdict"]["confidence"] == ("certain" if c["flagged"] else "likely"), why
-        assert c["accept_after_fin_s"] > 0, why
+        assert c["accept_after_fin_s"] >= 0, why
         assert any("accept queue" in e for e in c["verdict"]["evidence"]), why
 
 
