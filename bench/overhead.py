@@ -519,7 +519,15 @@ def _short(path: str) -> str:
 # Run by default, in this order (rotated each round).
 DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "floor", "tcpstates", "tcplife")
 # Also available with --only: the timeline of *every* socket (meant for use with filters).
-ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "floor-raw", "empty", "empty-raw")
+ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "closewait-while-needed", "floor-raw",
+               "empty", "empty-raw")
+# closewait configurations with more options: name -> (the option they need, its arguments)
+CLOSEWAIT_VARIANTS = {
+    "closewait-timeline": ("--timeline", ["--timeline"]),
+    "closewait-timeline-all": ("--timeline", ["--timeline", "all"]),
+    # the accept watch attached for the whole of an incident (auto samples it after 30 s)
+    "closewait-while-needed": ("--accept-watch", ["--accept-watch", "while-needed"]),
+}
 # bench.floor's configurations: name -> its arguments.
 FLOOR_CONFIGS = {"floor": (), "floor-raw": ("--raw",), "empty": ("--empty",),
                  "empty-raw": ("--empty", "--raw")}
@@ -658,12 +666,12 @@ def _config(name: str, cw: str | None, paths: dict[str, str], bcc_env: dict[str,
     if name == "closewait":
         assert cw
         return Config("closewait", "closewait", [cw, "--json"])
-    if name in ("closewait-timeline", "closewait-timeline-all"):
+    if name in CLOSEWAIT_VARIANTS:
         assert cw
-        extra = ["--timeline"] if name == "closewait-timeline" else ["--timeline", "all"]
-        if closewait_has_option(cw, "--timeline"):
+        option, extra = CLOSEWAIT_VARIANTS[name]
+        if closewait_has_option(cw, option):
             return Config(name, "closewait", [cw, "--json", *extra])
-        notes.append(f"{name} skipped: this closewait-trace has no --timeline "
+        notes.append(f"{name} skipped: this closewait-trace has no {option} "
                      "option (`closewait-trace --help`)")
         return None
     if name in FLOOR_CONFIGS:
@@ -984,6 +992,7 @@ def incident(bench: Bench, run: Run, cfg: Config,
                 f"{progs} BPF programs at ready; more {waited:.1f} s after the leaks were made"
                 if waited is not None else f"{progs} BPF programs at ready, no more within "
                 f"{bench.args.incident_wait:g} s after the leaks were made")
+        time.sleep(bench.args.incident_settle)
         yield
     finally:
         for r in roles:
@@ -1127,6 +1136,9 @@ def _header(meta: dict[str, Any]) -> list[str]:
                      f"and {meta['incident']:,} accepted-not-closed sockets in CLOSE_WAIT on "
                      "two other listeners (made after the tracer was ready, closed after the "
                      "load)")
+        if meta.get("incident_settle_s"):
+            lines.append(f"- The load began {meta['incident_settle_s']:g} s after the leaks "
+                         "were made (and closewait-trace's accept watch first attached)")
     return [*lines, ""]
 
 
@@ -1355,6 +1367,9 @@ def _add_machine_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--incident-wait", type=float, default=10.0,
                     help="--incident: seconds closewait-trace is given to turn its accept "
                          "watch on before the load (default 10)")
+    ap.add_argument("--incident-settle", type=float, default=0.0,
+                    help="--incident: seconds more before the load, every configuration (35: "
+                         "closewait-trace's accept watch is sampled by then; default 0)")
     ap.add_argument("--wait-quiet", type=float, metavar="LOAD",
                     help="first wait until the 1-min load average is at most LOAD (poll every "
                          "60 s, up to --wait-max)")
@@ -1459,6 +1474,7 @@ def _meta(args: argparse.Namespace, argv: Sequence[str] | None, nginx: Nginx,
         "settle": args.settle, "warmup": args.warmup, "threads": args.threads,
         "connections": args.connections, "load_before": fmt_load(load_before),
         "waited_s": waited, "incident": args.incident_leaks if args.incident else 0,
+        "incident_settle_s": args.incident_settle if args.incident else 0,
     }
 
 

@@ -114,9 +114,10 @@ _HEADERS = click.option("--kernel-headers", type=click.Path(path_type=Path),
 _ACCEPT_WATCH = click.option(
     "--accept-watch", type=click.Choice([w.value for w in AcceptWatch]), default="auto",
     show_default=True,
-    help="Tracepoint backend only: trace accept() through the syscall tracepoints only while"
-    " never-accepted sockets need explaining (auto), or all the time (they slow every syscall"
-    " a little).")
+    help="Tracepoint backend only: trace accept() through the syscall tracepoints while"
+    " never-accepted sockets need explaining, continuously for 30 s then 2 s in every 20 s"
+    " (auto), the whole time they do (while-needed), or always. While attached they slow"
+    " every syscall on the machine.")
 _MAX_SOCKETS = click.option("--max-sockets", type=click.IntRange(1024, 1 << 22),
                             default=DEFAULT_MAX_SOCKS, show_default=True,
                             help="Size of the kernel's per-socket map.")

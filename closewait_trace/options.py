@@ -33,7 +33,8 @@ class TimelineMode(enum.Enum):
 class AcceptWatch(enum.Enum):
     """Tracepoint backend: when the accept() syscall tracepoints are attached."""
 
-    AUTO = "auto"  # only while never-accepted sockets need explaining
+    AUTO = "auto"  # while never-accepted sockets need explaining; part-time in a long incident
+    WHILE_NEEDED = "while-needed"  # all the time while they need explaining
     ALWAYS = "always"
 
 

@@ -16,6 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .acceptwatch import AcceptWatchPlan
 from .pipeline.diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
 from .facts.enrich import DiagSocket
 from .pipeline.enrichment import MAX_TRIES, Enrichment, container_matches
@@ -71,7 +72,10 @@ class Session:
         self._started = False
         self._ended = False
         self.enrichment = Enrichment(world, self.tracker)
-        self._accept_watch_until = 0
+        self.accept_plan = AcceptWatchPlan(
+            AcceptWatch(str(info.get("accept_watch", options.accept_watch.value))))
+        self._said_sampling = False
+        self._rechecked_ns = 0
         self.ticks = TickStats()
         self._rediagnose_turn = 0
 
@@ -216,6 +220,8 @@ class Session:
         if slow_due or new:
             self._steer_accept_watch(now)
         if slow_due:
+            changes += self._accepted_unwatched(now)
+        if slow_due:
             self._last_slow_ns = now
             self._watch_pids(now)
             self.tracker.trim_closed(self.options.keep_closed)
@@ -226,8 +232,6 @@ class Session:
         self.renderer.refresh(view)
 
     # --- helpers --------------------------------------------------------------------------
-
-    ACCEPT_WATCH_LINGER_NS = 30_000_000_000
 
     #: Most uncertain verdicts judged again per second; with more, they take turns.
     REDIAGNOSE_PER_SECOND = 2000
@@ -257,14 +261,37 @@ class Session:
         return out
 
     def _steer_accept_watch(self, now: int) -> None:
-        """Keep the accept syscall tracepoints (tracepoint backend) attached while sockets
-        that were never accepted are open, and 30 s after: their accept() failures and late
-        accepts are the evidence. They tax every syscall, so they are off otherwise."""
-        if self.options.accept_watch is not AcceptWatch.AUTO:
-            return
-        if any(c.accepted is Accepted.NO for c in self.tracker.open.values()):
-            self._accept_watch_until = now + self.ACCEPT_WATCH_LINGER_NS
-        self.world.controls.set_accept_watch(now < self._accept_watch_until)
+        """Attach the accept syscall tracepoints (tracepoint backend) as the plan says: while
+        sockets that were never accepted are open (their accept() failures and late accepts
+        are the evidence), part-time in a long incident. They tax every syscall."""
+        plan = self.accept_plan
+        needed = any(c.accepted is Accepted.NO for c in self.tracker.open.values())
+        on = plan.wanted(now, needed)
+        if plan.mode is not AcceptWatch.ALWAYS:  # (attached once, at start)
+            self.world.controls.set_accept_watch(on)
+        self.enrichment.accept_coverage = plan.coverage(now)
+        if plan.sampling(now) and not self._said_sampling:
+            self.renderer.notice(plan.describe())
+        self._said_sampling = plan.sampling(now)
+
+    #: How often sockets found never accepted are looked up again while accept() is sampled.
+    RECHECK_NS = 5_000_000_000
+
+    def _accepted_unwatched(self, now: int) -> list[Change]:
+        """While the accept watch is attached part-time, a late accept may fall between its
+        windows: sockets found never accepted are looked up again (one sock_diag dump per
+        namespace for many), and those with an inode now were accepted."""
+        if not self.accept_plan.sampling(now) or now - self._rechecked_ns < self.RECHECK_NS:
+            return []
+        self._rechecked_ns = now
+        waiting = [c for c in self.tracker.open.values()
+                   if c.accepted is Accepted.NO and c.inode == 0]
+        if not waiting:
+            return []
+        accepted = self.enrichment.accepted_since(waiting)
+        for conn in accepted:
+            self.verdicts[conn.key] = diagnose(conn, self._facts(conn), now)
+        return [Change(ChangeKind.UPDATED, c) for c in accepted]
 
     def _set_counters(self, counters: Counters) -> None:
         self.counters = self.enrichment.counters = counters
@@ -367,6 +394,8 @@ class Session:
             hist=list(c.hist),
             wall_offset_ns=self.wall_offset_ns,
             tick=self.ticks,
+            accept_watch_s=self.accept_plan.attached_ns / 1e9
+            if self.backend == "tracepoint" else None,
         )
 
 

@@ -124,6 +124,7 @@ class _Values:
     slow_ticks: int = 0
     tick_last_s: float = 0.0
     tick_max_s: float = 0.0
+    accept_watch_s: float | None = None
     wall_s: float = field(default_factory=time.time)
 
     @classmethod
@@ -156,6 +157,7 @@ class _Values:
             ticks=tick.ticks if tick else 0, slow_ticks=tick.over_1s if tick else 0,
             tick_last_s=tick.last_ns / 1e9 if tick else 0.0,
             tick_max_s=tick.max_ns / 1e9 if tick else 0.0,
+            accept_watch_s=view.accept_watch_s,
         )
 
 
@@ -309,6 +311,12 @@ def _accept_series(v: _Values) -> Iterator[Metric]:
         b.add_metric([str(port)], backlog)
     yield q
     yield b
+    if v.accept_watch_s is not None:
+        watch = CounterMetricFamily(
+            _m("accept_watch_seconds"), "Seconds the accept() syscall tracepoints were attached"
+            " (tracepoint backend): every syscall on the machine is slower meanwhile.")
+        watch.add_metric([], v.accept_watch_s)
+        yield watch
 
 
 def _per_port(listeners: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int]]:

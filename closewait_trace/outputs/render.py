@@ -85,6 +85,8 @@ class View:
     wall_offset_ns: int | None = None
     #: the tracer's own tick times (None: not a live tracer, e.g. a unit test's view)
     tick: TickStats | None = None
+    #: seconds the accept syscall tracepoints were attached (None: accept() is probed directly)
+    accept_watch_s: float | None = None
 
     @property
     def events_lost(self) -> int:

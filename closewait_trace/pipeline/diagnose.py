@@ -86,6 +86,8 @@ class Facts:
     process: Process | None = None
     listener: ListenerFacts | None = None
     durations: DurationStats | None = None
+    #: the share of recent time accept() outcomes were watched (below 1: sampled)
+    accept_coverage: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,8 @@ def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
         evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(now_ns - acc.last_ok_ns)}"
                         " ago")
     elif conn.history:
-        evidence.append("no successful accept() seen since the tracer started")
+        evidence.append("no successful accept() seen since the tracer started"
+                        + _sampled(facts.accept_coverage))
     threads = proc.threads if proc is not None else {}
     if threads:
         evidence.append(f"threads of pid {proc.pid if proc else '?'}: {threads_text(threads)}")
@@ -353,7 +356,7 @@ def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
             tuple(evidence))
 
     # 3. It accepts, but slower than connections come and go (seed 001: backlog too large).
-    if acc is not None and acc.ok and now_ns - acc.last_ok_ns < 60 * 1_000_000_000:
+    if acc is not None and acc.ok and now_ns - acc.last_ok_ns < _recent_ns(facts):
         return Verdict(
             Cause.DRAINED_LATE, Confidence.LIKELY,
             f"not accepted yet: {who} accepts, but slower than peers give up; the queue"
@@ -367,6 +370,15 @@ def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
         f"never accepted: {who} does not drain its accept queue"
         + (" (no thread is in accept())" if threads and not accepting else ""),
         tuple(evidence))
+
+
+def _sampled(coverage: float) -> str:
+    return f" (accept() watched {coverage:.0%} of the time)" if coverage < 1 else ""
+
+
+def _recent_ns(facts: Facts) -> int:
+    """How long ago a seen accept() still says the process accepts: a minute of watching."""
+    return int(60 * 1_000_000_000 / max(facts.accept_coverage, 0.01))
 
 
 def responsible_holders(holders: tuple[ListenerHolder, ...] | list[ListenerHolder]

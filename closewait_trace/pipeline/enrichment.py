@@ -107,6 +107,8 @@ class Enrichment:
         self.world = world
         self.tracker = tracker
         self.counters = Counters()
+        #: the share of recent time accept() outcomes were seen (the session's accept watch)
+        self.accept_coverage = 1.0
         self._ns: Namespaces | None = None
         self._ns_at: int | None = None
         self._now = 0
@@ -150,6 +152,20 @@ class Enrichment:
         found = self._locate(needs)
         for conn in needs:
             self.apply(conn, found.get(id(conn)))
+
+    def accepted_since(self, conns: list[Connection]) -> list[Connection]:
+        """Sockets found never accepted, looked up again: those that have an inode now were
+        accepted after the peer's FIN (when the kernel's accept watch did not see it)."""
+        found = self._locate(conns)
+        out = []
+        for conn in conns:
+            d = found.get(id(conn))
+            if d is None or not d.inode:
+                continue
+            self.apply(conn, d)
+            conn.accepted_after_fin = conn.accepted is Accepted.YES
+            out.append(conn)
+        return out
 
     def _locate(self, conns: list[Connection]) -> dict[int, DiagSocket | None]:
         ns = self.namespaces()
@@ -313,7 +329,8 @@ class Enrichment:
             if lst_facts is not None and lst_facts.holders:
                 proc, acc = self._blame(conn, lst_facts, proc, acc)
         return Facts(accept=acc, process=proc, listener=lst_facts,
-                     durations=durations if not conn.is_open else None)
+                     durations=durations if not conn.is_open else None,
+                     accept_coverage=self.accept_coverage)
 
     def _accept_stats(self, pid: int) -> AcceptStats | None:
         st = self.counters.accept.get(pid)

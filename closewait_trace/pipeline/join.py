@@ -391,7 +391,8 @@ class Tracker:
             conn.accepted = accepted
         if s.ts_accept:
             conn.accepted_ns = s.ts_accept
-        conn.accepted_after_fin = bool(s.flags & SockFlag.ACCEPT_IN_CW)
+        # (also set by enrichment, for an accept the kernel did not watch)
+        conn.accepted_after_fin = conn.accepted_after_fin or bool(s.flags & SockFlag.ACCEPT_IN_CW)
         if s.ts_established:
             conn.established_ns = s.ts_established
         elif s.ts_first and s.flags & (SockFlag.PASSIVE | SockFlag.ACTIVE) \

@@ -150,6 +150,12 @@ def test_lost_events_by_source_accept_errors_listeners_and_health() -> None:
     assert _samples(text, "closewait_tracer_tick_max_seconds") == [({}, 1.5)]
     assert _samples(text, "closewait_tracer_slow_ticks_total") == [({}, 1.0)]
     assert _samples(text, "closewait_leak_threshold_seconds") == [({}, 10.0)]
+    assert _samples(text, "closewait_accept_watch_seconds_total") == []  # not asked: none
+
+
+def test_time_the_accept_watch_was_attached_is_a_counter() -> None:
+    view = _view([], accept_watch_s=42.5)
+    assert _samples(_exposition(view), "closewait_accept_watch_seconds_total") == [({}, 42.5)]
 
 
 @pytest.mark.parametrize("path, short", [

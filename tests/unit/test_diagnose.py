@@ -370,3 +370,16 @@ def test_group_verdicts_counts_by_process_port_and_cause() -> None:
     groups = group_verdicts([a, b, c], {a.key: v, b.key: v})
     assert [(g["port"], g["cause"], g["count"]) for g in groups] == [
         (80, "accepted-not-closed", 2), (81, "unknown", 1)]
+
+
+def test_a_sampled_accept_watch_is_said_and_widens_what_counts_as_recent() -> None:
+    unseen = diagnose(never_accepted(inode=0), Facts(accept_coverage=0.1), NOW)
+    assert ("no successful accept() seen since the tracer started"
+            " (accept() watched 10% of the time)") in unseen.evidence
+    two_minutes_ago = acc_stats(ok=1, last_ok_ns=NOW - 120 * S)
+    listener = ListenerFacts(port=8080, queue=3, backlog=128)
+    full = diagnose(never_accepted(), Facts(accept=two_minutes_ago, listener=listener), NOW)
+    sampled = diagnose(never_accepted(), Facts(accept=two_minutes_ago, listener=listener,
+                                               accept_coverage=0.1), NOW)
+    assert full.cause is Cause.NEVER_ACCEPTED
+    assert sampled.cause is Cause.DRAINED_LATE  # a minute of watching is ten of sampling

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from closewait_trace.facts.enrich import DiagSocket, TcpState
 from closewait_trace.kernel.decode import SockFlag, SockInfo
+from closewait_trace.pipeline.join import Accepted
 from closewait_trace.outputs.render import View
 from closewait_trace.options import AcceptWatch, Options
 from closewait_trace.session import Session
@@ -27,6 +29,7 @@ class ScriptedWorld:
     def __init__(self) -> None:
         self.now = 100 * S
         self.cw: list[SockInfo] = []
+        self.diag: list[Any] = []
         self.watch: list[bool] = []
         self.controls = self
 
@@ -35,7 +38,7 @@ class ScriptedWorld:
     def events(self, timeout_ms: int) -> list[Any]: return []
     def close_wait(self) -> list[SockInfo]: return list(self.cw)
     def counters(self) -> Counters: return Counters()
-    def diag_close_wait(self, netns: int | None = None) -> list[Any]: return []
+    def diag_close_wait(self, netns: int | None = None) -> list[Any]: return list(self.diag)
     def listeners(self, netns: int | None = None) -> list[Any]: return []
     def namespaces(self) -> None: return None
     def lookup(self, *args: Any) -> None: return None
@@ -94,3 +97,69 @@ def test_accept_watch_always_is_set_once_and_never_steered() -> None:
     for _ in range(5):
         _tick(session, world, 1.0)
     assert world.watch == [True]
+
+
+class NoticeRenderer(NullRenderer):
+    def __init__(self) -> None:
+        self.notices: list[str] = []
+
+    def notice(self, message: str) -> None:
+        self.notices.append(message)
+
+
+def test_a_long_incident_samples_the_accept_watch_and_says_so_once() -> None:
+    world = ScriptedWorld()
+    renderer = NoticeRenderer()
+    session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), renderer, world,
+                      {"backend": "tracepoint", "accept_watch": "auto"})
+    session.start()
+    world.cw = [_never_accepted(world.now)]
+    for _ in range(70):
+        _tick(session, world, 1.0)
+    assert world.watch[:30] == [True] * 30
+    assert world.watch[30:70].count(True) == 4  # 2 s in each 20 s
+    sampled = [n for n in renderer.notices if n.startswith("accept() is now watched")]
+    assert len(sampled) == 1, renderer.notices
+    assert session.enrichment.accept_coverage == 0.1
+    view = session.view()
+    assert view.accept_watch_s is not None and 33 <= view.accept_watch_s <= 35
+
+
+def test_while_needed_keeps_the_watch_on_and_other_backends_report_no_watch_time() -> None:
+    world = ScriptedWorld()
+    session = Session(Options(accept_watch=AcceptWatch.WHILE_NEEDED), NullRenderer(), world,
+                      {"backend": "tracepoint", "accept_watch": "while-needed"})
+    session.start()
+    world.cw = [_never_accepted(world.now)]
+    for _ in range(70):
+        _tick(session, world, 1.0)
+    assert world.watch[-40:] == [True] * 40
+    assert session.enrichment.accept_coverage == 1.0
+    kprobe = Session(Options(), NullRenderer(), ScriptedWorld(),
+                     {"backend": "kprobe", "accept_watch": "always"})
+    assert kprobe.view().accept_watch_s is None
+
+
+def _diag_row(inode: int) -> DiagSocket:
+    return DiagSocket(family=2, state=TcpState.CLOSE_WAIT, laddr="127.0.0.1", lport=80,
+                      raddr="127.0.0.1", rport=5000, inode=inode, uid=0, rqueue=1, wqueue=0,
+                      cookie=1)
+
+
+def test_an_accept_between_sampled_windows_is_found_by_its_inode() -> None:
+    world = ScriptedWorld()
+    session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), NullRenderer(), world,
+                      {"backend": "tracepoint", "accept_watch": "auto"})
+    session.start()
+    world.cw = [_never_accepted(world.now)]
+    world.diag = [_diag_row(0)]
+    for _ in range(40):
+        _tick(session, world, 1.0)
+    conn = next(iter(session.tracker.open.values()))
+    assert conn.accepted is Accepted.NO and conn.inode == 0
+    world.diag = [_diag_row(777)]  # accepted while the watch was detached
+    for _ in range(6):
+        _tick(session, world, 1.0)
+    assert conn.accepted is Accepted.YES and conn.inode == 777
+    assert conn.accepted_after_fin
+    assert session.verdicts[conn.key].cause.value != "never-accepted"
