@@ -11,9 +11,10 @@ VM_KERNELS ?= 6.1,6.12
 VM_EXTENDED ?= 5.10,6.1-rt:kprobe+tracepoint
 VM_BACKENDS ?= kprobe,fentry,tracepoint
 VM_LOGS ?= logs/vm
-#: The perf-buffer event path (kernels before 5.8) forced in one cell: 6.1's fentry cell (6.12's
-#: fentry cell keeps the ring buffer).
-VM_CELL_ENV ?= --cell-env 6.1-fentry:CLOSEWAIT_FORCE_PERF_BUFFER=1
+#: Fallbacks forced in one cell each: the perf-buffer event path (kernels before 5.8) in 6.1's
+#: fentry cell, the classic state tracepoint (kernels without BTF) in 6.12's fentry cell.
+VM_CELL_ENV ?= --cell-env 6.1-fentry:CLOSEWAIT_FORCE_PERF_BUFFER=1 \
+  --cell-env 6.12-fentry:CLOSEWAIT_CLASSIC_TRACEPOINT=1
 VM_CMD = CLOSEWAIT_BACKEND={backend} CLOSEWAIT_REQUIRE_KERNEL=1 CLOSEWAIT_START_TIMEOUT=600 \
   .venv/bin/python -m pytest tests/kernel -q -p no:cacheprovider -m 'not host_only' \
   --durations=15 --junitxml={junit}

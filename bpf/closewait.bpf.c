@@ -20,6 +20,9 @@
  * BCC rewrites map operations only in the text it is given, so userspace (attach.py) inlines
  * these local headers into one text, with #line directives, before compiling.
  *
+ * State changes come from the raw tracepoint where the socket fields it needs have offsets
+ * (CW_HAVE_RAW_TRACEPOINT), else from the classic tracepoint, whose record has them.
+ *
  * No kernel struct definition is used: the few fields read (task.h) are read at offsets
  * userspace takes from the running kernel's BTF, so the program compiles against any kernel's
  * headers and runs on any kernel that has the tracepoint (4.16+) and bpf_probe_read_kernel (5.5+);
@@ -56,6 +59,33 @@
 #include "transitions.h"
 #include "follow.h"
 
+#ifdef CW_HAVE_RAW_TRACEPOINT
+/* (struct sock *sk, int oldstate, int newstate): nothing is filled before the program runs;
+ * it reads the protocol only for a transition it wants, the addresses only when needed. */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    struct cw_config *cfg = get_config();
+    if (!cfg || !transition_wanted(cfg, oldstate, newstate))
+        return 0;
+    u64 sk = ctx->args[0];
+    if (sock_u16(sk, CW_OFF_SOCK_PROTOCOL) != CW_IPPROTO_TCP)
+        return 0;
+    struct cw_ctx c = {};
+    c.pctx = ctx;
+    c.cfg = cfg;
+    c.sk = sk;
+    c.now = bpf_ktime_get_ns();
+    c.oldstate = oldstate;
+    c.newstate = newstate;
+    c.t.family = sock_u16(sk, CW_OFF_SOCK_FAMILY);
+    c.t.lport = sock_u16(sk, CW_OFF_SOCK_NUM);
+    c.t.rport = be16_to_host(sock_u16(sk, CW_OFF_SOCK_DPORT));
+    on_transition(&c);
+    return 0;
+}
+#else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != CW_IPPROTO_TCP)
@@ -78,6 +108,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     on_transition(&c);
     return 0;
 }
+#endif
 
 #ifdef CW_FOLLOW_PIDS
 TRACEPOINT_PROBE(task, task_newtask)

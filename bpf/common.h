@@ -26,18 +26,53 @@ struct cw_ctx {
     u64 now;   /* ns, CLOCK_MONOTONIC */
     int oldstate;
     int newstate;
-    const void *saddr; /* the tracepoint's 16-byte address fields, read only when needed */
+    const void *saddr; /* the classic tracepoint's 16-byte address fields, read when needed */
     const void *daddr;
     struct cw_tuple t;
 };
 
-/* Addresses only where they are needed. The tracepoint stores IPv4 addresses
- * IPv4-mapped in the v6 fields as well. */
+static __always_inline u16 sock_u16(u64 sk, u32 off)
+{
+    u16 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)sk + off);
+    return v;
+}
+
+static __always_inline u16 be16_to_host(u16 v)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return __builtin_bswap16(v);
+#else
+    return v;
+#endif
+}
+
+/* Addresses only where they are needed, always 16 bytes: IPv4 ones IPv4-mapped
+ * (::ffff:a.b.c.d), as the classic tracepoint stores them in its v6 fields. */
+#ifdef CW_HAVE_RAW_TRACEPOINT
+static __always_inline void load_addr(u8 *dst, u64 sk, int family, u32 off4, u32 off6)
+{
+    if (family == CW_AF_INET6) {
+        bpf_probe_read_kernel(dst, CW_ADDR_LEN, (char *)sk + off6);
+        return;
+    }
+    dst[10] = 0xff;
+    dst[11] = 0xff;
+    bpf_probe_read_kernel(dst + 12, 4, (char *)sk + off4);
+}
+
+static __always_inline void load_addrs(struct cw_ctx *c)
+{
+    load_addr(c->t.laddr, c->sk, c->t.family, CW_OFF_SOCK_RCV_SADDR, CW_OFF_SOCK_V6_RCV_SADDR);
+    load_addr(c->t.raddr, c->sk, c->t.family, CW_OFF_SOCK_DADDR, CW_OFF_SOCK_V6_DADDR);
+}
+#else
 static __always_inline void load_addrs(struct cw_ctx *c)
 {
     bpf_probe_read_kernel(c->t.laddr, CW_ADDR_LEN, c->saddr);
     bpf_probe_read_kernel(c->t.raddr, CW_ADDR_LEN, c->daddr);
 }
+#endif
 
 static __always_inline void stat_add(int idx, u64 n)
 {

@@ -99,6 +99,7 @@ def _ready_info(options: Options, backend: Backend, probes: Probes) -> dict[str,
         "wall_offset_ns": time.time_ns() - time.monotonic_ns(),
         "accept_watch": options.accept_watch.value if backend is Backend.TRACEPOINT else "always",
         "features_off": dict(probes.kernel_fields.disabled),
+        "state_probe": probes.kernel_fields.state_probe,
         "events": probes.event_path.value,
     }
 

@@ -27,7 +27,7 @@ from .decode import CConfig, CListener, CListenerKey, CSock, SockInfo, Stat
 from ..errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
 from .features import Backend, EventPath, choose_event_path, ringbuf_probe
 from .headers import HeaderCandidate
-from .kfields import KernelFields, resolve_kernel_fields
+from .kfields import CLASSIC_TRACEPOINT_ENV, KernelFields, resolve_kernel_fields
 from ..facts.netns import own_netns_inode
 
 #: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
@@ -297,6 +297,9 @@ class Probes:
         fields = settings.kernel_fields
         if fields is None:
             fields = resolve_kernel_fields()
+        if os.environ.get(CLASSIC_TRACEPOINT_ENV, "") not in ("", "0"):
+            fields = fields.without("raw-tracepoint", f"{CLASSIC_TRACEPOINT_ENV}="
+                                    f"{os.environ[CLASSIC_TRACEPOINT_ENV]}: the classic tracepoint")
         notices: list[str] = fields.notices()
         if settings.events is None:
             choice = choose_event_path(ringbuf_probe(), os.environ)

@@ -18,7 +18,8 @@ from pathlib import Path
 from . import btf as _btf
 from ..errors import TracingUnavailableError
 
-__all__ = ["KernelField", "KERNEL_FIELDS", "KernelFields", "resolve_kernel_fields"]
+__all__ = ["CLASSIC_TRACEPOINT_ENV", "KernelField", "KERNEL_FIELDS", "KernelFields",
+           "resolve_kernel_fields"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,22 @@ KERNEL_FIELDS: tuple[KernelField, ...] = (
     KernelField("SOCKET_FILE", "socket", "file", 8, "listener-link"),
     KernelField("FILE_INODE", "file", "f_inode", 8, "listener-link"),
     KernelField("INODE_INO", "inode", "i_ino", 8, "listener-link"),
+    # State changes from the raw tracepoint (issue 12): the kernel does not fill the classic
+    # tracepoint's record first; the program reads what it needs of the socket itself.
+    KernelField("SOCK_PROTOCOL", "sock", "sk_protocol", 2, "raw-tracepoint"),
+    KernelField("SOCK_FAMILY", "sock", "__sk_common.skc_family", 2, "raw-tracepoint"),
+    KernelField("SOCK_NUM", "sock", "__sk_common.skc_num", 2, "raw-tracepoint"),
+    KernelField("SOCK_DPORT", "sock", "__sk_common.skc_dport", 2, "raw-tracepoint"),
+    KernelField("SOCK_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr", 4, "raw-tracepoint"),
+    KernelField("SOCK_DADDR", "sock", "__sk_common.skc_daddr", 4, "raw-tracepoint"),
+    KernelField("SOCK_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16,
+                "raw-tracepoint"),
+    KernelField("SOCK_V6_DADDR", "sock", "__sk_common.skc_v6_daddr", 16, "raw-tracepoint"),
 )
+
+#: A testing aid: the classic tracepoint even where the raw one can be used, so that the
+#: fallback runs on the kernels we have.
+CLASSIC_TRACEPOINT_ENV = "CLOSEWAIT_CLASSIC_TRACEPOINT"
 
 
 def _macro(feature: str) -> str:
@@ -73,6 +89,23 @@ class KernelFields:
 
     def notices(self) -> list[str]:
         return [f"{feature} is off: {why}" for feature, why in sorted(self.disabled.items())]
+
+    def without(self, feature: str, why: str) -> KernelFields:
+        """The same table with ``feature`` off (its offsets dropped), for ``why``."""
+        if feature not in self.enabled:
+            return self
+        names = {r.name for r in KERNEL_FIELDS if r.feature == feature}
+        return KernelFields(
+            offsets={k: v for k, v in self.offsets.items() if k not in names},
+            enabled=self.enabled - {feature},
+            disabled={**self.disabled, feature: why})
+
+    @property
+    def state_probe(self) -> str:
+        """Where the programs hear of TCP state changes."""
+        if "raw-tracepoint" in self.enabled:
+            return "raw_tp/inet_sock_set_state"
+        return "tracepoint/sock/inet_sock_set_state"
 
 
 def _problem(btf: _btf.BtfFile, row: KernelField) -> tuple[int | None, str]:

@@ -95,6 +95,14 @@ class Server:
             self.proc.stdout.close()
 
 
+def bpftool_perf_list() -> list[dict[str, Any]]:
+    """Every BPF program attached through a perf event or raw tracepoint fd, with its holder's
+    pid, fd type and tracepoint (bpftool perf list)."""
+    out = subprocess.run(["bpftool", "-j", "perf", "list"], check=True, capture_output=True,
+                         text=True).stdout
+    return list(json.loads(out))
+
+
 def bpf_prog_ids() -> set[int]:
     """IDs of every BPF program loaded in the kernel (bpftool)."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True,

@@ -5,15 +5,13 @@ Host only: the host is the machine whose kernel has neither kprobes nor fentry."
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import time
 
 import pytest
 
-from .harness import Tracer
+from .harness import Tracer, bpftool_perf_list
 
 pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
@@ -27,9 +25,7 @@ def _fds(pid: int) -> int:
 def _attached(pid: int) -> int:
     """The tracer's BPF programs attached to syscall tracepoints now (bpftool perf: a
     program stays loaded once attached; what it is attached to comes and goes)."""
-    out = subprocess.run(["bpftool", "-j", "perf", "list"], check=True, capture_output=True,
-                         text=True).stdout
-    return sum(1 for a in json.loads(out) if a.get("pid") == pid
+    return sum(1 for a in bpftool_perf_list() if a.get("pid") == pid
                and str(a.get("tracepoint", "")).startswith("sys_"))
 
 

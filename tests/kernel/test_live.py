@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from closewait_trace.kernel.features import FORCE_PERF_ENV
+from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 
-from .harness import Server, Tracer, bpf_prog_ids, kprobe_events, prog_ids_of
+from .harness import Server, Tracer, bpf_prog_ids, bpftool_perf_list, kprobe_events, prog_ids_of
 
 pytestmark = pytest.mark.kernel
 
@@ -279,6 +280,24 @@ def test_header_choice_is_reported(tracer: Tracer) -> None:
     own = f"/lib/modules/{os.uname().release}/build"
     if os.path.exists(own):
         assert any("running kernel" in m for m in header_notes), header_notes
+
+
+def test_state_changes_come_from_the_probe_the_environment_asks(tracer: Tracer) -> None:
+    """The raw tracepoint (socket fields at the kernel's BTF offsets), or the classic one when
+    CLOSEWAIT_CLASSIC_TRACEPOINT is set (one VM cell sets it: the fallback of kernels without
+    BTF); the other tests of the module then ran through it."""
+    classic = os.environ.get(CLASSIC_TRACEPOINT_ENV, "") not in ("", "0")
+    ready = next(r for r in tracer.records if r["type"] == "ready")
+    assert tracer.proc is not None
+    attached = [a for a in bpftool_perf_list() if a.get("pid") == tracer.proc.pid
+                and a.get("tracepoint") == "inet_sock_set_state"]
+    if classic:
+        assert ready["state_probe"] == "tracepoint/sock/inet_sock_set_state", ready
+        assert "raw-tracepoint" in ready["features_off"]
+        assert [a["fd_type"] for a in attached] == ["tracepoint"], attached
+    else:
+        assert ready["state_probe"] == "raw_tp/inet_sock_set_state", ready
+        assert [a["fd_type"] for a in attached] == ["raw_tracepoint"], attached
 
 
 def test_events_come_the_way_the_environment_asks(tracer: Tracer) -> None:
