@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf as _btf
+from .arches import arch_of
 from ..errors import TracingUnavailableError, UsageError
 
 __all__ = [
@@ -226,23 +227,6 @@ BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
 BPF_OBJ_NAME_LEN = 16
 
-# __NR_bpf per architecture (platform.machine()).
-_NR_BPF = {
-    "x86_64": 321,
-    "i386": 357,
-    "i686": 357,
-    "aarch64": 280,
-    "arm64": 280,
-    "riscv64": 280,
-    "loongarch64": 280,
-    "armv7l": 386,
-    "armv6l": 386,
-    "ppc64le": 361,
-    "ppc64": 361,
-    "s390x": 351,
-    "mips64": 5315,
-}
-
 
 def _u32(*names: str) -> list[tuple[str, type[ctypes.c_uint32]]]:
     """ctypes fields: a __u32 member of each name, in order."""
@@ -302,14 +286,14 @@ _RET0_PROG = _BPF_MOV64_IMM_R0_0 + _BPF_EXIT
 
 def _bpf_syscall(cmd: int, attr: ctypes.Structure) -> int:
     """bpf(cmd, &attr, sizeof(attr)); returns the result (an fd) or raises OSError."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
+    arch = arch_of()
+    if arch is None:
         raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown for {platform.machine()}")
     libc = _libc()
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
-    ret = syscall(nr, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
+    ret = syscall(arch.nr_bpf, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
