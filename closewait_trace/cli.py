@@ -30,8 +30,8 @@ from .facts.containers import select_containers
 from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
 from .kernel.headers import HeaderCandidate
 from .facts.netns import resolve_netns
-from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, AcceptWatch, Options, \
-    TimelineMode
+from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_REPORT_MIN_NS, \
+    DEFAULT_THRESHOLD_NS, AcceptWatch, Options, TimelineMode
 from .outputs.render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
 from .outputs.textsafe import visible
 
@@ -67,6 +67,13 @@ def parse_duration(text: str) -> int:
     return int(value)
 
 
+def duration_text(ns: int) -> str:
+    """The text of a duration in its largest whole unit, as parse_duration reads it back
+    (10_000_000_000 -> '10s', 200_000_000 -> '200ms')."""
+    unit = max((u for u, size in _UNITS.items() if ns % size == 0), key=_UNITS.__getitem__)
+    return f"{ns // _UNITS[unit]}{unit}"
+
+
 class DurationType(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
 
@@ -100,9 +107,11 @@ _NETNS = click.option("--netns", "netns", metavar="INODE-or-PATH", multiple=True
                       " name). Repeatable.")
 _DURATION = click.option("--duration", type=DURATION, default=None,
                          help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
-_THRESHOLD = click.option("--threshold", type=DURATION, default="10s", show_default=True,
+_THRESHOLD = click.option("--threshold", type=DURATION, default=duration_text(DEFAULT_THRESHOLD_NS),
+                          show_default=True,
                           help="Age in CLOSE_WAIT at which a socket is flagged as a leak.")
-_REPORT_MIN = click.option("--report-min", type=DURATION, default="200ms", show_default=True,
+_REPORT_MIN = click.option("--report-min", type=DURATION,
+                           default=duration_text(DEFAULT_REPORT_MIN_NS), show_default=True,
                            help="Stays in CLOSE_WAIT shorter than this are only counted, not"
                            " listed.")
 _BACKEND = click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto",
@@ -112,7 +121,8 @@ _HEADERS = click.option("--kernel-headers", type=click.Path(path_type=Path),
                         help="Kernel header tree to compile against (default: found"
                         " automatically).")
 _ACCEPT_WATCH = click.option(
-    "--accept-watch", type=click.Choice([w.value for w in AcceptWatch]), default="auto",
+    "--accept-watch", type=click.Choice([w.value for w in AcceptWatch]),
+    default=AcceptWatch.AUTO.value,
     show_default=True,
     help="Tracepoint backend only: trace accept() through the syscall tracepoints only while"
     " never-accepted sockets need explaining (auto), or all the time (they slow every syscall"
@@ -134,7 +144,7 @@ _JSON = click.option("--json", "as_json", is_flag=True,
 _PLAIN = click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
 _TIMELINE = click.option(
     "--timeline", type=click.Choice([m.value for m in TimelineMode]), is_flag=False,
-    flag_value="flagged", default=None,
+    flag_value=TimelineMode.FLAGGED.value, default=None,
     help="Print the lifecycle timeline of each flagged socket; `--timeline all`: of every socket"
     " matching the filters (the kernel then sends their transitions).")
 _EXPORT = click.option("--timeline-export", type=_PATH,
@@ -173,7 +183,7 @@ def _pop_output(params: dict[str, Any]) -> Output:
     timelines = params.pop("timeline")
     export = params.pop("timeline_export")
     if export is not None and timelines is None:
-        timelines = "flagged"
+        timelines = TimelineMode.FLAGGED.value
     return Output(as_json=params.pop("as_json"), plain=params.pop("plain"),
                   timelines=TimelineMode(timelines) if timelines else None, export=export,
                   metrics=params.pop("metrics"))
@@ -425,7 +435,7 @@ def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
 @click.argument("file", type=_PATH)
 @_JSON
 @click.option("--timeline", type=click.Choice([m.value for m in TimelineMode]), is_flag=False,
-              flag_value="flagged", default=None,
+              flag_value=TimelineMode.FLAGGED.value, default=None,
               help="Timelines to show (default: those the recording was made with).")
 @_EXPORT
 def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Path | None) -> None:
@@ -505,7 +515,8 @@ def _scenario_names() -> list[str]:
 @click.option("-o", "--record", type=_PATH,
               help="Also record the trace to this file (see `report`).")
 @click.option("--timeline", type=click.Choice(["none"] + [m.value for m in TimelineMode]),
-              default="flagged", show_default=True, help="Which lifecycle timelines to print.")
+              default=TimelineMode.FLAGGED.value, show_default=True,
+              help="Which lifecycle timelines to print.")
 @_options(_EXPORT, _ACCEPT_WATCH)
 def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
          threshold: int | None, backend: str, kernel_headers: Path | None, as_json: bool,
@@ -527,7 +538,7 @@ def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
     chosen = SCENARIOS[scenario or DEFAULT]
     threshold = threshold or int(chosen.threshold_s * 1e9)
     timelines = None if timeline == "none" else TimelineMode(timeline)
-    options = Options(threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
+    options = Options(threshold_ns=threshold, report_min_ns=min(DEFAULT_REPORT_MIN_NS, threshold),
                       backend=backend, kernel_headers=kernel_headers,
                       duration_s=(duration or int(chosen.duration_s * 1e9)) / 1e9,
                       timelines=timelines, accept_watch=AcceptWatch(accept_watch))
