@@ -590,10 +590,12 @@ def agent(node_name: str | None, log: str, log_max_bytes: int, log_backups: int,
     """Run as a node agent: JSON records, Prometheus metrics with /healthz and /readyz on
     --metrics (default 127.0.0.1:9466), no terminal output. Every option can be given as
     CLOSEWAIT_<OPTION> in the environment (CLOSEWAIT_METRICS=0.0.0.0:9466)."""
-    from .agent import AgentConfig, run_agent
+    from .agent import DEFAULT_LISTEN, AgentConfig, run_agent
 
     with edge():
         if output.plain:
             raise UsageError("the agent writes JSON records only: drop --plain")
-        sys.exit(run_agent(AgentConfig(options, output.metrics or "127.0.0.1:9466", node_name,
-                                       log, log_max_bytes, log_backups, output.export)))
+        sys.exit(run_agent(AgentConfig(
+            options, listen=output.metrics or DEFAULT_LISTEN, node_name=node_name, log=log,
+            log_max_bytes=log_max_bytes, log_backups=log_backups,
+            timeline_export=output.export)))
