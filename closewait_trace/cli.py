@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -34,6 +34,9 @@ from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_R
     DEFAULT_THRESHOLD_NS, AcceptWatch, Options, TimelineMode
 from .outputs.render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
 from .outputs.textsafe import visible
+
+if TYPE_CHECKING:
+    from .workloads.scenarios import Scenario
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -500,17 +503,24 @@ def _scenario_names() -> list[str]:
     return list(SCENARIOS)
 
 
+def _mixed_demo_default(seconds: Callable[[Scenario], float]) -> str:
+    """A default of the mixed demo (its duration or threshold), as the demo's help shows it."""
+    from .workloads.scenarios import DEFAULT, SCENARIOS
+
+    return duration_text(int(seconds(SCENARIOS[DEFAULT]) * 1e9))
+
+
 @main.command()
 @click.option("--scenario", type=click.Choice(_scenario_names()), default=None,
               help="Which workload to run: one real-world case each (see --list-scenarios);"
               " default: the mixed demo.")
 @click.option("--list-scenarios", is_flag=True, help="List the scenarios and exit.")
 @click.option("--duration", type=DURATION, default=None,
-              help="How long to run the demo.  [default: the scenario's; 20s for the mixed"
-              " demo]")
+              help="How long to run the demo.  [default: the scenario's;"
+              f" {_mixed_demo_default(lambda s: s.duration_s)} for the mixed demo]")
 @click.option("--threshold", type=DURATION, default=None,
-              help="Leak threshold for the demo.  [default: the scenario's; 3s for the mixed"
-              " demo]")
+              help="Leak threshold for the demo.  [default: the scenario's;"
+              f" {_mixed_demo_default(lambda s: s.threshold_s)} for the mixed demo]")
 @_options(_BACKEND, _HEADERS, _JSON, _PLAIN)
 @click.option("-o", "--record", type=_PATH,
               help="Also record the trace to this file (see `report`).")
