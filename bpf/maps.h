@@ -3,20 +3,14 @@
 #ifndef CW_MAPS_H
 #define CW_MAPS_H
 
-#ifndef CW_MAX_SOCKS
-#define CW_MAX_SOCKS 131072
-#endif
-#ifndef CW_MAX_CW
-#define CW_MAX_CW 32768
-#endif
-#ifndef CW_MAX_LISTENERS
-#define CW_MAX_LISTENERS 4096
+/* The sizes userspace chooses come with -D from kernel/attach.py (ProbeSettings.cflags),
+ * which holds their defaults; the -p filter's size is fixed here. */
+#if !defined(CW_MAX_SOCKS) || !defined(CW_MAX_CW) || !defined(CW_MAX_LISTENERS) || \
+    !defined(CW_RINGBUF_PAGES)
+#error "CW_MAX_SOCKS, CW_MAX_CW, CW_MAX_LISTENERS and CW_RINGBUF_PAGES come from kernel/attach.py"
 #endif
 #ifndef CW_MAX_PIDS
 #define CW_MAX_PIDS 16384
-#endif
-#ifndef CW_RINGBUF_PAGES
-#define CW_RINGBUF_PAGES 64
 #endif
 
 /* Every TCP socket the tracer has seen created (or first seen in CLOSE_WAIT).

@@ -69,15 +69,21 @@ class RotatingWriter:
         self.out.close()
 
 
+#: Where the agent serves metrics, /healthz and /readyz when --metrics is not given.
+DEFAULT_LISTEN = "127.0.0.1:9466"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
+    """The agent command's options (their defaults are those of its CLI options)."""
+
     options: Options
-    listen: str = "127.0.0.1:9466"
-    node_name: str | None = None
-    log: str = "-"
-    log_max_bytes: int = 50 * 1024 * 1024
-    log_backups: int = 3
-    timeline_export: Path | None = None
+    listen: str
+    node_name: str | None
+    log: str  # "-": standard output
+    log_max_bytes: int
+    log_backups: int
+    timeline_export: Path | None
 
     @property
     def node(self) -> str:
@@ -122,4 +128,4 @@ def _trace(options: Options, renderer: Any, node: str) -> int:
     return 0
 
 
-__all__ = ["AgentConfig", "RotatingWriter", "run_agent"]
+__all__ = ["AgentConfig", "DEFAULT_LISTEN", "RotatingWriter", "run_agent"]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -30,10 +30,13 @@ from .facts.containers import select_containers
 from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
 from .kernel.headers import HeaderCandidate
 from .facts.netns import resolve_netns
-from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, AcceptWatch, Options, \
-    TimelineMode
+from .options import BACKEND_NAMES, DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_REPORT_MIN_NS, \
+    DEFAULT_THRESHOLD_NS, AcceptWatch, Options, TimelineMode
 from .outputs.render import JsonRenderer, LiveRenderer, PlainRenderer, Renderer
 from .outputs.textsafe import visible
+
+if TYPE_CHECKING:
+    from .workloads.scenarios import Scenario
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +68,13 @@ def parse_duration(text: str) -> int:
     if int(value) <= 0:
         raise UsageError(f"bad duration {text!r}: must be greater than zero")
     return int(value)
+
+
+def duration_text(ns: int) -> str:
+    """The text of a duration in its largest whole unit, as parse_duration reads it back
+    (10_000_000_000 -> '10s', 200_000_000 -> '200ms')."""
+    unit = max((u for u, size in _UNITS.items() if ns % size == 0), key=_UNITS.__getitem__)
+    return f"{ns // _UNITS[unit]}{unit}"
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
@@ -100,9 +110,11 @@ _NETNS = click.option("--netns", "netns", metavar="INODE-or-PATH", multiple=True
                       " name). Repeatable.")
 _DURATION = click.option("--duration", type=DURATION, default=None,
                          help="Stop after this long (default: until Ctrl-C, SIGTERM or SIGHUP).")
-_THRESHOLD = click.option("--threshold", type=DURATION, default="10s", show_default=True,
+_THRESHOLD = click.option("--threshold", type=DURATION, default=duration_text(DEFAULT_THRESHOLD_NS),
+                          show_default=True,
                           help="Age in CLOSE_WAIT at which a socket is flagged as a leak.")
-_REPORT_MIN = click.option("--report-min", type=DURATION, default="200ms", show_default=True,
+_REPORT_MIN = click.option("--report-min", type=DURATION,
+                           default=duration_text(DEFAULT_REPORT_MIN_NS), show_default=True,
                            help="Stays in CLOSE_WAIT shorter than this are only counted, not"
                            " listed.")
 _BACKEND = click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto",
@@ -112,7 +124,8 @@ _HEADERS = click.option("--kernel-headers", type=click.Path(path_type=Path),
                         help="Kernel header tree to compile against (default: found"
                         " automatically).")
 _ACCEPT_WATCH = click.option(
-    "--accept-watch", type=click.Choice([w.value for w in AcceptWatch]), default="auto",
+    "--accept-watch", type=click.Choice([w.value for w in AcceptWatch]),
+    default=AcceptWatch.AUTO.value,
     show_default=True,
     help="Tracepoint backend only: trace accept() through the syscall tracepoints while"
     " never-accepted sockets need explaining, continuously for 30 s then 2 s in every 20 s"
@@ -135,7 +148,7 @@ _JSON = click.option("--json", "as_json", is_flag=True,
 _PLAIN = click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
 _TIMELINE = click.option(
     "--timeline", type=click.Choice([m.value for m in TimelineMode]), is_flag=False,
-    flag_value="flagged", default=None,
+    flag_value=TimelineMode.FLAGGED.value, default=None,
     help="Print the lifecycle timeline of each flagged socket; `--timeline all`: of every socket"
     " matching the filters (the kernel then sends their transitions).")
 _EXPORT = click.option("--timeline-export", type=_PATH,
@@ -174,7 +187,7 @@ def _pop_output(params: dict[str, Any]) -> Output:
     timelines = params.pop("timeline")
     export = params.pop("timeline_export")
     if export is not None and timelines is None:
-        timelines = "flagged"
+        timelines = TimelineMode.FLAGGED.value
     return Output(as_json=params.pop("as_json"), plain=params.pop("plain"),
                   timelines=TimelineMode(timelines) if timelines else None, export=export,
                   metrics=params.pop("metrics"))
@@ -426,7 +439,7 @@ def snapshot(as_json: bool, pids: tuple[int, ...], ports: tuple[int, ...],
 @click.argument("file", type=_PATH)
 @_JSON
 @click.option("--timeline", type=click.Choice([m.value for m in TimelineMode]), is_flag=False,
-              flag_value="flagged", default=None,
+              flag_value=TimelineMode.FLAGGED.value, default=None,
               help="Timelines to show (default: those the recording was made with).")
 @_EXPORT
 def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Path | None) -> None:
@@ -491,22 +504,30 @@ def _scenario_names() -> list[str]:
     return list(SCENARIOS)
 
 
+def _mixed_demo_default(seconds: Callable[[Scenario], float]) -> str:
+    """A default of the mixed demo (its duration or threshold), as the demo's help shows it."""
+    from .workloads.scenarios import DEFAULT, SCENARIOS
+
+    return duration_text(int(seconds(SCENARIOS[DEFAULT]) * 1e9))
+
+
 @main.command()
 @click.option("--scenario", type=click.Choice(_scenario_names()), default=None,
               help="Which workload to run: one real-world case each (see --list-scenarios);"
               " default: the mixed demo.")
 @click.option("--list-scenarios", is_flag=True, help="List the scenarios and exit.")
 @click.option("--duration", type=DURATION, default=None,
-              help="How long to run the demo.  [default: the scenario's; 20s for the mixed"
-              " demo]")
+              help="How long to run the demo.  [default: the scenario's;"
+              f" {_mixed_demo_default(lambda s: s.duration_s)} for the mixed demo]")
 @click.option("--threshold", type=DURATION, default=None,
-              help="Leak threshold for the demo.  [default: the scenario's; 3s for the mixed"
-              " demo]")
+              help="Leak threshold for the demo.  [default: the scenario's;"
+              f" {_mixed_demo_default(lambda s: s.threshold_s)} for the mixed demo]")
 @_options(_BACKEND, _HEADERS, _JSON, _PLAIN)
 @click.option("-o", "--record", type=_PATH,
               help="Also record the trace to this file (see `report`).")
 @click.option("--timeline", type=click.Choice(["none"] + [m.value for m in TimelineMode]),
-              default="flagged", show_default=True, help="Which lifecycle timelines to print.")
+              default=TimelineMode.FLAGGED.value, show_default=True,
+              help="Which lifecycle timelines to print.")
 @_options(_EXPORT, _ACCEPT_WATCH)
 def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
          threshold: int | None, backend: str, kernel_headers: Path | None, as_json: bool,
@@ -528,7 +549,7 @@ def demo(scenario: str | None, list_scenarios: bool, duration: int | None,
     chosen = SCENARIOS[scenario or DEFAULT]
     threshold = threshold or int(chosen.threshold_s * 1e9)
     timelines = None if timeline == "none" else TimelineMode(timeline)
-    options = Options(threshold_ns=threshold, report_min_ns=min(200_000_000, threshold),
+    options = Options(threshold_ns=threshold, report_min_ns=min(DEFAULT_REPORT_MIN_NS, threshold),
                       backend=backend, kernel_headers=kernel_headers,
                       duration_s=(duration or int(chosen.duration_s * 1e9)) / 1e9,
                       timelines=timelines, accept_watch=AcceptWatch(accept_watch))
@@ -580,10 +601,12 @@ def agent(node_name: str | None, log: str, log_max_bytes: int, log_backups: int,
     """Run as a node agent: JSON records, Prometheus metrics with /healthz and /readyz on
     --metrics (default 127.0.0.1:9466), no terminal output. Every option can be given as
     CLOSEWAIT_<OPTION> in the environment (CLOSEWAIT_METRICS=0.0.0.0:9466)."""
-    from .agent import AgentConfig, run_agent
+    from .agent import DEFAULT_LISTEN, AgentConfig, run_agent
 
     with edge():
         if output.plain:
             raise UsageError("the agent writes JSON records only: drop --plain")
-        sys.exit(run_agent(AgentConfig(options, output.metrics or "127.0.0.1:9466", node_name,
-                                       log, log_max_bytes, log_backups, output.export)))
+        sys.exit(run_agent(AgentConfig(
+            options, listen=output.metrics or DEFAULT_LISTEN, node_name=node_name, log=log,
+            log_max_bytes=log_max_bytes, log_backups=log_backups,
+            timeline_export=output.export)))

@@ -100,7 +100,7 @@ class Options:
             max_cw=int(d.get("max_cw", DEFAULT_MAX_CW)),
             owner_room=None if d.get("owner_room") is None else int(d["owner_room"]),
             keep_closed=int(d.get("keep_closed", DEFAULT_KEEP_CLOSED)),
-            accept_watch=AcceptWatch(str(d.get("accept_watch", "auto"))),
+            accept_watch=AcceptWatch(str(d.get("accept_watch", AcceptWatch.AUTO.value))),
             containers=tuple(str(c) for c in d.get("containers", ())),
             netns=frozenset(int(n) for n in d.get("netns", ())),
         )

@@ -29,6 +29,7 @@ from .features import Backend, EventPath, choose_event_path, ringbuf_probe
 from .headers import HeaderCandidate
 from .kfields import CLASSIC_TRACEPOINT_ENV, KernelFields, resolve_kernel_fields
 from ..facts.netns import own_netns_inode
+from ..options import DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_REPORT_MIN_NS
 
 #: Where Debian and Ubuntu install BCC's Python module (python3-bpfcc).
 DISTRO_BCC_DIRS = (
@@ -105,14 +106,14 @@ class ProbeSettings:
     accept_nargs: int | None = None  # fentry: parameters of inet_csk_accept in BTF
     sys_accept4_nargs: int | None = None  # fentry: parameters of __sys_accept4 in BTF
     complete_hashdance: bool = False  # fentry: inet_csk_complete_hashdance is in BTF
-    report_min_ns: int = 200_000_000
+    report_min_ns: int = DEFAULT_REPORT_MIN_NS
     pids: frozenset[int] = frozenset()
     ports: frozenset[int] = frozenset()
     #: network namespace inodes that pass --netns (applied in the kernel where it reads them)
     netns: frozenset[int] = frozenset()
     timeline_all: bool = False
-    max_socks: int = 131072
-    max_cw: int = 32768
+    max_socks: int = DEFAULT_MAX_SOCKS
+    max_cw: int = DEFAULT_MAX_CW
     max_listeners: int = 4096
     #: pages of the event ring buffer; None: room for an exit of every cw map entry
     ringbuf_pages: int | None = None
@@ -120,7 +121,7 @@ class ProbeSettings:
     events: EventPath | None = None
     #: pages per CPU of the perf buffer (EventPath.PERF_BUFFER), a power of two
     perf_pages: int = 64
-    #: most cw map entries one owner (uid) may hold; None: a quarter of the map
+    #: most cw map entries one owner (uid) may hold; None: default_owner_room(max_cw)
     owner_room: int | None = None
     #: kernel struct offsets for the C; None: resolved from the running kernel's BTF at load
     kernel_fields: KernelFields | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf as _btf
+from .arches import arch_of
 from ..errors import TracingUnavailableError, UsageError
 
 __all__ = [
@@ -226,53 +227,35 @@ BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
 BPF_OBJ_NAME_LEN = 16
 
-# __NR_bpf per architecture (platform.machine()).
-_NR_BPF = {
-    "x86_64": 321,
-    "i386": 357,
-    "i686": 357,
-    "aarch64": 280,
-    "arm64": 280,
-    "riscv64": 280,
-    "loongarch64": 280,
-    "armv7l": 386,
-    "armv6l": 386,
-    "ppc64le": 361,
-    "ppc64": 361,
-    "s390x": 351,
-    "mips64": 5315,
-}
+
+def _u32(*names: str) -> list[tuple[str, type[ctypes.c_uint32]]]:
+    """ctypes fields: a __u32 member of each name, in order."""
+    return [(name, ctypes.c_uint32) for name in names]
+
+
+def _u64(*names: str) -> list[tuple[str, type[ctypes.c_uint64]]]:
+    """ctypes fields: a __u64 member of each name, in order."""
+    return [(name, ctypes.c_uint64) for name in names]
 
 
 class BpfProgLoadAttr(ctypes.Structure):
     """``union bpf_attr``, the BPF_PROG_LOAD member (up to core_relo_rec_size, as in 6.1)."""
 
     _fields_ = [
-        ("prog_type", ctypes.c_uint32),  # 0
-        ("insn_cnt", ctypes.c_uint32),  # 4
-        ("insns", ctypes.c_uint64),  # 8
-        ("license", ctypes.c_uint64),  # 16
-        ("log_level", ctypes.c_uint32),  # 24
-        ("log_size", ctypes.c_uint32),  # 28
-        ("log_buf", ctypes.c_uint64),  # 32
-        ("kern_version", ctypes.c_uint32),  # 40
-        ("prog_flags", ctypes.c_uint32),  # 44
+        *_u32("prog_type", "insn_cnt"),  # 0
+        *_u64("insns", "license"),  # 8
+        *_u32("log_level", "log_size"),  # 24
+        *_u64("log_buf"),  # 32
+        *_u32("kern_version", "prog_flags"),  # 40
         ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),  # 48
-        ("prog_ifindex", ctypes.c_uint32),  # 64
-        ("expected_attach_type", ctypes.c_uint32),  # 68
-        ("prog_btf_fd", ctypes.c_uint32),  # 72
-        ("func_info_rec_size", ctypes.c_uint32),  # 76
-        ("func_info", ctypes.c_uint64),  # 80
-        ("func_info_cnt", ctypes.c_uint32),  # 88
-        ("line_info_rec_size", ctypes.c_uint32),  # 92
-        ("line_info", ctypes.c_uint64),  # 96
-        ("line_info_cnt", ctypes.c_uint32),  # 104
-        ("attach_btf_id", ctypes.c_uint32),  # 108
-        ("attach_btf_obj_fd", ctypes.c_uint32),  # 112 (union with attach_prog_fd)
-        ("core_relo_cnt", ctypes.c_uint32),  # 116
-        ("fd_array", ctypes.c_uint64),  # 120
-        ("core_relos", ctypes.c_uint64),  # 128
-        ("core_relo_rec_size", ctypes.c_uint32),  # 136
+        *_u32("prog_ifindex", "expected_attach_type", "prog_btf_fd", "func_info_rec_size"),  # 64
+        *_u64("func_info"),  # 80
+        *_u32("func_info_cnt", "line_info_rec_size"),  # 88
+        *_u64("line_info"),  # 96
+        *_u32("line_info_cnt", "attach_btf_id"),  # 104
+        *_u32("attach_btf_obj_fd", "core_relo_cnt"),  # 112 (the first: union with attach_prog_fd)
+        *_u64("fd_array", "core_relos"),  # 120
+        *_u32("core_relo_rec_size"),  # 136
     ]
 
 
@@ -280,10 +263,9 @@ class BpfRawTracepointAttr(ctypes.Structure):
     """``union bpf_attr``, the BPF_RAW_TRACEPOINT_OPEN member."""
 
     _fields_ = [
-        ("name", ctypes.c_uint64),  # 0; NULL for BPF_PROG_TYPE_TRACING programs
-        ("prog_fd", ctypes.c_uint32),  # 8
-        ("_pad", ctypes.c_uint32),  # 12
-        ("cookie", ctypes.c_uint64),  # 16 (6.10+; must be 0 on older kernels)
+        *_u64("name"),  # 0; NULL for BPF_PROG_TYPE_TRACING programs
+        *_u32("prog_fd", "_pad"),  # 8
+        *_u64("cookie"),  # 16 (6.10+; must be 0 on older kernels)
     ]
 
 
@@ -291,13 +273,8 @@ class BpfLinkCreateAttr(ctypes.Structure):
     """``union bpf_attr``, the BPF_LINK_CREATE member (head and the tracing union arm)."""
 
     _fields_ = [
-        ("prog_fd", ctypes.c_uint32),  # 0
-        ("target_fd", ctypes.c_uint32),  # 4
-        ("attach_type", ctypes.c_uint32),  # 8
-        ("flags", ctypes.c_uint32),  # 12
-        ("target_btf_id", ctypes.c_uint32),  # 16
-        ("_pad", ctypes.c_uint32),  # 20
-        ("cookie", ctypes.c_uint64),  # 24 (tracing.cookie, 6.10+)
+        *_u32("prog_fd", "target_fd", "attach_type", "flags", "target_btf_id", "_pad"),  # 0
+        *_u64("cookie"),  # 24 (tracing.cookie, 6.10+)
     ]
 
 
@@ -309,14 +286,14 @@ _RET0_PROG = _BPF_MOV64_IMM_R0_0 + _BPF_EXIT
 
 def _bpf_syscall(cmd: int, attr: ctypes.Structure) -> int:
     """bpf(cmd, &attr, sizeof(attr)); returns the result (an fd) or raises OSError."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
+    arch = arch_of()
+    if arch is None:
         raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown for {platform.machine()}")
     libc = _libc()
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
-    ret = syscall(nr, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
+    ret = syscall(arch.nr_bpf, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

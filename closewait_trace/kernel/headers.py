@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from .arches import arch_of
 from ..errors import KernelHeadersError
 
 __all__ = [
@@ -53,33 +54,17 @@ _MARKER_FORMAT = "closewait-trace merged headers v1"
 
 T = TypeVar("T")
 
-# platform.machine() -> (kernel arch directory under arch/, Debian architecture name)
-_ARCHES: dict[str, tuple[str, str]] = {
-    "x86_64": ("x86", "amd64"),
-    "i386": ("x86", "i386"),
-    "i686": ("x86", "i386"),
-    "aarch64": ("arm64", "arm64"),
-    "arm64": ("arm64", "arm64"),
-    "armv7l": ("arm", "armhf"),
-    "armv6l": ("arm", "armel"),
-    "ppc64le": ("powerpc", "ppc64el"),
-    "ppc64": ("powerpc", "ppc64"),
-    "s390x": ("s390", "s390x"),
-    "riscv64": ("riscv", "riscv64"),
-    "loongarch64": ("loongarch", "loong64"),
-    "mips64": ("mips", "mips64el"),
-}
-
-
 def kernel_arch(machine: str | None = None) -> str:
     """Kernel ``arch/`` directory name for a machine (``x86_64`` -> ``x86``)."""
     m = machine or platform.machine()
-    return _ARCHES.get(m, (m, m))[0]
+    arch = arch_of(m)
+    return arch.kernel_dir if arch is not None else m
 
 
 def _debian_arch(machine: str | None = None) -> str:
     m = machine or platform.machine()
-    return _ARCHES.get(m, (m, m))[1]
+    arch = arch_of(m)
+    return arch.debian if arch is not None else m
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,14 @@ from .. import __version__
 from ..kernel.decode import HIST_BUCKETS, LOSS_SOURCES, Stat
 from ..errors import UsageError
 from ..pipeline.join import Change, ChangeKind, Connection
-from .render import View
+from .render import EXIT_WORDS, View
 from .textsafe import visible
 
 MAX_SERIES = 100
 MAX_LISTENERS = 200
 PREFIX = "closewait_"
+#: How a stay in CLOSE_WAIT ends (the session's words): the label values of closewait_left_total.
+LEFT_HOW = (*EXIT_WORDS.values(), "lost")
 
 #: Lost events by source: the kernel's counters, then the exit events the tracker missed.
 
@@ -114,6 +116,7 @@ class _Values:
     groups: tuple[tuple[tuple[str, ...], int], ...]
     leaks: tuple[tuple[tuple[str, ...], int], ...]
     flagged: int
+    left: dict[str, int]
     stats: dict[Stat, int]
     lost_exits: int
     hist: tuple[int, ...]
@@ -151,7 +154,8 @@ class _Values:
         tick = view.tick
         return cls(
             groups=tuple(groups.most_common()), leaks=tuple(leaks.most_common()),
-            flagged=view.flagged_total, stats=dict(view.stats), lost_exits=view.lost_exits,
+            flagged=view.flagged_total, left=dict(view.closed_by_how), stats=dict(view.stats),
+            lost_exits=view.lost_exits,
             hist=tuple(view.hist), accept_errors=dict(errs), listeners=tuple(listeners),
             threshold_s=view.threshold_ns / 1e9,
             ticks=tick.ticks if tick else 0, slow_ticks=tick.over_1s if tick else 0,
@@ -269,6 +273,13 @@ def _series(v: _Values) -> Iterator[Metric]:
                                   "Sockets that entered CLOSE_WAIT on this host (all, unfiltered).")
     entered.add_metric([], v.stats.get(Stat.CW_ENTERED, 0))
     yield entered
+
+    left = CounterMetricFamily(_m("left"), "Sockets matching the filters that left CLOSE_WAIT"
+                               " after at least --report-min in it, by how it ended.",
+                               labels=["how"])
+    for how in LEFT_HOW:
+        left.add_metric([how], v.left.get(how, 0))
+    yield left
 
     yield from _histogram(v)
     yield from _accept_series(v)

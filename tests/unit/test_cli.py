@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from closewait_trace import __version__, cli
-from closewait_trace.cli import main, parse_duration
+from closewait_trace.cli import duration_text, main, parse_duration
 from closewait_trace.errors import PrivilegeError, UsageError
 
 NS = 1
@@ -132,6 +132,13 @@ def test_parse_duration_rejects(text: str) -> None:
 def test_parse_duration_rejects_what_rounds_to_zero() -> None:
     with pytest.raises(UsageError):
         parse_duration("0.5ns")
+
+
+@pytest.mark.parametrize("ns, text", [(10 * S, "10s"), (200 * MS, "200ms"), (90 * S, "90s"),
+                                      (120 * S, "2m"), (1_500, "1500ns")])
+def test_duration_text_is_the_largest_whole_unit_and_reads_back(ns: int, text: str) -> None:
+    assert duration_text(ns) == text
+    assert parse_duration(text) == ns
 
 
 @pytest.mark.parametrize("opt", ["--threshold", "--report-min", "--duration"])

@@ -114,6 +114,13 @@ def test_leaks_by_cause_and_labels_from_the_traced_system_are_made_visible() -> 
     assert _samples(text, "closewait_leaks_flagged_total") == [({}, 1.0)]
 
 
+def test_stays_that_left_close_wait_by_how_every_way_listed_from_zero() -> None:
+    view = _view([], closed_total=6, closed_by_how={"app-close": 3, "process-exit": 2, "lost": 1})
+    left = {r["how"]: v for r, v in _samples(_exposition(view), "closewait_left_total")}
+    assert left == {"app-close": 3, "app-abort": 0, "reset": 0, "listener-closed": 0,
+                    "process-exit": 2, "unknown": 0, "lost": 1}
+
+
 def test_series_are_capped_and_the_rest_summed_as_other() -> None:
     conns = [_conn(i, owner_comm=f"p{i}") for i in range(MAX_SERIES + 7)]
     rows = _samples(_exposition(_view(conns)), "closewait_sockets")

@@ -319,8 +319,13 @@ def test_bpf_attr_layout() -> None:
     for name, off in expected.items():
         assert getattr(F.BpfProgLoadAttr, name).offset == off, name
     assert ctypes.sizeof(F.BpfProgLoadAttr) == 144
-    assert F.BpfRawTracepointAttr.prog_fd.offset == 8
-    assert F.BpfLinkCreateAttr.target_btf_id.offset == 16
+    raw = {"name": 0, "prog_fd": 8, "_pad": 12, "cookie": 16}
+    assert {n: getattr(F.BpfRawTracepointAttr, n).offset for n in raw} == raw
+    assert ctypes.sizeof(F.BpfRawTracepointAttr) == 24
+    link = {"prog_fd": 0, "target_fd": 4, "attach_type": 8, "flags": 12, "target_btf_id": 16,
+            "_pad": 20, "cookie": 24}
+    assert {n: getattr(F.BpfLinkCreateAttr, n).offset for n in link} == link
+    assert ctypes.sizeof(F.BpfLinkCreateAttr) == 32
     assert (F.BPF_PROG_LOAD, F.BPF_RAW_TRACEPOINT_OPEN, F.BPF_LINK_CREATE) == (5, 17, 28)
     assert (F.BPF_PROG_TYPE_TRACING, F.BPF_TRACE_FENTRY) == (26, 24)
 
