@@ -80,7 +80,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     c.oldstate = oldstate;
     c.newstate = newstate;
     c.t.family = sock_u16(sk, CW_OFF_SOCK_FAMILY);
-    c.t.lport = sock_u16(sk, CW_OFF_SOCK_NUM);
+    c.t.lport = be16_to_host(sock_u16(sk, CW_OFF_INET_SPORT));
     c.t.rport = be16_to_host(sock_u16(sk, CW_OFF_SOCK_DPORT));
     on_transition(&c);
     return 0;

@@ -385,6 +385,8 @@ class Probes:
         try:
             if on:
                 self._write_config(accept_watch=True)
+                # a thread blocked in accept() when the watch last ended left its entry
+                self.bpf[b"accept_args"].clear()
                 self._seed_pending()
                 for tp in self.SYSCALL_ENTERS:
                     self.bpf.attach_tracepoint(tp=tp, fn_name=b"cwt_sys_enter_accept")

@@ -56,7 +56,9 @@ KERNEL_FIELDS: tuple[KernelField, ...] = (
     # tracepoint's record first; the program reads what it needs of the socket itself.
     KernelField("SOCK_PROTOCOL", "sock", "sk_protocol", 2, "raw-tracepoint"),
     KernelField("SOCK_FAMILY", "sock", "__sk_common.skc_family", 2, "raw-tracepoint"),
-    KernelField("SOCK_NUM", "sock", "__sk_common.skc_num", 2, "raw-tracepoint"),
+    # inet_sport, not skc_num: tcp_set_state(TCP_CLOSE) releases the port (skc_num = 0)
+    # before the tracepoint fires; the classic tracepoint reports inet_sport too.
+    KernelField("INET_SPORT", "inet_sock", "inet_sport", 2, "raw-tracepoint"),
     KernelField("SOCK_DPORT", "sock", "__sk_common.skc_dport", 2, "raw-tracepoint"),
     KernelField("SOCK_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr", 4, "raw-tracepoint"),
     KernelField("SOCK_DADDR", "sock", "__sk_common.skc_daddr", 4, "raw-tracepoint"),

@@ -83,6 +83,18 @@ def test_accept_watch_attaches_only_when_needed(tracer: Tracer, servers: list[Se
     assert len(prog_ids_of(tracer.proc.pid)) > len(before)
 
 
+def test_a_listener_on_a_port_the_kernel_chose_is_seen_to_end_on_that_port(
+        tracer: Tracer, servers: list[Server]) -> None:
+    """Closing a listener releases its port before the state change is traced (skc_num is 0
+    by then): its end must still name the port, or the kernel's listener map keeps it."""
+    srv = _start(servers, accept=False)  # bound to port 0: the kernel picks the port
+    tracer.wait_for(lambda r: r["type"] == "listen" and r["port"] == srv.port, 5, what="listen")
+    srv.stop()
+    end = tracer.wait_for(lambda r: r["type"] == "unlisten" and r["port"] == srv.port, 5,
+                          what=f"unlisten of port {srv.port}")
+    assert end["pid"] == srv.pid
+
+
 def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: list[Server]) -> None:
     srv = _start(servers, accept=False)
     c = srv.connect()
