@@ -13,7 +13,10 @@ through `coverage`.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .options import AcceptWatch
 
@@ -35,27 +38,78 @@ class DutyCycle:
     def fraction(self) -> float:
         return self.on_ns / self.period_ns
 
+    def as_info(self) -> dict[str, float]:
+        """For the ready record (and so recordings): seconds."""
+        return {"first_s": self.first_ns / _S, "on_s": self.on_ns / _S,
+                "period_s": self.period_ns / _S, "linger_s": self.linger_ns / _S}
+
+    @classmethod
+    def from_info(cls, d: Mapping[str, Any]) -> DutyCycle:
+        return cls(*(int(float(d[k]) * _S) for k in ("first_s", "on_s", "period_s", "linger_s")))
+
+
+def plan_for(info: Mapping[str, Any], default: AcceptWatch, start_ns: int = 0
+             ) -> AcceptWatchPlan:
+    """The plan a session (live, or replaying a recording) follows, from its ready info.
+    Recordings made before sampling existed have no cycle: their "auto" was continuous."""
+    mode = AcceptWatch(str(info.get("accept_watch", default.value)))
+    cycle = info.get("accept_watch_cycle")
+    if not isinstance(cycle, Mapping):  # and its diagnoses knew nothing of coverage
+        return AcceptWatchPlan(AcceptWatch.WHILE_NEEDED if mode is AcceptWatch.AUTO else mode,
+                               start_ns=start_ns, measured=False)
+    return AcceptWatchPlan(mode, DutyCycle.from_info(cycle), start_ns=start_ns)
+
 
 class AcceptWatchPlan:
-    """Decides, tick by tick, whether the accept watch should be attached."""
+    """Decides, tick by tick, whether the accept watch should be attached, and remembers
+    when it was: how long accept() was watched since a given time."""
 
-    def __init__(self, mode: AcceptWatch, cycle: DutyCycle = DutyCycle()) -> None:
+    #: attachment intervals kept (a day of sampling at the default cycle)
+    MAX_INTERVALS = 5000
+
+    def __init__(self, mode: AcceptWatch, cycle: DutyCycle = DutyCycle(), *,
+                 start_ns: int = 0, measured: bool = True) -> None:
         self.mode = mode
+        #: False: watched_ns and coverage say "all the time" (replaying an old recording)
+        self.measured = measured
         self.cycle = cycle
+        self.start_ns = start_ns
         self._incident_ns: int | None = None  # when the current incident began
         self._last_need_ns = 0
-        #: time the watch was attached, as far as the plan was asked
+        #: [attached, detached (None: still attached)] of each attachment, oldest first
+        self._intervals: deque[list[int | None]] = deque(maxlen=self.MAX_INTERVALS)
+        #: time the watch was attached since start, as far as the plan was asked
         self.attached_ns = 0
-        self._on = False
         self._asked_ns: int | None = None
+
+    @property
+    def on(self) -> bool:
+        return bool(self._intervals) and self._intervals[-1][1] is None
 
     def wanted(self, now_ns: int, needed: bool) -> bool:
         """needed: a never-accepted socket is open now. Called once a tick."""
-        if self._on and self._asked_ns is not None:
+        if self.on and self._asked_ns is not None:
             self.attached_ns += now_ns - self._asked_ns
-        self._on = self._decide(now_ns, needed)
+        on = self._decide(now_ns, needed)
+        if on and not self.on:
+            self._intervals.append([now_ns, None])
+        elif self.on and not on:
+            self._intervals[-1][1] = now_ns
         self._asked_ns = now_ns
-        return self._on
+        return on
+
+    def watched_ns(self, since_ns: int, now_ns: int) -> int:
+        """How long accept() was watched between since_ns and now_ns."""
+        if self.mode is AcceptWatch.ALWAYS or not self.measured:
+            return max(0, now_ns - since_ns)
+        total = 0
+        for begin, end in reversed(self._intervals):  # newest first: stop at since_ns
+            stop = now_ns if end is None else min(end, now_ns)
+            if stop <= since_ns:
+                break
+            assert begin is not None
+            total += max(0, stop - max(begin, since_ns))
+        return total
 
     def _decide(self, now_ns: int, needed: bool) -> bool:
         if self.mode is AcceptWatch.ALWAYS:
@@ -80,8 +134,10 @@ class AcceptWatchPlan:
             and now_ns - self._incident_ns >= self.cycle.first_ns
 
     def coverage(self, now_ns: int) -> float:
-        """The share of recent time accept() outcomes were seen (1.0: all of it)."""
-        return self.cycle.fraction if self.sampling(now_ns) else 1.0
+        """The share of the time since start that accept() outcomes were seen."""
+        if self.mode is AcceptWatch.ALWAYS or not self.measured or now_ns <= self.start_ns:
+            return 1.0
+        return min(1.0, self.watched_ns(self.start_ns, now_ns) / (now_ns - self.start_ns))
 
     def describe(self) -> str:
         c = self.cycle

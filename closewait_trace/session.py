@@ -16,7 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .acceptwatch import AcceptWatchPlan
+from .acceptwatch import plan_for
 from .pipeline.diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
 from .facts.enrich import DiagSocket
 from .pipeline.enrichment import MAX_TRIES, Enrichment, container_matches
@@ -72,10 +72,11 @@ class Session:
         self._started = False
         self._ended = False
         self.enrichment = Enrichment(world, self.tracker)
-        self.accept_plan = AcceptWatchPlan(
-            AcceptWatch(str(info.get("accept_watch", options.accept_watch.value))))
+        self.accept_plan = plan_for(info, options.accept_watch, start_ns=self._now)
+        self.enrichment.accept_watched_ns = self.accept_plan.watched_ns
         self._said_sampling = False
         self._rechecked_ns = 0
+        self._recheck_turn = 0
         self.ticks = TickStats()
         self._rediagnose_turn = 0
 
@@ -265,17 +266,21 @@ class Session:
         sockets that were never accepted are open (their accept() failures and late accepts
         are the evidence), part-time in a long incident. They tax every syscall."""
         plan = self.accept_plan
-        needed = any(c.accepted is Accepted.NO for c in self.tracker.open.values())
-        on = plan.wanted(now, needed)
+        waiting = [c for c in self.tracker.open.values() if c.accepted is Accepted.NO]
+        on = plan.wanted(now, bool(waiting))
         if plan.mode is not AcceptWatch.ALWAYS:  # (attached once, at start)
-            self.world.controls.set_accept_watch(on)
+            self.world.controls.set_accept_watch(
+                on, [c.kernel.skaddr for c in waiting if c.kernel is not None])
         self.enrichment.accept_coverage = plan.coverage(now)
         if plan.sampling(now) and not self._said_sampling:
             self.renderer.notice(plan.describe())
         self._said_sampling = plan.sampling(now)
 
-    #: How often sockets found never accepted are looked up again while accept() is sampled.
+    #: How often sockets found never accepted are looked up again while accept() is sampled,
+    #: and how many at most each time (they take turns: the lookups stay cheap, and so does
+    #: what a recording keeps of them).
     RECHECK_NS = 5_000_000_000
+    RECHECK_MAX = 500
 
     def _accepted_unwatched(self, now: int) -> list[Change]:
         """While the accept watch is attached part-time, a late accept may fall between its
@@ -288,6 +293,9 @@ class Session:
                    if c.accepted is Accepted.NO and c.inode == 0]
         if not waiting:
             return []
+        start = self._recheck_turn % len(waiting)
+        waiting = (waiting[start:] + waiting[:start])[: self.RECHECK_MAX]
+        self._recheck_turn = start + len(waiting)
         accepted = self.enrichment.accepted_since(waiting)
         for conn in accepted:
             self.verdicts[conn.key] = diagnose(conn, self._facts(conn), now)

@@ -23,6 +23,7 @@ from .errors import CloseWaitError, OutputError, PrivilegeError, UsageError
 from .kernel.features import Backend, KernelFeatures, choose_backend, ensure_tracefs, is_privileged, \
     probe_features
 from .kernel.headers import HeaderCandidate, candidate_header_dirs, user_header_dir
+from .acceptwatch import DutyCycle
 from .options import Options
 from .facts.enrich import resolve_target
 from .outputs.record import RecordingWorld
@@ -98,6 +99,7 @@ def _ready_info(options: Options, backend: Backend, probes: Probes) -> dict[str,
         "tracer_pid": os.getpid(),
         "wall_offset_ns": time.time_ns() - time.monotonic_ns(),
         "accept_watch": options.accept_watch.value if backend is Backend.TRACEPOINT else "always",
+        "accept_watch_cycle": DutyCycle().as_info(),
         "features_off": dict(probes.kernel_fields.disabled),
         "state_probe": probes.kernel_fields.state_probe,
         "events": probes.event_path.value,

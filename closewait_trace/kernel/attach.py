@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -371,14 +371,15 @@ class Probes:
             "__sys_accept4 cannot be probed on this kernel: accept() failures are traced"
             " through the syscall tracepoints, which slow every syscall a little")
 
-    def set_accept_watch(self, on: bool) -> None:
+    def set_accept_watch(self, on: bool, waiting: Collection[int] = ()) -> None:
         """Tracepoint backend: attach or detach the accept syscall tracepoints.
 
         While they are attached the kernel keeps passive sockets findable by their peer
         address (the pending map), from ESTABLISHED or from CLOSE_WAIT on. Sockets already
         in CLOSE_WAIT when the watch begins are put there from the cw map (the kernel does not
-        know of these entries, so they stay until the watch ends); the map is emptied when the
-        watch ends (nothing reads it then)."""
+        know of these entries, so they stay until the watch ends) if userspace still believes
+        them never accepted (`waiting`: an accept unseen while the watch was detached leaves
+        no mark in the kernel); the map is emptied when the watch ends (nothing reads it)."""
         if self.settings.backend is not Backend.TRACEPOINT or on == self.accept_watch \
                 or self._closed:
             return
@@ -387,7 +388,7 @@ class Probes:
                 self._write_config(accept_watch=True)
                 # a thread blocked in accept() when the watch last ended left its entry
                 self.bpf[b"accept_args"].clear()
-                self._seed_pending()
+                self._seed_pending(set(waiting))
                 for tp in self.SYSCALL_ENTERS:
                     self.bpf.attach_tracepoint(tp=tp, fn_name=b"cwt_sys_enter_accept")
                 for tp in self.SYSCALL_EXITS:
@@ -402,12 +403,13 @@ class Probes:
                 from exc
         self.accept_watch = on
 
-    def _seed_pending(self) -> None:
+    def _seed_pending(self, waiting: set[int]) -> None:
         """Passive sockets now in CLOSE_WAIT and not accepted, into the pending map."""
         pending = self.bpf[b"pending"]
         for key, raw in self.bpf[b"cw"].items():
             flags = decode.SockFlag(raw.flags)
-            if not flags & decode.SockFlag.PASSIVE or flags & decode.SockFlag.ACCEPTED:
+            if not flags & decode.SockFlag.PASSIVE or flags & decode.SockFlag.ACCEPTED \
+                    or key.value not in waiting:
                 continue
             peer = pending.Key()
             ct.memmove(ct.addressof(peer.addr), bytes(raw.raddr), decode.ADDR_LEN)

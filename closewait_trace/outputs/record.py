@@ -320,7 +320,7 @@ class _NoKernel:
     def seed_listener(self, netns: int | None, port: int, pid: int, comm: str) -> None:
         pass
 
-    def set_accept_watch(self, on: bool) -> None:
+    def set_accept_watch(self, on: bool, waiting: Collection[int] = ()) -> None:
         pass
 
     def arm(self) -> None:

@@ -43,6 +43,8 @@ class AcceptStats:
     last_err_ns: int
     last_err: int
     errors: dict[int, int] = field(default_factory=dict)  # errno -> count
+    #: how long accept() was watched since the last success (None: all of the time since)
+    watched_since_ok_ns: int | None = None
 
 
 #: The one process type (facts.Process), by the name the diagnosis used first.
@@ -86,7 +88,7 @@ class Facts:
     process: Process | None = None
     listener: ListenerFacts | None = None
     durations: DurationStats | None = None
-    #: the share of recent time accept() outcomes were watched (below 1: sampled)
+    #: the share of the time since the tracer started that accept() was watched
     accept_coverage: float = 1.0
 
 
@@ -197,11 +199,13 @@ def _closed_by_app(conn: Connection, facts: Facts, now_ns: int, evidence: list[s
     # Certain once it crossed the threshold; below it, a slow close rather than a leak.
     sure = Confidence.CERTAIN if conn.flagged_ns is not None else Confidence.LIKELY
     dur = conn.age_ns(now_ns)
-    if conn.accepted_after_fin and conn.accepted_ns is not None and conn.cw_enter_ns:
-        evidence.append(
-            f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the accept queue"
-            " after the peer had closed"
-        )
+    if conn.accepted_after_fin:
+        if conn.accepted_ns is not None and conn.cw_enter_ns:
+            evidence.append(f"waited {_secs(conn.accepted_ns - conn.cw_enter_ns)} in the"
+                            " accept queue after the peer had closed")
+        else:
+            evidence.append("found in the accept queue after the peer had closed, accepted"
+                            " later (while accept() was not watched)")
         return Verdict(
             Cause.DRAINED_LATE,
             sure,
@@ -327,8 +331,10 @@ def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
     acc, lst, proc = facts.accept, facts.listener, facts.process
     queued = lst is not None and lst.queue > 0
     if acc is not None and acc.ok:
-        evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(now_ns - acc.last_ok_ns)}"
-                        " ago")
+        ago = now_ns - acc.last_ok_ns
+        watched = _watched_since_ok(acc, now_ns)
+        evidence.append(f"accept() succeeded {acc.ok}x, the last {_secs(ago)} ago"
+                        + (f" (watched {_secs(watched)} since)" if watched < ago else ""))
     elif conn.history:
         evidence.append("no successful accept() seen since the tracer started"
                         + _sampled(facts.accept_coverage))
@@ -356,7 +362,7 @@ def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
             tuple(evidence))
 
     # 3. It accepts, but slower than connections come and go (seed 001: backlog too large).
-    if acc is not None and acc.ok and now_ns - acc.last_ok_ns < _recent_ns(facts):
+    if acc is not None and acc.ok and _watched_since_ok(acc, now_ns) < 60 * 1_000_000_000:
         return Verdict(
             Cause.DRAINED_LATE, Confidence.LIKELY,
             f"not accepted yet: {who} accepts, but slower than peers give up; the queue"
@@ -373,12 +379,15 @@ def _not_draining(conn: Connection, facts: Facts, now_ns: int, who: str,
 
 
 def _sampled(coverage: float) -> str:
-    return f" (accept() watched {coverage:.0%} of the time)" if coverage < 1 else ""
+    return f" (accept() watched {coverage:.0%} of that time)" if coverage < 1 else ""
 
 
-def _recent_ns(facts: Facts) -> int:
-    """How long ago a seen accept() still says the process accepts: a minute of watching."""
-    return int(60 * 1_000_000_000 / max(facts.accept_coverage, 0.01))
+def _watched_since_ok(acc: AcceptStats, now_ns: int) -> int:
+    """How long accept() was watched since the last success: a process that accepted within
+    the last minute of watching still accepts (the watch may be attached part-time)."""
+    if acc.watched_since_ok_ns is None:
+        return now_ns - acc.last_ok_ns
+    return acc.watched_since_ok_ns
 
 
 def responsible_holders(holders: tuple[ListenerHolder, ...] | list[ListenerHolder]

@@ -21,7 +21,7 @@ existed, in the same order: the tracer's own namespace only.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..facts.containers import ContainerIdentity
@@ -107,8 +107,10 @@ class Enrichment:
         self.world = world
         self.tracker = tracker
         self.counters = Counters()
-        #: the share of recent time accept() outcomes were seen (the session's accept watch)
+        #: the share of the time since start accept() outcomes were seen, and how long they
+        #: were seen between two times (the session's accept watch; by default: always)
         self.accept_coverage = 1.0
+        self.accept_watched_ns: Callable[[int, int], int] = lambda since, now: now - since
         self._ns: Namespaces | None = None
         self._ns_at: int | None = None
         self._now = 0
@@ -339,6 +341,8 @@ class Enrichment:
         return AcceptStats(
             ok=st.ok, err=st.err, last_ok_ns=st.last_ok_ns, last_err_ns=st.last_err_ns,
             last_err=st.last_err,
+            watched_since_ok_ns=self.accept_watched_ns(st.last_ok_ns, self._now)
+            if st.ok else None,
             errors={e: n for (p, e), n in self.counters.accept_errs.items() if p == pid},
         )
 

@@ -164,6 +164,15 @@ def _accepted(s: SockInfo) -> Accepted:
     return Accepted.UNKNOWN
 
 
+def _closed_so_accepted(conn: Connection) -> None:
+    """Closed by its application: a socket found in the accept queue (no inode) in CLOSE_WAIT
+    was accepted since, after the peer's FIN, while no accept watch saw it."""
+    if conn.accepted is Accepted.NO and conn.inode == 0 \
+            and conn.direction is not Direction.OUTBOUND:
+        conn.accepted = Accepted.YES
+        conn.accepted_after_fin = True
+
+
 class Tracker:
     """Joins kernel records into Connections and says what changed.
 
@@ -430,6 +439,7 @@ class Tracker:
         conn.exit_how = how
         conn.exit_code = ev.exit_code if how is ExitHow.PROCESS_EXIT else None
         if how in (ExitHow.APP_CLOSE, ExitHow.APP_ABORT, ExitHow.PROCESS_EXIT):
+            _closed_so_accepted(conn)
             conn.closer_pid = s.closer_tgid or ev.tgid
             if conn.app_close_ns is None:
                 conn.app_close_ns = s.ts_close or ev.ts

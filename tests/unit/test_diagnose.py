@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pytest
@@ -372,14 +373,29 @@ def test_group_verdicts_counts_by_process_port_and_cause() -> None:
         (80, "accepted-not-closed", 2), (81, "unknown", 1)]
 
 
-def test_a_sampled_accept_watch_is_said_and_widens_what_counts_as_recent() -> None:
+def test_a_sampled_accept_watch_is_said_and_recent_means_a_minute_of_watching() -> None:
     unseen = diagnose(never_accepted(inode=0), Facts(accept_coverage=0.1), NOW)
     assert ("no successful accept() seen since the tracer started"
-            " (accept() watched 10% of the time)") in unseen.evidence
-    two_minutes_ago = acc_stats(ok=1, last_ok_ns=NOW - 120 * S)
+            " (accept() watched 10% of that time)") in unseen.evidence
     listener = ListenerFacts(port=8080, queue=3, backlog=128)
+    two_minutes_ago = acc_stats(ok=1, last_ok_ns=NOW - 120 * S)
     full = diagnose(never_accepted(), Facts(accept=two_minutes_ago, listener=listener), NOW)
-    sampled = diagnose(never_accepted(), Facts(accept=two_minutes_ago, listener=listener,
-                                               accept_coverage=0.1), NOW)
     assert full.cause is Cause.NEVER_ACCEPTED
-    assert sampled.cause is Cause.DRAINED_LATE  # a minute of watching is ten of sampling
+    # Two minutes ago, but watched only 12 s since: the process may well accept still.
+    sampled = dataclasses.replace(two_minutes_ago, watched_since_ok_ns=12 * S)
+    v = diagnose(never_accepted(), Facts(accept=sampled, listener=listener), NOW)
+    assert v.cause is Cause.DRAINED_LATE
+    assert "accept() succeeded 1x, the last 120.0s ago (watched 12.0s since)" in v.evidence
+    # Watched more than a minute since the last success: it stopped accepting.
+    stopped = dataclasses.replace(two_minutes_ago, watched_since_ok_ns=61 * S)
+    v = diagnose(never_accepted(), Facts(accept=stopped, listener=listener), NOW)
+    assert v.cause is Cause.NEVER_ACCEPTED
+
+
+def test_accepted_after_fin_unseen_and_closed_is_drained_late() -> None:
+    conn = connection(key=KEY, accepted=Accepted.YES, accepted_after_fin=True,
+                      cw_exit_ns=ENTER + 11 * S, exit_how=ExitHow.APP_CLOSE)
+    v = diagnose(conn, Facts(), NOW)
+    assert v.cause is Cause.DRAINED_LATE
+    assert v.evidence == ("found in the accept queue after the peer had closed, accepted"
+                          " later (while accept() was not watched)",)

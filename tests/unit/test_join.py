@@ -645,3 +645,33 @@ def test_ignored_stays_are_forgotten_when_they_leave_the_map() -> None:
     t.ignore(opened.conn)
     t.apply_poll([], 7 * S)
     assert t.ignored == set()
+
+
+def test_closed_by_its_application_after_being_found_in_the_queue_was_accepted_late() -> None:
+    """The accept watch was detached when it was accepted: its close says it was."""
+    t = tracker()
+    entry = cw_entry(SK_A, enter=2 * S)  # not seen accepted
+    (ch,) = t.apply_poll([entry], 3 * S)
+    conn = ch.conn
+    assert conn is not None and conn.accepted is Accepted.NO
+    conn.inode = 0  # enrichment found it in the accept queue while in CLOSE_WAIT
+    (closed,) = t.apply_event(cw_exit(entry, ts=9 * S, how=ExitHow.APP_CLOSE, tgid=OWNER_PID),
+                              9 * S)
+    assert closed.conn is conn
+    assert conn.accepted is Accepted.YES and conn.accepted_after_fin
+    assert conn.accepted_ns is None  # when, nobody saw
+
+
+def test_a_socket_never_looked_up_or_ended_by_its_listener_is_not_called_accepted() -> None:
+    t = tracker()
+    entry = cw_entry(SK_A, enter=2 * S)
+    (ch,) = t.apply_poll([entry], 3 * S)
+    assert ch.conn is not None and ch.conn.inode is None  # never looked up: nothing known
+    t.apply_event(cw_exit(entry, ts=9 * S, how=ExitHow.APP_CLOSE, tgid=OWNER_PID), 9 * S)
+    assert ch.conn.accepted is Accepted.NO
+    other = cw_entry(SK_B, enter=2 * S)
+    (ch2,) = t.apply_poll([other], 3 * S)
+    assert ch2.conn is not None
+    ch2.conn.inode = 0
+    t.apply_event(cw_exit(other, ts=9 * S, how=ExitHow.LISTENER_CLOSED, tgid=OWNER_PID), 9 * S)
+    assert ch2.conn.accepted is Accepted.NO
