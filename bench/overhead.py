@@ -519,8 +519,8 @@ def _short(path: str) -> str:
 # Run by default, in this order (rotated each round).
 DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "floor", "tcpstates", "tcplife")
 # Also available with --only: the timeline of *every* socket (meant for use with filters).
-ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "closewait-while-needed", "floor-raw",
-               "empty", "empty-raw")
+ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "closewait-while-needed",
+               "closewait-classic", "floor-raw", "empty", "empty-raw")
 # closewait configurations with more options: name -> (the option they need, its arguments)
 CLOSEWAIT_VARIANTS = {
     "closewait-timeline": ("--timeline", ["--timeline"]),
@@ -666,6 +666,11 @@ def _config(name: str, cw: str | None, paths: dict[str, str], bcc_env: dict[str,
     if name == "closewait":
         assert cw
         return Config("closewait", "closewait", [cw, "--json"])
+    if name == "closewait-classic":  # state changes from the classic tracepoint (its fallback)
+        assert cw
+        from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
+        return Config(name, "closewait", [cw, "--json"],
+                      {**os.environ, CLASSIC_TRACEPOINT_ENV: "1"})
     if name in CLOSEWAIT_VARIANTS:
         assert cw
         option, extra = CLOSEWAIT_VARIANTS[name]

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -93,6 +94,46 @@ def test_a_listener_on_a_port_the_kernel_chose_is_seen_to_end_on_that_port(
     end = tracer.wait_for(lambda r: r["type"] == "unlisten" and r["port"] == srv.port, 5,
                           what=f"unlisten of port {srv.port}")
     assert end["pid"] == srv.pid
+
+
+BLOCKED_ACCEPTS = 24  # more than the kernel's default kretprobe room in any guest (10, 2/CPU)
+
+
+def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer) -> None:
+    """A pre-fork or thread-pool server has many threads blocked in accept() at once: the
+    kprobe backend's kretprobe must have room for all of them (else returns are dropped and
+    the kernel never hears of those accepts), and fentry has no such limit."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = srv.getsockname()[1]
+    accepted: list[socket.socket] = []
+    threads = [threading.Thread(target=lambda: accepted.append(srv.accept()[0]))
+               for _ in range(BLOCKED_ACCEPTS)]
+    for t in threads:
+        t.start()
+    time.sleep(1)  # all blocked in accept() now
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(BLOCKED_ACCEPTS)]
+    try:
+        for t in threads:
+            t.join(10)
+        assert len(accepted) == BLOCKED_ACCEPTS
+        for c in clients:
+            c.close()  # each accepted socket enters CLOSE_WAIT
+        opened: dict[str, dict] = {}
+        def all_open(r: dict) -> bool:
+            if r["type"] == "open" and r["connection"]["local"].endswith(f":{port}"):
+                opened[r["connection"]["id"]] = r["connection"]
+            return len(opened) == BLOCKED_ACCEPTS
+        tracer.wait_for(all_open, 10, what=f"{BLOCKED_ACCEPTS} sockets in CLOSE_WAIT")
+        ready = next(r for r in tracer.records if r["type"] == "ready")
+        assert all(c["accepted"] == "yes" for c in opened.values())
+        if ready["backend"] != "tracepoint":  # (there, accept() is watched only when needed)
+            # the kernel saw each accept (its time is known), not only sock_diag's inode
+            unseen = [c["remote"] for c in opened.values() if "accept_after_fin_s" not in c]
+            assert unseen == [], f"{len(unseen)} accepts not seen by the kernel"
+    finally:
+        for s in accepted:
+            s.close()
+        srv.close()
 
 
 def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: list[Server]) -> None:
