@@ -7,7 +7,7 @@ ls = socket.socket()
 ls.bind(("127.0.0.1", 0))
 ls.listen(128)
 port = ls.getsockname()[1]
-got = []
+got: list[int] = []
 lock = threading.Lock()
 
 def worker() -> None:
