@@ -660,22 +660,23 @@ def _find_tools(args: argparse.Namespace, wanted: list[str]) -> tuple[dict[str, 
 
 
 def _config(name: str, cw: str | None, paths: dict[str, str], bcc_env: dict[str, str] | None,
-            notes: list[str]) -> Config | None:
+            notes: list[str], cw_args: Sequence[str] = ()) -> Config | None:
+    """One configuration; ``cw_args`` (--closewait-arg) end every closewait-trace command."""
     if name == "none":
         return Config("none", "none")
     if name == "closewait":
         assert cw
-        return Config("closewait", "closewait", [cw, "--json"])
+        return Config("closewait", "closewait", [cw, "--json", *cw_args])
     if name == "closewait-classic":  # state changes from the classic tracepoint (its fallback)
         assert cw
         from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
-        return Config(name, "closewait", [cw, "--json"],
+        return Config(name, "closewait", [cw, "--json", *cw_args],
                       {**os.environ, CLASSIC_TRACEPOINT_ENV: "1"})
     if name in CLOSEWAIT_VARIANTS:
         assert cw
         option, extra = CLOSEWAIT_VARIANTS[name]
         if closewait_has_option(cw, option):
-            return Config(name, "closewait", [cw, "--json", *extra])
+            return Config(name, "closewait", [cw, "--json", *extra, *cw_args])
         notes.append(f"{name} skipped: this closewait-trace has no {option} "
                      "option (`closewait-trace --help`)")
         return None
@@ -698,7 +699,8 @@ def build_configs(args: argparse.Namespace, notes: list[str]) -> list[Config]:
         notes.append(why)
         if src:
             bcc_env = {**os.environ, "BCC_KERNEL_SOURCE": src}
-    configs = [c for c in (_config(name, cw, paths, bcc_env, notes) for name in wanted) if c]
+    configs = [c for c in (_config(name, cw, paths, bcc_env, notes, args.closewait_arg)
+                            for name in wanted) if c]
     if not configs:
         raise BenchError("nothing to run")
     return configs
@@ -728,6 +730,9 @@ class Run:
     events_lost: int | None = None
     lost_detail: dict[str, Any] | None = None
     cw_entered: int | None = None
+    backend: str | None = None  # closewait-trace's summary: the backend that ran
+    accepts_seen: int | None = None  # its summary: accepts the kernel side saw / could not tie
+    accepts_unmatched: int | None = None
     events_printed: int | None = None
     ready_s: float | None = None
     stop_s: float | None = None
@@ -862,6 +867,9 @@ def _read_outcome(cfg: Config, run: Run, out: Path, err: Path, code: int | None)
         run.events_lost = int(summary.get("events_lost", 0))
         run.lost_detail = summary.get("lost")
         run.cw_entered = summary.get("cw_entered")
+        run.backend = summary.get("backend")
+        run.accepts_seen = summary.get("accepts_seen")
+        run.accepts_unmatched = summary.get("accepts_unmatched")
         if code not in (0, None):
             run.notes.append(f"exit code {code}")
     elif cfg.kind == "bcc":
@@ -1249,6 +1257,8 @@ _RUN_COLUMNS: tuple[tuple[str, str | Callable[[Run], str], str], ...] = (
     ("steady RSS MB", "tracer_rss_steady_mb", ".0f"), ("BPF progs", "tracer_bpf_progs", ","),
     ("events lost", "events_lost", ","), ("ready (s)", "ready_s", ".1f"),
     ("stop (s)", "stop_s", ".1f"), ("CW seen", "cw_entered", ","),
+    ("backend", lambda r: r.backend or "–", ""), ("accepts seen", "accepts_seen", ","),
+    ("accepts unmatched", "accepts_unmatched", ","),
     ("machine busy %", "machine_busy_pct", ".0f"), ("steal %", "steal_pct", ".1f"),
     ("nginx CPU %", "nginx_cpu_pct", ".0f"), ("wrk CPU %", "wrk_cpu_pct", ".0f"),
     ("load1", "load1", ".2f"), ("others", lambda r: _others(r.foreign), ""),
@@ -1272,7 +1282,10 @@ def _per_run(runs: list[Run]) -> list[str]:
             "SIGTERM to exit. BPF progs: BPF programs the tracer held when the load started "
             "(closewait-trace's accept watch adds its syscall programs). CW seen: "
             "closewait-trace's `cw_entered` (sockets that entered CLOSE_WAIT: the client side "
-            "of a connection when nginx's FIN arrives before wrk closes). machine busy / steal: "
+            "of a connection when nginx's FIN arrives before wrk closes). backend, accepts seen / "
+            "unmatched: closewait-trace's summary record (`backend`, `accepts_seen`, "
+            "`accepts_unmatched`: the accepts its kernel side saw, and those it could not tie to "
+            "a socket). machine busy / steal: "
             "all CPUs, from /proc/stat during the load. load1: 1-min load average when the run "
             "started. others: other processes holding BPF programs (bpf) and VMs (vm) when the "
             "run started."]
@@ -1351,6 +1364,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="seconds a tracer may take to exit after SIGTERM (default 60)")
     ap.add_argument("--closewait-trace", metavar="PATH",
                     help="closewait-trace executable (default .venv/bin/closewait-trace)")
+    ap.add_argument("--closewait-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument at the end of every closewait-trace command line "
+                         "(repeatable; with '=' when ARG starts with a dash: --closewait-arg=--backend=kprobe)")
     ap.add_argument("--kernel-headers", metavar="DIR",
                     help="BCC_KERNEL_SOURCE for tcpstates/tcplife (default: found as "
                          "closewait-trace finds its headers)")
@@ -1480,6 +1496,7 @@ def _meta(args: argparse.Namespace, argv: Sequence[str] | None, nginx: Nginx,
         "connections": args.connections, "load_before": fmt_load(load_before),
         "waited_s": waited, "incident": args.incident_leaks if args.incident else 0,
         "incident_settle_s": args.incident_settle if args.incident else 0,
+        "closewait_args": list(args.closewait_arg),
     }
 
 
