@@ -154,6 +154,17 @@ def test_python_prefork_every_worker_busy() -> None:
         t.stop()
 
 
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until /proc says the process is stopped (state T)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} did not stop within {timeout}s")
+
+
 def test_python_prefork_one_worker_stopped_the_other_busy() -> None:
     port = free_port()
     t = Tracer(["--port", str(port), "--threshold", "1s", "--report-min", "100ms"]).start()
@@ -163,6 +174,9 @@ def test_python_prefork_one_worker_stopped_the_other_busy() -> None:
             info = json.loads(proc.stdout.readline())
             stopped, other = info["workers"]
             os.kill(stopped, signal.SIGSTOP)
+            # A worker woken in accept() by the signal still takes a connection queued before
+            # it stops: connect only once it has stopped.
+            wait_stopped(stopped)
             busy = socket.create_connection(("127.0.0.1", port))
             time.sleep(0.5)  # the running worker took it
             connect_and_close(port, 2)
@@ -240,6 +254,8 @@ def test_nginx_all_workers_stopped_shared_listener() -> None:
             time.sleep(0.5)
             for w in workers:
                 os.kill(w, signal.SIGSTOP)
+            for w in workers:
+                wait_stopped(w)
             connect_and_close(port, 2)
             leaks = never_accepted_leaks(t, port, 2)
             for c in leaks:
@@ -262,6 +278,7 @@ def test_nginx_reuseport_one_worker_stopped() -> None:
             time.sleep(0.5)
             stopped = workers[0]
             os.kill(stopped, signal.SIGSTOP)
+            wait_stopped(stopped)
             connect_and_close(port, 12)  # the kernel spreads them over the two listeners
             leaks = never_accepted_leaks(t, port, 1)
             registered = {e.inode for e in read_epoll(stopped)}
