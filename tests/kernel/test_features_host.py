@@ -124,3 +124,17 @@ def test_without_btf_offsets_the_programs_still_load_and_say_what_is_off(tmp_pat
                        for n in probes.notices), probes.notices
     finally:
         probes.close()
+
+
+def test_bcc_release_is_the_one_in_use_and_the_one_asked_for() -> None:
+    """doctor's BCC version is the module the tracer loads; a run in another Debian
+    release's root (`make test-bcc-trixie` sets CLOSEWAIT_EXPECT_BCC) proves which BCC the
+    rest of the suite ran with."""
+    import importlib
+
+    version = features.bcc_version()
+    assert version is not None and version[0].isdigit(), version
+    assert importlib.import_module("bcc.version").__version__ == version
+    expected = os.environ.get("CLOSEWAIT_EXPECT_BCC", "")
+    if expected:
+        assert version == expected or version.startswith(expected + "."), version
