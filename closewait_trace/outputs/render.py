@@ -135,11 +135,8 @@ def container_text(conn: Connection) -> str:
     label = ident.label if ident is not None else None
     if ident is None or label is None:
         return ""
-    if ident.pod_name:
-        pod = f"{ident.pod_namespace}/{ident.pod_name}" if ident.pod_namespace \
-            else ident.pod_name
-        return f" [{pod}/{label}]"
-    return f" [{label}]"
+    pod = ident.pod.full_name if ident.pod else None
+    return f" [{pod}/{label}]" if pod else f" [{label}]"
 
 
 def netns_text(conn: Connection) -> str:

@@ -74,11 +74,9 @@ def choose_listener(listeners: Iterable[Listener], conn: Connection
 def container_matches(ident: ContainerIdentity | None, query: str) -> bool:
     """Whether a --container value names this identity: a container or pod name,
     namespace/pod, a pod UID, or a prefix (3+ characters) of the container id."""
-    if ident is None or (not ident.in_container and ident.pod_uid is None):
+    if ident is None or (not ident.in_container and ident.pod is None):
         return False
-    names = {ident.container_name, ident.pod_name, ident.pod_uid}
-    if ident.pod_name and ident.pod_namespace:
-        names.add(f"{ident.pod_namespace}/{ident.pod_name}")
+    names = {ident.container_name} | (ident.pod.names if ident.pod else set())
     if query in names:
         return True
     cid = ident.container_id

@@ -8,7 +8,7 @@ import json
 import socket
 from typing import Any
 
-from closewait_trace.facts.containers import ContainerIdentity, Runtime
+from closewait_trace.facts.containers import ContainerIdentity, Pod, Runtime
 from closewait_trace.pipeline.diagnose import Cause, Confidence, Facts, ListenerFacts, diagnose, \
     responsible_holders
 from closewait_trace.facts.enrich import DiagSocket, SocketOwner, TcpState
@@ -212,8 +212,9 @@ def test_container_matches() -> None:
     assert not container_matches(None, "alpha")
     assert not container_matches(ContainerIdentity(cgroup="/user.slice"), "user.slice")
     pod = ContainerIdentity(cgroup="/kubepods/x", runtime=Runtime.CRI, container_id=CID_B,
-                            pod_name="web-1", pod_namespace="shop", pod_uid="u-1")
+                            pod=Pod(uid="u-1", name="web-1", namespace="shop"))
     assert container_matches(pod, "shop/web-1") and container_matches(pod, "web-1")
+    assert container_matches(pod, "u-1") and not container_matches(pod, "shop")
 
 
 def test_new_facts_are_recorded_and_replayed() -> None:
