@@ -156,6 +156,19 @@ class ContainerIdentity:
         """The shortest text naming the container: its name, else its short id."""
         return self.container_name or self.short_id
 
+    def match(self, query: str) -> str | None:
+        """How a ``--container`` value names this identity: "name" (the container's name,
+        the pod's name, ``namespace/pod`` or pod UID), "id" (a prefix, 3+ characters, of the
+        container id), or None."""
+        if not self.in_container and self.pod is None:
+            return None
+        if query in {self.container_name} | (self.pod.names if self.pod else set()):
+            return "name"
+        cid = self.container_id
+        if cid and len(query) >= 3 and cid.startswith(query.lower()):
+            return "id"
+        return None
+
     def as_dict(self) -> dict[str, str]:
         """The fields that are known, as JSON-ready text (runtime by its value, the pod's
         fields flat as ``pod_uid``, ``pod_qos``, ``pod_name``, ``pod_namespace``)."""
@@ -539,18 +552,6 @@ def _container_key(ident: ContainerIdentity) -> tuple[str, str]:
     return runtime, ident.container_id or ident.container_name or ident.cgroup
 
 
-def _match(ident: ContainerIdentity, query: str) -> str | None:
-    """How ``ident`` matches ``query``: "name", "id" (a prefix of the id) or None."""
-    if not ident.in_container and ident.pod is None:
-        return None
-    names = {ident.container_name} | (ident.pod.names if ident.pod else set())
-    if query in names:
-        return "name"
-    if ident.container_id and len(query) >= 3 and ident.container_id.startswith(query.lower()):
-        return "id"
-    return None
-
-
 def running_identities(proc_root: Path = PROC, resolver: NameResolver | None = None
                        ) -> dict[int, ContainerIdentity]:
     """pid -> identity (names resolved) of every live process; one parse per distinct
@@ -586,7 +587,7 @@ def select_containers(query: str, *, proc_root: Path = PROC,
     by_name: dict[tuple[str, str], list[tuple[int, ContainerIdentity]]] = {}
     by_id: dict[tuple[str, str], list[tuple[int, ContainerIdentity]]] = {}
     for pid, ident in running_identities(proc_root, resolver).items():
-        how = _match(ident, query)
+        how = ident.match(query)
         if how is not None:
             target = by_name if how == "name" else by_id
             target.setdefault(_container_key(ident), []).append((pid, ident))

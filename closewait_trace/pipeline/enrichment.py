@@ -74,13 +74,7 @@ def choose_listener(listeners: Iterable[Listener], conn: Connection
 def container_matches(ident: ContainerIdentity | None, query: str) -> bool:
     """Whether a --container value names this identity: a container or pod name,
     namespace/pod, a pod UID, or a prefix (3+ characters) of the container id."""
-    if ident is None or (not ident.in_container and ident.pod is None):
-        return False
-    names = {ident.container_name} | (ident.pod.names if ident.pod else set())
-    if query in names:
-        return True
-    cid = ident.container_id
-    return cid is not None and len(query) >= 3 and cid.startswith(query.lower())
+    return ident is not None and ident.match(query) is not None
 
 
 @dataclass
