@@ -211,11 +211,11 @@ def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
     if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
         # changed hands: forked, passed over SCM_RIGHTS, handed over on reload
         d["acceptor"] = {"pid": conn.acceptor_pid, "comm": conn.acceptor_comm}
-    if conn.listener is not None:
-        d["listener"] = {"local": endpoint(conn.listener.laddr, conn.listener.lport),
-                         "inode": conn.listener.inode, "netns": conn.listener.netns,
-                         "queue": conn.listener.queue, "backlog": conn.listener.backlog,
-                         "why": conn.listener_reason}
+    if conn.queued_on is not None:
+        lst = conn.queued_on.listener
+        d["listener"] = {"local": endpoint(lst.laddr, lst.lport), "inode": lst.inode,
+                         "netns": lst.netns, "queue": lst.queue, "backlog": lst.backlog,
+                         "why": conn.queued_on.why}
     return d
 
 

@@ -45,6 +45,15 @@ class ChangeKind(enum.Enum):
     TIMELINE = "timeline"  # a socket under a timeline watch closed: its whole life
 
 
+@dataclass(frozen=True)
+class QueuedOn:
+    """The listener a never-accepted connection waits on (or the best candidate), and why
+    that one."""
+
+    listener: Listener
+    why: str
+
+
 @dataclass(eq=False)
 class Connection:
     """One socket's stay in CLOSE_WAIT, and what is known of its life around it.
@@ -101,8 +110,7 @@ class Connection:
     acceptor_pid: int | None = None
     acceptor_comm: str | None = None
     #: never accepted: the listener it is queued on (or the best candidate), and why that one
-    listener: Listener | None = None
-    listener_reason: str | None = None
+    queued_on: QueuedOn | None = None
 
     @property
     def preexisting(self) -> bool:
