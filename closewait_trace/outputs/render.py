@@ -208,9 +208,8 @@ def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
         d["established_before_fin_s"] = round((conn.cw_enter_ns - conn.established_ns) / 1e9, 6)
     if conn.accepted_ns is not None and conn.cw_enter_ns is not None:
         d["accept_after_fin_s"] = round((conn.accepted_ns - conn.cw_enter_ns) / 1e9, 6)
-    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
-        # changed hands: forked, passed over SCM_RIGHTS, handed over on reload
-        d["acceptor"] = {"pid": conn.acceptor_pid, "comm": conn.acceptor_comm}
+    if (acc := conn.other_acceptor) is not None:
+        d["acceptor"] = {"pid": acc.pid, "comm": acc.comm}
     if conn.queued_on is not None:
         lst = conn.queued_on.listener
         d["listener"] = {"local": endpoint(lst.laddr, lst.lport), "inode": lst.inode,
@@ -355,8 +354,8 @@ def conn_line(kind: str, conn: Connection, view: View) -> str:
         parts.append(f"cw={conn_age(conn, view.now_ns)} exit={exit_word}")
     if conn.netns is not None:
         parts.append(netns_text(conn))
-    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
-        parts.append(f"accepted-by={conn.acceptor_pid}/{conn.acceptor_comm or '?'}")
+    if (acc := conn.other_acceptor) is not None:
+        parts.append(f"accepted-by={acc.pid}/{acc.comm or '?'}")
     if verdict is not None and kind == "LEAK":
         parts.append(f"-- {verdict.summary}")
         if verdict.evidence:
