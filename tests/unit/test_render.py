@@ -15,6 +15,7 @@ from rich.console import Console
 from closewait_trace.outputs import render
 from closewait_trace.kernel.decode import ExitHow, Stat
 from closewait_trace.pipeline.diagnose import Cause, Confidence, Verdict
+from closewait_trace.facts.containers import ContainerIdentity, Pod, Runtime
 from closewait_trace.facts.facts import Listener
 from closewait_trace.pipeline.join import (
     Accepted,
@@ -30,6 +31,7 @@ from closewait_trace.outputs.render import (
     PlainRenderer,
     View,
     conn_dict,
+    container_text,
     endpoint,
     fmt_duration,
 )
@@ -296,6 +298,17 @@ def test_plain_open_leak_close_lines() -> None:
     assert "cw=30.0s  -- accepted by pid 42 (app) and never closed" in leak
     assert leak.endswith("[accepted 30.0s ago; still open as fd 7]")
     assert close.split()[1] == "CLOSE" and close.endswith("cw=12.0s exit=app-close")
+
+
+def test_container_text_names_the_pod_as_far_as_known() -> None:
+    def text(pod: Pod | None) -> str:
+        return container_text(open_conn(container=ContainerIdentity(
+            cgroup="/k", runtime=Runtime.CRI, container_name="app", pod=pod)))
+    assert text(None) == " [app]"
+    assert text(Pod(uid="u-1")) == " [app]"
+    assert text(Pod(name="web-1")) == " [web-1/app]"
+    assert text(Pod(name="web-1", namespace="shop")) == " [shop/web-1/app]"
+    assert container_text(open_conn()) == ""
 
 
 def test_the_acceptor_shows_only_when_the_socket_changed_hands() -> None:
