@@ -76,8 +76,7 @@ def take(*, ports: frozenset[int] = frozenset(), pids: frozenset[int] = frozense
             key=(0, n), family=d.family, laddr=d.laddr, lport=d.lport, raddr=d.raddr,
             rport=d.rport, direction=Direction.OUTBOUND, netns=d.netns, first_seen_ns=now,
             history=False)
-        lst, _why = choose_listener(stage._listeners(d.netns), conn)
-        if lst is not None or d.inode == 0:
+        if choose_listener(stage._listeners(d.netns), conn) is not None or d.inode == 0:
             conn.direction = Direction.INBOUND
         stage.apply(conn, d)
         facts = stage.facts(conn)

@@ -27,7 +27,7 @@ import json
 import os
 import pwd
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "ContainerIdentity",
     "ContainerSelection",
     "NameResolver",
+    "Pod",
     "Runtime",
     "cgroup_v2_id",
     "identity_from_lines",
@@ -78,23 +79,68 @@ class CgroupLine:
 
 
 @dataclass(frozen=True)
+class Pod:
+    """A Kubernetes pod, as far as the cgroup path and the local files tell.
+
+    ``uid`` is the pod UID in its canonical form (with ``-``; None when only names are
+    known), ``qos`` one of ``guaranteed``, ``burstable``, ``besteffort`` (told by the cgroup
+    path alone).  Names are None when no local file tells them.
+    """
+
+    uid: str | None = None
+    qos: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+
+    @property
+    def full_name(self) -> str | None:
+        """``namespace/name``, or the name alone when the namespace is not known."""
+        if self.name and self.namespace:
+            return f"{self.namespace}/{self.name}"
+        return self.name
+
+    @property
+    def names(self) -> set[str | None]:
+        """What a user may call it: its name, ``namespace/name``, its UID."""
+        return {self.name, self.full_name, self.uid}
+
+    def filled_from(self, other: Pod | None) -> Pod:
+        """This pod with what it does not know taken from ``other`` (the same pod)."""
+        if other is None:
+            return self
+        return Pod(uid=self.uid or other.uid, qos=self.qos or other.qos,
+                   name=self.name or other.name, namespace=self.namespace or other.namespace)
+
+    def as_dict(self) -> dict[str, str]:
+        """The fields that are known, under their flat JSON keys (``pod_uid``, ...)."""
+        return {f"pod_{key}": value for key, value in vars(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str]) -> Pod | None:
+        """The inverse of :meth:`as_dict` (other keys ignored); None without any pod key."""
+        return _known(cls(uid=d.get("pod_uid"), qos=d.get("pod_qos"), name=d.get("pod_name"),
+                          namespace=d.get("pod_namespace")))
+
+
+def _known(pod: Pod) -> Pod | None:
+    """``pod``, or None when nothing of it is known."""
+    return pod if pod != Pod() else None
+
+
+@dataclass(frozen=True)
 class ContainerIdentity:
     """Where a process sits: its cgroup path and, inside a container, who made it and names.
 
     ``container_id`` is the runtime's 64-hex id (None for systemd-nspawn and LXC, which
-    name containers instead).  ``pod_uid`` is the Kubernetes pod UID in its canonical form
-    (with ``-``), ``pod_qos`` one of ``guaranteed``, ``burstable``, ``besteffort``.  Names are
-    None when no local file tells them.
+    name containers instead); ``pod`` the Kubernetes pod it belongs to.  Names are None when
+    no local file tells them.
     """
 
     cgroup: str
     runtime: Runtime | None = None
     container_id: str | None = None
     container_name: str | None = None
-    pod_uid: str | None = None
-    pod_qos: str | None = None
-    pod_name: str | None = None
-    pod_namespace: str | None = None
+    pod: Pod | None = None
 
     @property
     def in_container(self) -> bool:
@@ -110,11 +156,27 @@ class ContainerIdentity:
         """The shortest text naming the container: its name, else its short id."""
         return self.container_name or self.short_id
 
+    def match(self, query: str) -> str | None:
+        """How a ``--container`` value names this identity: "name" (the container's name,
+        the pod's name, ``namespace/pod`` or pod UID), "id" (a prefix, 3+ characters, of the
+        container id), or None."""
+        if not self.in_container and self.pod is None:
+            return None
+        if query in {self.container_name} | (self.pod.names if self.pod else set()):
+            return "name"
+        cid = self.container_id
+        if cid and len(query) >= 3 and cid.startswith(query.lower()):
+            return "id"
+        return None
+
     def as_dict(self) -> dict[str, str]:
-        """The fields that are known, as JSON-ready text (runtime by its value)."""
+        """The fields that are known, as JSON-ready text (runtime by its value, the pod's
+        fields flat as ``pod_uid``, ``pod_qos``, ``pod_name``, ``pod_namespace``)."""
         out: dict[str, str] = {}
         for key, value in vars(self).items():
-            if value is not None:
+            if isinstance(value, Pod):
+                out.update(value.as_dict())
+            elif value is not None:
                 out[key] = value.value if isinstance(value, Runtime) else str(value)
         return out
 
@@ -159,10 +221,10 @@ def _unescape_unit(text: str) -> str:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
 
 
-def _pod_of(parts: list[str]) -> tuple[str | None, str | None]:
-    """(pod uid, qos) from the components of a kubepods path, or (None, None)."""
+def _pod_of(parts: list[str]) -> Pod | None:
+    """The pod (uid and QoS) the components of a kubepods path tell, or None."""
     if not any("kubepods" in p for p in parts):
-        return None, None
+        return None
     qos: str | None = None
     for part in parts:
         if part in ("burstable", "besteffort"):
@@ -170,10 +232,10 @@ def _pod_of(parts: list[str]) -> tuple[str | None, str | None]:
         elif (m := _QOS_SLICE.match(part)) is not None:
             qos = m.group(1)
         elif (m := _POD_CGROUPFS.match(part)) is not None:
-            return m.group(1).replace("_", "-"), qos or "guaranteed"
+            return Pod(uid=m.group(1).replace("_", "-"), qos=qos or "guaranteed")
         elif (m := _POD_SLICE.match(part)) is not None:
-            return m.group(2).replace("_", "-"), m.group(1) or qos or "guaranteed"
-    return None, None
+            return Pod(uid=m.group(2).replace("_", "-"), qos=m.group(1) or qos or "guaranteed")
+    return None
 
 
 def _container_at(parts: list[str], i: int, in_pod: bool) -> tuple[Runtime, str | None,
@@ -210,14 +272,14 @@ def parse_cgroup_path(path: str) -> ContainerIdentity:
     """The identity a cgroup path tells: the innermost component that names a container
     wins (``/docker/A/docker/B`` is B), and a kubepods path gives the pod UID and QoS."""
     parts = [p for p in path.split("/") if p]
-    pod_uid, qos = _pod_of(parts)
+    pod = _pod_of(parts)
     for i in range(len(parts) - 1, -1, -1):
-        found = _container_at(parts, i, pod_uid is not None)
+        found = _container_at(parts, i, pod is not None)
         if found is not None:
             runtime, cid, name = found
             return ContainerIdentity(cgroup=path, runtime=runtime, container_id=cid,
-                                     container_name=name, pod_uid=pod_uid, pod_qos=qos)
-    return ContainerIdentity(cgroup=path, pod_uid=pod_uid, pod_qos=qos)
+                                     container_name=name, pod=pod)
+    return ContainerIdentity(cgroup=path, pod=pod)
 
 
 def _line_order(line: CgroupLine) -> int:
@@ -240,7 +302,7 @@ def identity_from_lines(lines: Iterable[CgroupLine]) -> ContainerIdentity:
         ident = parse_cgroup_path(line.path)
         if ident.in_container:
             return ident
-        if fallback is None and (line.path != "/" or ident.pod_uid):
+        if fallback is None and (line.path != "/" or ident.pod):
             fallback = ident
     return fallback or ContainerIdentity(cgroup="/")
 
@@ -284,10 +346,14 @@ _K8S_LOG_LINK = re.compile(rf"^([^_]+)_([^_]+)_(.+)-({_HEX64})\.log$")
 
 @dataclass(frozen=True)
 class _Names:
+    """What a runtime's files tell of a container: its name and its pod."""
+
     container: str | None = None
-    pod: str | None = None
-    namespace: str | None = None
-    pod_uid: str | None = None
+    pod: Pod | None = None
+
+
+def _pod_uid(ident: ContainerIdentity) -> str | None:
+    return ident.pod.uid if ident.pod else None
 
 
 class NameResolver:
@@ -325,9 +391,10 @@ class NameResolver:
     def resolve(self, ident: ContainerIdentity) -> ContainerIdentity:
         """``ident`` with the names (and, for ``Runtime.CRI``, the runtime) filled in where
         a local file tells them; unchanged otherwise."""
-        if ident.container_id is None and ident.pod_uid is None:
+        uid = _pod_uid(ident)
+        if ident.container_id is None and uid is None:
             return ident
-        key = ident.container_id or f"pod:{ident.pod_uid}"
+        key = ident.container_id or f"pod:{uid}"
         if key not in self._cache:
             self._cache[key] = self._lookup_all(ident)
         runtime, names = self._cache[key]
@@ -335,17 +402,16 @@ class NameResolver:
             ident,
             runtime=runtime if ident.runtime == Runtime.CRI and runtime else ident.runtime,
             container_name=ident.container_name or names.container,
-            pod_uid=ident.pod_uid or names.pod_uid,
-            pod_name=ident.pod_name or names.pod,
-            pod_namespace=ident.pod_namespace or names.namespace,
+            pod=ident.pod.filled_from(names.pod) if ident.pod else names.pod,
         )
 
     def _lookup_all(self, ident: ContainerIdentity) -> tuple[Runtime | None, _Names]:
         runtime, names = self._lookup(ident) if ident.container_id else (None, _Names())
-        uid = ident.pod_uid or names.pod_uid
-        if uid is not None and names.pod is None:
-            pod = self._pod_from_logs(uid)
-            names = replace(names, pod=pod.pod, namespace=pod.namespace, pod_uid=uid)
+        found = names.pod or Pod()
+        uid = _pod_uid(ident) or found.uid
+        if uid is not None and found.name is None:
+            pod = replace(found, uid=uid).filled_from(self._pod_from_logs(uid))
+            names = replace(names, pod=pod)
         return runtime, names
 
     def _lookup(self, ident: ContainerIdentity) -> tuple[Runtime | None, _Names]:
@@ -365,7 +431,7 @@ class NameResolver:
             names = self._docker(cid)
             if names is not None:
                 return Runtime.DOCKER, names
-        if ident.pod_uid is not None:
+        if _pod_uid(ident) is not None:
             return None, self._from_container_logs(cid)
         return None, _Names()
 
@@ -412,20 +478,21 @@ class NameResolver:
                 return Runtime.PODMAN, _Names(container=name)
         return None, None
 
-    def _pod_from_logs(self, uid: str) -> _Names:
-        """(namespace, pod) from the kubelet's ``/var/log/pods/<ns>_<pod>_<uid>`` directory."""
+    def _pod_from_logs(self, uid: str) -> Pod | None:
+        """The pod's names from the kubelet's ``/var/log/pods/<ns>_<pod>_<uid>`` directory."""
         for entry in _entries(self.kubelet_pod_logs):
             parts = entry.split("_")
             if len(parts) == 3 and parts[2] == uid:
-                return _Names(pod=parts[1], namespace=parts[0], pod_uid=uid)
-        return _Names()
+                return Pod(uid=uid, name=parts[1], namespace=parts[0])
+        return None
 
     def _from_container_logs(self, cid: str) -> _Names:
         """The kubelet's ``/var/log/containers/<pod>_<ns>_<container>-<id>.log`` link."""
         for entry in _entries(self.kubelet_container_logs):
             m = _K8S_LOG_LINK.match(entry)
             if m is not None and m.group(4) == cid:
-                return _Names(container=m.group(3), pod=m.group(1), namespace=m.group(2))
+                return _Names(container=m.group(3),
+                              pod=Pod(name=m.group(1), namespace=m.group(2)))
         return _Names()
 
 
@@ -444,12 +511,14 @@ def _k8s_labels(labels: dict[Any, Any]) -> _Names:
                 return value
         return None
 
-    uid = pick("io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid")
+    pod = Pod(
+        uid=pick("io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"),
+        name=pick("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"),
+        namespace=pick("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"),
+    )
     return _Names(
         container=pick("io.kubernetes.cri.container-name", "io.kubernetes.container.name"),
-        pod=pick("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"),
-        namespace=pick("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"),
-        pod_uid=uid,
+        pod=_known(pod),
     )
 
 
@@ -481,20 +550,6 @@ class ContainerSelection:
 def _container_key(ident: ContainerIdentity) -> tuple[str, str]:
     runtime = ident.runtime.value if ident.runtime else ""
     return runtime, ident.container_id or ident.container_name or ident.cgroup
-
-
-def _match(ident: ContainerIdentity, query: str) -> str | None:
-    """How ``ident`` matches ``query``: "name", "id" (a prefix of the id) or None."""
-    if not ident.in_container and ident.pod_uid is None:
-        return None
-    names = {ident.container_name, ident.pod_name, ident.pod_uid}
-    if ident.pod_name and ident.pod_namespace:
-        names.add(f"{ident.pod_namespace}/{ident.pod_name}")
-    if query in names:
-        return "name"
-    if ident.container_id and len(query) >= 3 and ident.container_id.startswith(query.lower()):
-        return "id"
-    return None
 
 
 def running_identities(proc_root: Path = PROC, resolver: NameResolver | None = None
@@ -532,7 +587,7 @@ def select_containers(query: str, *, proc_root: Path = PROC,
     by_name: dict[tuple[str, str], list[tuple[int, ContainerIdentity]]] = {}
     by_id: dict[tuple[str, str], list[tuple[int, ContainerIdentity]]] = {}
     for pid, ident in running_identities(proc_root, resolver).items():
-        how = _match(ident, query)
+        how = ident.match(query)
         if how is not None:
             target = by_name if how == "name" else by_id
             target.setdefault(_container_key(ident), []).append((pid, ident))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .containers import ContainerIdentity, Runtime
+from .containers import ContainerIdentity, Pod, Runtime
 from .enrich import SocketOwner
 
 
@@ -109,8 +109,7 @@ def container_from_dict(d: dict[str, str]) -> ContainerIdentity:
     return ContainerIdentity(
         cgroup=d["cgroup"], runtime=Runtime(runtime) if runtime else None,
         container_id=d.get("container_id"), container_name=d.get("container_name"),
-        pod_uid=d.get("pod_uid"), pod_qos=d.get("pod_qos"), pod_name=d.get("pod_name"),
-        pod_namespace=d.get("pod_namespace"))
+        pod=Pod.from_dict(d))
 
 
 __all__ = ["Listener", "ListenerHolder", "Namespaces", "NetnsSource", "Process",

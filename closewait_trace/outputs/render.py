@@ -135,11 +135,8 @@ def container_text(conn: Connection) -> str:
     label = ident.label if ident is not None else None
     if ident is None or label is None:
         return ""
-    if ident.pod_name:
-        pod = f"{ident.pod_namespace}/{ident.pod_name}" if ident.pod_namespace \
-            else ident.pod_name
-        return f" [{pod}/{label}]"
-    return f" [{label}]"
+    pod = ident.pod.full_name if ident.pod else None
+    return f" [{pod}/{label}]" if pod else f" [{label}]"
 
 
 def netns_text(conn: Connection) -> str:
@@ -211,14 +208,13 @@ def conn_dict(conn: Connection, view: View) -> dict[str, Any]:
         d["established_before_fin_s"] = round((conn.cw_enter_ns - conn.established_ns) / 1e9, 6)
     if conn.accepted_ns is not None and conn.cw_enter_ns is not None:
         d["accept_after_fin_s"] = round((conn.accepted_ns - conn.cw_enter_ns) / 1e9, 6)
-    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
-        # changed hands: forked, passed over SCM_RIGHTS, handed over on reload
-        d["acceptor"] = {"pid": conn.acceptor_pid, "comm": conn.acceptor_comm}
-    if conn.listener is not None:
-        d["listener"] = {"local": endpoint(conn.listener.laddr, conn.listener.lport),
-                         "inode": conn.listener.inode, "netns": conn.listener.netns,
-                         "queue": conn.listener.queue, "backlog": conn.listener.backlog,
-                         "why": conn.listener_reason}
+    if (acc := conn.other_acceptor) is not None:
+        d["acceptor"] = {"pid": acc.pid, "comm": acc.comm}
+    if conn.queued_on is not None:
+        lst = conn.queued_on.listener
+        d["listener"] = {"local": endpoint(lst.laddr, lst.lport), "inode": lst.inode,
+                         "netns": lst.netns, "queue": lst.queue, "backlog": lst.backlog,
+                         "why": conn.queued_on.why}
     return d
 
 
@@ -358,8 +354,8 @@ def conn_line(kind: str, conn: Connection, view: View) -> str:
         parts.append(f"cw={conn_age(conn, view.now_ns)} exit={exit_word}")
     if conn.netns is not None:
         parts.append(netns_text(conn))
-    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
-        parts.append(f"accepted-by={conn.acceptor_pid}/{conn.acceptor_comm or '?'}")
+    if (acc := conn.other_acceptor) is not None:
+        parts.append(f"accepted-by={acc.pid}/{acc.comm or '?'}")
     if verdict is not None and kind == "LEAK":
         parts.append(f"-- {verdict.summary}")
         if verdict.evidence:

@@ -234,8 +234,8 @@ def _closed_by_app(conn: Connection, facts: Facts, now_ns: int, evidence: list[s
 def _accepted_not_closed(conn: Connection, facts: Facts, now_ns: int, who: str,
                          evidence: list[str]) -> Verdict:
     """Accepted, and not closed since the peer closed."""
-    if conn.acceptor_pid is not None and conn.acceptor_pid != conn.owner_pid:
-        evidence.append(f"accepted by pid {conn.acceptor_pid} ({conn.acceptor_comm or '?'});"
+    if (acc := conn.other_acceptor) is not None:
+        evidence.append(f"accepted by pid {acc.pid} ({acc.comm or '?'});"
                         f" held now by {who} (inherited, or passed over a unix socket)")
     if conn.accepted_ns is not None:
         evidence.append(f"accepted {_secs(now_ns - conn.accepted_ns)} ago")

@@ -28,7 +28,7 @@ from ..facts.containers import ContainerIdentity
 from .diagnose import AcceptStats, DurationStats, Facts, ListenerFacts, responsible_holders
 from ..facts.enrich import DiagSocket, TupleIndex, normalize_addr
 from ..facts.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
-from .join import Accepted, Connection, Direction, Tracker
+from .join import Accepted, Connection, Direction, QueuedOn, Tracker
 from ..world import Counters, HostFacts
 
 _WILDCARDS = ("0.0.0.0", "::")
@@ -36,8 +36,7 @@ _WILDCARDS = ("0.0.0.0", "::")
 MAX_TRIES = 5
 
 
-def choose_listener(listeners: Iterable[Listener], conn: Connection
-                    ) -> tuple[Listener | None, str | None]:
+def choose_listener(listeners: Iterable[Listener], conn: Connection) -> QueuedOn | None:
     """The listener a never-accepted connection waits on, among its namespace's, and why
     that one: the one the kernel queued it on (kprobe/fentry), else the only one bound to
     its address and port, or, in a SO_REUSEPORT group, the one whose accept queue is not
@@ -46,8 +45,8 @@ def choose_listener(listeners: Iterable[Listener], conn: Connection
     if conn.listener_ino:
         queued_on = [lst for lst in listeners if lst.inode == conn.listener_ino]
         if queued_on:
-            return queued_on[0], (f"the listener the kernel queued it on (inode"
-                                  f" {conn.listener_ino})")
+            return QueuedOn(queued_on[0], f"the listener the kernel queued it on (inode"
+                                          f" {conn.listener_ino})")
     laddr = normalize_addr(conn.laddr)
     same = [lst for lst in listeners if lst.lport == conn.lport
             and (normalize_addr(lst.laddr) == laddr or lst.laddr in _WILDCARDS)]
@@ -55,34 +54,27 @@ def choose_listener(listeners: Iterable[Listener], conn: Connection
     group = exact or same
     where = f"namespace {conn.netns}" if conn.netns is not None else "this namespace"
     if not group:
-        return None, None
+        return None
     if len(group) == 1:
-        return group[0], f"the only listener of {where} on port {conn.lport}"
+        return QueuedOn(group[0], f"the only listener of {where} on port {conn.lport}")
     queued = [lst for lst in group if lst.queue > 0]
     n = len(group)
     if len(queued) == 1:
-        return queued[0], (f"the one of {n} SO_REUSEPORT listeners on port {conn.lport}"
-                           " whose accept queue is not empty")
+        return QueuedOn(queued[0], f"the one of {n} SO_REUSEPORT listeners on port"
+                                   f" {conn.lport} whose accept queue is not empty")
     if queued:
         best = max(queued, key=lambda lst: lst.queue)
-        return best, (f"{len(queued)} of {n} SO_REUSEPORT listeners on port {conn.lport}"
-                      " have queued connections: the fullest (a candidate)")
-    return group[0], (f"{n} SO_REUSEPORT listeners on port {conn.lport}, none with a"
-                      " queue now (a candidate)")
+        return QueuedOn(best, f"{len(queued)} of {n} SO_REUSEPORT listeners on port"
+                              f" {conn.lport} have queued connections: the fullest"
+                              " (a candidate)")
+    return QueuedOn(group[0], f"{n} SO_REUSEPORT listeners on port {conn.lport}, none with"
+                              " a queue now (a candidate)")
 
 
 def container_matches(ident: ContainerIdentity | None, query: str) -> bool:
     """Whether a --container value names this identity: a container or pod name,
     namespace/pod, a pod UID, or a prefix (3+ characters) of the container id."""
-    if ident is None or (not ident.in_container and ident.pod_uid is None):
-        return False
-    names = {ident.container_name, ident.pod_name, ident.pod_uid}
-    if ident.pod_name and ident.pod_namespace:
-        names.add(f"{ident.pod_namespace}/{ident.pod_name}")
-    if query in names:
-        return True
-    cid = ident.container_id
-    return cid is not None and len(query) >= 3 and cid.startswith(query.lower())
+    return ident is not None and ident.match(query) is not None
 
 
 @dataclass
@@ -234,7 +226,7 @@ class Enrichment:
             return
         # It has an inode: a file descriptor refers (or referred) to it. In CLOSE_WAIT the
         # peer's FIN counts as one unread byte until the application reads the EOF.
-        conn.listener, conn.listener_reason = None, None  # accepted since an earlier look
+        conn.queued_on = None  # accepted since an earlier look
         conn.eof_read = d.rqueue == 0
         conn.unread_bytes = max(0, d.rqueue - 1)
         if conn.direction is not Direction.OUTBOUND and conn.accepted is not Accepted.YES:
@@ -249,7 +241,7 @@ class Enrichment:
         """A listener of the socket's own namespace serves its local port (inbound)."""
         if conn.netns is None or conn.direction is not Direction.UNKNOWN:
             return False
-        return choose_listener(self._listeners(conn.netns), conn)[0] is not None
+        return choose_listener(self._listeners(conn.netns), conn) is not None
 
     def _never_accepted(self, conn: Connection) -> None:
         if conn.accepted is Accepted.UNKNOWN and conn.direction is not Direction.OUTBOUND:
@@ -257,8 +249,8 @@ class Enrichment:
         if conn.direction is Direction.UNKNOWN:
             conn.direction = Direction.INBOUND
         if conn.netns is not None:
-            lst, why = choose_listener(self._listeners(conn.netns), conn)
-            conn.listener, conn.listener_reason = lst, why
+            conn.queued_on = choose_listener(self._listeners(conn.netns), conn)
+            lst = conn.queued_on.listener if conn.queued_on else None
             if lst is not None and lst.owners and (conn.owner_pid is None
                                                    or conn.netns_source is not None):
                 owner = min(lst.owners, key=lambda o: o.pid)
@@ -361,8 +353,9 @@ class Enrichment:
             lst = next((x for x in self._listeners(None) if x.lport == conn.lport), None)
             why = None
         else:
-            lst, why = choose_listener(self._listeners(conn.netns), conn)
-            conn.listener, conn.listener_reason = lst, why
+            conn.queued_on = choose_listener(self._listeners(conn.netns), conn)
+            lst = conn.queued_on.listener if conn.queued_on else None
+            why = conn.queued_on.why if conn.queued_on else None
         if lst is None:
             return None
         fds = [o for o in lst.owners if o.pid == owner] or list(lst.owners)

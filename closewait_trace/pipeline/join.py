@@ -45,6 +45,23 @@ class ChangeKind(enum.Enum):
     TIMELINE = "timeline"  # a socket under a timeline watch closed: its whole life
 
 
+@dataclass(frozen=True)
+class Acceptor:
+    """The process the kernel saw accept or connect a socket: its pid and command name."""
+
+    pid: int
+    comm: str
+
+
+@dataclass(frozen=True)
+class QueuedOn:
+    """The listener a never-accepted connection waits on (or the best candidate), and why
+    that one."""
+
+    listener: Listener
+    why: str
+
+
 @dataclass(eq=False)
 class Connection:
     """One socket's stay in CLOSE_WAIT, and what is known of its life around it.
@@ -98,11 +115,9 @@ class Connection:
     container: ContainerIdentity | None = None
     #: the process the kernel saw accept or connect it; the owner is whoever holds it now
     #: (a forked child, a process it was passed to over SCM_RIGHTS)
-    acceptor_pid: int | None = None
-    acceptor_comm: str | None = None
+    acceptor: Acceptor | None = None
     #: never accepted: the listener it is queued on (or the best candidate), and why that one
-    listener: Listener | None = None
-    listener_reason: str | None = None
+    queued_on: QueuedOn | None = None
 
     @property
     def preexisting(self) -> bool:
@@ -125,6 +140,13 @@ class Connection:
     def service_port(self) -> int:
         """The port that names the service: local for inbound, remote for outbound."""
         return self.rport if self.direction is Direction.OUTBOUND else self.lport
+
+    @property
+    def other_acceptor(self) -> Acceptor | None:
+        """The acceptor when another process holds the socket now (it changed hands: forked,
+        passed over SCM_RIGHTS, handed over on reload), else None."""
+        acc = self.acceptor
+        return acc if acc is not None and acc.pid != self.owner_pid else None
 
 
 @dataclass(frozen=True)
@@ -387,7 +409,7 @@ class Tracker:
         conn.kernel = s
         before = (conn.accepted, conn.owner_pid, conn.app_close_ns)
         if s.flags & SockFlag.OWNER_KNOWN:
-            conn.acceptor_pid, conn.acceptor_comm = s.owner_tgid, s.owner_comm
+            conn.acceptor = Acceptor(s.owner_tgid, s.owner_comm)
             if conn.fd is None:  # a holder found by its fd stays the owner
                 conn.owner_pid = s.owner_tgid
                 conn.owner_comm = s.owner_comm

@@ -15,6 +15,7 @@ from closewait_trace.facts.containers import (
     CgroupLine,
     ContainerIdentity,
     NameResolver,
+    Pod,
     Runtime,
     identity_from_lines,
     parse_cgroup_path,
@@ -22,6 +23,7 @@ from closewait_trace.facts.containers import (
     select_containers,
 )
 from closewait_trace.errors import UsageError
+from closewait_trace.facts.facts import container_from_dict
 
 ID = "e1d22cd9729ee49f7f4d8c8dbb8638941342033adc0dba2f050b87cf3604bc6a"
 ID2 = "0f3a" + "b" * 60
@@ -84,8 +86,8 @@ NOT_CONTAINERS = [
 def test_every_runtime_path_shape(path: str, runtime: Runtime, cid: str | None,
                                   name: str | None, uid: str | None, qos: str | None) -> None:
     assert parse_cgroup_path(path) == ContainerIdentity(
-        cgroup=path, runtime=runtime, container_id=cid, container_name=name, pod_uid=uid,
-        pod_qos=qos)
+        cgroup=path, runtime=runtime, container_id=cid, container_name=name,
+        pod=Pod(uid=uid, qos=qos) if uid else None)
 
 
 @pytest.mark.parametrize("path", NOT_CONTAINERS)
@@ -96,12 +98,13 @@ def test_paths_that_are_not_containers(path: str) -> None:
 
 def test_pod_level_process_has_pod_but_no_container() -> None:
     ident = parse_cgroup_path(f"/kubepods/burstable/pod{UID}")
-    assert (ident.runtime, ident.pod_uid, ident.pod_qos) == (None, UID, "burstable")
+    assert (ident.runtime, ident.pod) == (None, Pod(uid=UID, qos="burstable"))
 
 
 def test_static_pod_uid_is_a_config_hash() -> None:
     ident = parse_cgroup_path(f"/kubepods/pod{'6b4e8c7d' * 4}/{ID}")
-    assert ident.pod_uid == "6b4e8c7d" * 4 and ident.container_id == ID
+    assert ident.pod is not None and ident.pod.uid == "6b4e8c7d" * 4
+    assert ident.container_id == ID
 
 
 # --------------------------------------------------------------------------- /proc/PID/cgroup
@@ -161,15 +164,28 @@ def test_parsers_never_raise_on_arbitrary_text(text: str) -> None:
 def test_path_parser_never_raises_on_runtime_like_components(parts: list[str]) -> None:
     ident = parse_cgroup_path("/" + "/".join(parts))
     assert ident.container_id in (None, ID)
-    assert ident.pod_uid in (None, UID)
+    assert ident.pod is None or ident.pod.uid == UID
 
 
 def test_as_dict_and_labels() -> None:
-    ident = ContainerIdentity(cgroup="/x", runtime=Runtime.CRIO, container_id=ID, pod_uid=UID)
+    ident = ContainerIdentity(cgroup="/x", runtime=Runtime.CRIO, container_id=ID,
+                              pod=Pod(uid=UID))
     assert ident.as_dict() == {"cgroup": "/x", "runtime": "cri-o", "container_id": ID,
                                "pod_uid": UID}
     assert ident.label == ID[:12] == ident.short_id
     assert ContainerIdentity(cgroup="/", container_name="web").label == "web"
+
+
+def test_pod_fields_stay_flat_in_json_and_read_back() -> None:
+    pod = Pod(uid=UID, qos="burstable", name="web-1", namespace="shop")
+    ident = ContainerIdentity(cgroup="/k", runtime=Runtime.CRI, container_id=ID, pod=pod)
+    assert list(ident.as_dict()) == ["cgroup", "runtime", "container_id", "pod_uid",
+                                     "pod_qos", "pod_name", "pod_namespace"]
+    assert container_from_dict(ident.as_dict()) == ident
+    names_only = ContainerIdentity(cgroup="/d", pod=Pod(name="web-1"))
+    assert names_only.as_dict() == {"cgroup": "/d", "pod_name": "web-1"}
+    assert container_from_dict(names_only.as_dict()) == names_only
+    assert container_from_dict({"cgroup": "/"}) == ContainerIdentity(cgroup="/")
 
 
 # --------------------------------------------------------------------------- names on disk
@@ -222,8 +238,8 @@ def test_containerd_kubernetes_names_from_task_annotations(tmp_path: Path) -> No
     ident = _resolver(tmp_path).resolve(parse_cgroup_path(f"/kubepods/burstable/pod{UID}/{ID}"))
     assert ident == ContainerIdentity(
         cgroup=f"/kubepods/burstable/pod{UID}/{ID}", runtime=Runtime.CONTAINERD,
-        container_id=ID, container_name="app", pod_uid=UID, pod_qos="burstable",
-        pod_name="web-7d9f", pod_namespace="shop")
+        container_id=ID, container_name="app",
+        pod=Pod(uid=UID, qos="burstable", name="web-7d9f", namespace="shop"))
 
 
 def test_crio_kubernetes_names_from_config_json(tmp_path: Path) -> None:
@@ -232,8 +248,8 @@ def test_crio_kubernetes_names_from_config_json(tmp_path: Path) -> None:
                             "io.kubernetes.pod.name": "web-1", "io.kubernetes.pod.namespace":
                             "shop", "io.kubernetes.pod.uid": UID}})
     ident = _resolver(tmp_path).resolve(parse_cgroup_path(f"/kubepods/pod{UID}/{ID}"))
-    assert (ident.runtime, ident.container_name, ident.pod_name, ident.pod_namespace) == (
-        Runtime.CRIO, "app", "web-1", "shop")
+    assert (ident.runtime, ident.container_name, ident.pod) == (
+        Runtime.CRIO, "app", Pod(uid=UID, qos="guaranteed", name="web-1", namespace="shop"))
 
 
 def test_kubelet_log_layout_names_pod_and_container(tmp_path: Path) -> None:
@@ -242,10 +258,10 @@ def test_kubelet_log_layout_names_pod_and_container(tmp_path: Path) -> None:
     (tmp_path / f"var/log/containers/web-1_shop_app-{ID}.log").touch()
     (tmp_path / f"var/log/containers/web-1_shop_side-{ID2}.log").touch()
     ident = _resolver(tmp_path).resolve(parse_cgroup_path(f"/kubepods/besteffort/pod{UID}/{ID}"))
-    assert (ident.runtime, ident.container_name, ident.pod_name, ident.pod_namespace) == (
-        Runtime.CRI, "app", "web-1", "shop")
+    pod = Pod(uid=UID, qos="besteffort", name="web-1", namespace="shop")
+    assert (ident.runtime, ident.container_name, ident.pod) == (Runtime.CRI, "app", pod)
     pod_only = _resolver(tmp_path).resolve(parse_cgroup_path(f"/kubepods/besteffort/pod{UID}"))
-    assert (pod_only.pod_name, pod_only.pod_namespace) == ("web-1", "shop")
+    assert pod_only.pod == pod
 
 
 def test_names_are_cached_until_forgotten(tmp_path: Path) -> None:

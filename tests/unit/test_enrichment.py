@@ -8,13 +8,13 @@ import json
 import socket
 from typing import Any
 
-from closewait_trace.facts.containers import ContainerIdentity, Runtime
+from closewait_trace.facts.containers import ContainerIdentity, Pod, Runtime
 from closewait_trace.pipeline.diagnose import Cause, Confidence, Facts, ListenerFacts, diagnose, \
     responsible_holders
 from closewait_trace.facts.enrich import DiagSocket, SocketOwner, TcpState
 from closewait_trace.pipeline.enrichment import Enrichment, choose_listener, container_matches
 from closewait_trace.facts.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
-from closewait_trace.pipeline.join import Accepted, Connection, Direction, Tracker
+from closewait_trace.pipeline.join import Accepted, Connection, Direction, QueuedOn, Tracker
 from closewait_trace.outputs.record import FORMAT, RecordingWorld, ReplayWorld
 
 S = 1_000_000_000
@@ -109,8 +109,8 @@ def test_each_socket_is_found_in_its_own_namespace() -> None:
     assert (kept.owner_pid, kept.accepted, kept.container) == \
         (200, Accepted.YES, _ident(CID_B, "beta"))
     assert (never.netns, never.inode, never.accepted) == (NS_A, 0, Accepted.NO)
-    assert never.listener is not None and never.listener.inode == 555
-    assert never.listener_reason == f"the only listener of namespace {NS_A} on port 8080"
+    assert never.queued_on is not None and never.queued_on.listener.inode == 555
+    assert never.queued_on.why == f"the only listener of namespace {NS_A} on port 8080"
     # the owner's namespace is asked first
     assert world.calls.index(f"lookup {NS_A}") < world.calls.index(f"lookup {NS_B}")
 
@@ -153,27 +153,25 @@ def _lst(queue: int, inode: int, laddr: str = "127.0.0.1") -> Listener:
 def test_choose_listener() -> None:
     conn = _conn(1)
     conn.netns = NS_A
-    assert choose_listener([], conn) == (None, None)
-    only, why = choose_listener([_lst(0, 1, "0.0.0.0")], conn)
-    assert only is not None and only.inode == 1 and why is not None and "only listener" in why
-    lst, why = choose_listener([_lst(0, 1), _lst(3, 2), _lst(0, 3)], conn)
-    assert lst is not None and lst.inode == 2
-    assert why == "the one of 3 SO_REUSEPORT listeners on port 8080 whose accept queue is not" \
-        " empty"
-    lst, why = choose_listener([_lst(1, 1), _lst(3, 2)], conn)
-    assert lst is not None and lst.inode == 2 and why is not None and "fullest" in why
+    assert choose_listener([], conn) is None
+    only = choose_listener([_lst(0, 1, "0.0.0.0")], conn)
+    assert only is not None and only.listener.inode == 1 and "only listener" in only.why
+    assert choose_listener([_lst(0, 1), _lst(3, 2), _lst(0, 3)], conn) == QueuedOn(
+        _lst(3, 2),
+        "the one of 3 SO_REUSEPORT listeners on port 8080 whose accept queue is not empty")
+    fullest = choose_listener([_lst(1, 1), _lst(3, 2)], conn)
+    assert fullest is not None and fullest.listener.inode == 2 and "fullest" in fullest.why
     # an exact address wins over a wildcard listener of the same port
-    lst, _ = choose_listener([_lst(5, 1, "0.0.0.0"), _lst(0, 2)], conn)
-    assert lst is not None and lst.inode == 2
+    exact = choose_listener([_lst(5, 1, "0.0.0.0"), _lst(0, 2)], conn)
+    assert exact is not None and exact.listener.inode == 2
     # the listener the kernel saw it queued on wins over every candidate, even an empty one;
     # one no longer listed leaves the candidates
     conn.listener_ino = 3
-    lst, why = choose_listener(iter([_lst(1, 1), _lst(3, 2), _lst(0, 3)]), conn)
-    assert lst is not None and lst.inode == 3
-    assert why == "the listener the kernel queued it on (inode 3)"
+    assert choose_listener(iter([_lst(1, 1), _lst(3, 2), _lst(0, 3)]), conn) == QueuedOn(
+        _lst(0, 3), "the listener the kernel queued it on (inode 3)")
     conn.listener_ino = 9
-    lst, why = choose_listener(iter([_lst(1, 1), _lst(3, 2)]), conn)
-    assert lst is not None and lst.inode == 2 and why is not None and "fullest" in why
+    gone = choose_listener(iter([_lst(1, 1), _lst(3, 2)]), conn)
+    assert gone is not None and gone.listener.inode == 2 and "fullest" in gone.why
 
 
 def _h(pid: int, state: str = "sleeping", waiting: str = "no", serving: int = 0
@@ -212,8 +210,9 @@ def test_container_matches() -> None:
     assert not container_matches(None, "alpha")
     assert not container_matches(ContainerIdentity(cgroup="/user.slice"), "user.slice")
     pod = ContainerIdentity(cgroup="/kubepods/x", runtime=Runtime.CRI, container_id=CID_B,
-                            pod_name="web-1", pod_namespace="shop", pod_uid="u-1")
+                            pod=Pod(uid="u-1", name="web-1", namespace="shop"))
     assert container_matches(pod, "shop/web-1") and container_matches(pod, "web-1")
+    assert container_matches(pod, "u-1") and not container_matches(pod, "shop")
 
 
 def test_new_facts_are_recorded_and_replayed() -> None:

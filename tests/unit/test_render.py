@@ -15,14 +15,23 @@ from rich.console import Console
 from closewait_trace.outputs import render
 from closewait_trace.kernel.decode import ExitHow, Stat
 from closewait_trace.pipeline.diagnose import Cause, Confidence, Verdict
+from closewait_trace.facts.containers import ContainerIdentity, Pod, Runtime
 from closewait_trace.facts.facts import Listener
-from closewait_trace.pipeline.join import Accepted, Change, ChangeKind, Connection, Direction
+from closewait_trace.pipeline.join import (
+    Accepted,
+    Acceptor,
+    Change,
+    ChangeKind,
+    Connection,
+    Direction,
+)
 from closewait_trace.outputs.render import (
     JsonRenderer,
     LiveRenderer,
     PlainRenderer,
     View,
     conn_dict,
+    container_text,
     endpoint,
     fmt_duration,
 )
@@ -289,6 +298,28 @@ def test_plain_open_leak_close_lines() -> None:
     assert "cw=30.0s  -- accepted by pid 42 (app) and never closed" in leak
     assert leak.endswith("[accepted 30.0s ago; still open as fd 7]")
     assert close.split()[1] == "CLOSE" and close.endswith("cw=12.0s exit=app-close")
+
+
+def test_container_text_names_the_pod_as_far_as_known() -> None:
+    def text(pod: Pod | None) -> str:
+        return container_text(open_conn(container=ContainerIdentity(
+            cgroup="/k", runtime=Runtime.CRI, container_name="app", pod=pod)))
+    assert text(None) == " [app]"
+    assert text(Pod(uid="u-1")) == " [app]"
+    assert text(Pod(name="web-1")) == " [web-1/app]"
+    assert text(Pod(name="web-1", namespace="shop")) == " [shop/web-1/app]"
+    assert container_text(open_conn()) == ""
+
+
+def test_the_acceptor_shows_only_when_the_socket_changed_hands() -> None:
+    kept = open_conn(acceptor=Acceptor(42, "app"))
+    passed = open_conn(sk=SK + 1, acceptor=Acceptor(7, "master"))
+    v = view()
+    assert "acceptor" not in conn_dict(kept, v)
+    assert conn_dict(passed, v)["acceptor"] == {"pid": 7, "comm": "master"}
+    op_kept, op_passed = plain([Change(ChangeKind.OPENED, kept),
+                                Change(ChangeKind.OPENED, passed)], v)
+    assert "accepted-by" not in op_kept and "accepted-by=7/master" in op_passed
 
 
 def test_plain_accepted_states_and_directions() -> None:
