@@ -764,7 +764,8 @@ def requirement_rows(
     read = {True: "bpf_probe_read_kernel is in the kernel", False: "bpf_probe_read_kernel is not in the kernel",
             None: "could not tell (/proc/kallsyms unreadable or hidden)"}[probe_read_kernel]
     return [
-        Requirement("BCC", "compiling the programs", "python3-bpfcc; proven with 0.26 (Debian 12)",
+        Requirement("BCC", "compiling the programs",
+                    "python3-bpfcc; proven with 0.26 (Debian 12) and 0.31 (Debian 13)",
                     bcc is not None, f"BCC {bcc}" if bcc else "the bcc Python module is not importable", required=True),
         Requirement(REQUIRED_TRACEPOINT, "every backend", "Linux 4.16+", tp,
                     "present" if tp else "missing" + ("" if f.tracefs else " (tracefs not mounted)"), required=True),

@@ -369,7 +369,7 @@ def rows(f: KernelFeatures, **kw: object) -> dict[str, F.Requirement]:
 def test_requirements_name_each_kernel_need() -> None:
     r = rows(feats())
     assert [(x.name, x.needs) for x in r.values()] == [
-        ("BCC", "python3-bpfcc; proven with 0.26 (Debian 12)"),
+        ("BCC", "python3-bpfcc; proven with 0.26 (Debian 12) and 0.31 (Debian 13)"),
         ("sock:inet_sock_set_state", "Linux 4.16+"),
         ("bpf_probe_read_kernel/_user", "Linux 5.5+"),
         ("BPF ring buffer", "Linux 5.8+"),
