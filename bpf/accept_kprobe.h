@@ -8,6 +8,7 @@
 
 int cwt_accept_ret(struct pt_regs *ctx)
 {
+    stat_inc(CW_STAT_ACCEPT_RET_RUNS);
     u64 sk = PT_REGS_RC(ctx);
     if (sk)
         note_accept(ctx, sk, bpf_ktime_get_ns());
@@ -30,6 +31,7 @@ int cwt_tcp_close(struct pt_regs *ctx)
  * global cost of the syscall tracepoints. */
 int cwt_accept_syscall_ret(struct pt_regs *ctx)
 {
+    stat_inc(CW_STAT_ACCEPT_SYS_RUNS);
     note_accept_result((int)PT_REGS_RC(ctx), bpf_ktime_get_ns());
     return 0;
 }

@@ -83,7 +83,13 @@
                                  * unfollowed */
 #define CW_STAT_OWNER_FULL 14   /* a CLOSE_WAIT socket went unseen: its owner (uid) had used
                                  * its room in the cw map (config.owner_room) */
-#define CW_STAT_MAX 16
+#define CW_STAT_ACCEPT_RET_RUNS 15 /* kprobe backend: runs of the inet_csk_accept kretprobe's
+                                    * program (userspace sets them against the probe's hits) */
+#define CW_STAT_ACCEPT_SYS_RUNS 16 /* kprobe backend: runs of the __sys_accept4 kretprobe's */
+#define CW_STAT_KERNEL_SKIPPED 17  /* written by userspace, never by the programs: runs the kernel
+                                    * skipped (a program busy on that CPU, a kretprobe out of
+                                    * room), from the kernel's own counts (kernel/attach.py) */
+#define CW_STAT_MAX 18
 
 /* pid_filter values: who put the PID there. */
 #define CW_PID_USER 1     /* userspace: a -p PID, or a descendant found in /proc at start */

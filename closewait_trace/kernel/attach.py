@@ -25,9 +25,10 @@ from . import decode
 from .bpfdir import bpf_source_dir
 from .decode import CConfig, CListener, CListenerKey, CSock, SockInfo, Stat
 from ..errors import BccMissingError, BpfLoadError, KernelHeadersError, PrivilegeError
-from .features import Backend, EventPath, choose_event_path, ringbuf_probe
+from .features import Backend, EventPath, choose_event_path, ringbuf_probe, tracefs_root
 from .headers import HeaderCandidate
 from .kfields import CLASSIC_TRACEPOINT_ENV, KernelFields, resolve_kernel_fields
+from .skips import SkipCounter
 from ..facts.netns import own_netns_inode
 from ..options import DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_REPORT_MIN_NS
 
@@ -226,6 +227,11 @@ def _compile(
     )
 
 
+def _kprobe_profile() -> Path | None:
+    root = tracefs_root()
+    return root / "kprobe_profile" if root is not None else None
+
+
 def merge_event_losses(stats: dict[Stat, int], perf_lost: int) -> dict[Stat, int]:
     """The kernel's count of lost events with the perf buffer's lost callback's.
 
@@ -282,6 +288,8 @@ class Probes:
     _decoded: dict[bytes, SockInfo] = field(default_factory=dict)
     #: events the perf buffer reported lost (its lost callback)
     perf_lost: int = 0
+    #: runs of the programs the kernel skipped (kernel/skips.py)
+    skips: SkipCounter = field(default_factory=lambda: SkipCounter(pid=os.getpid()))
 
     # --- loading ------------------------------------------------------------------------
 
@@ -378,6 +386,7 @@ class Probes:
         try:
             self.bpf.attach_kretprobe(event=event, fn_name=fn_name,
                                       maxactive=self.KRETPROBE_MAXACTIVE)
+            self.skips.profile = _kprobe_profile()
             return
         except Exception:  # BCC raises bare Exception
             pass
@@ -564,8 +573,11 @@ class Probes:
         return out
 
     def read_stats(self) -> dict[Stat, int]:
+        kretprobes = self.skips.kretprobes()  # before the runs: see SkipCounter
         table = self.bpf[b"stats"]
         stats = {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
+        fds = [int(f.fd) for f in getattr(self.bpf, "funcs", {}).values()]
+        stats[Stat.KERNEL_SKIPPED] = self.skips.update(stats, kretprobes, fds)
         return merge_event_losses(stats, self.perf_lost)
 
     def read_hist(self) -> list[int]:

@@ -113,6 +113,9 @@ class Stat(enum.IntEnum):
     CW_UNDECIDED = 12
     PIDS_FULL = 13
     OWNER_FULL = 14
+    ACCEPT_RET_RUNS = 15
+    ACCEPT_SYS_RUNS = 16
+    KERNEL_SKIPPED = 17
 
 
 #: Stats whose non-zero value means something was missed, by the name outputs give the source
@@ -120,7 +123,7 @@ class Stat(enum.IntEnum):
 LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
                 ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
                 ("accept_map_full", Stat.PENDING_FULL), ("pid_map_full", Stat.PIDS_FULL),
-                ("owner_room_full", Stat.OWNER_FULL))
+                ("owner_room_full", Stat.OWNER_FULL), ("kernel_skipped", Stat.KERNEL_SKIPPED))
 LOSS_STATS = tuple(stat for _name, stat in LOSS_SOURCES)
 
 

@@ -138,3 +138,25 @@ def test_bcc_release_is_the_one_in_use_and_the_one_asked_for() -> None:
     expected = os.environ.get("CLOSEWAIT_EXPECT_BCC", "")
     if expected:
         assert version == expected or version.startswith(expected + "."), version
+
+
+def test_skipped_runs_are_read_from_every_loaded_program() -> None:
+    """The kernel's count of each program's skipped runs is where kernel/skips.py reads it
+    (fdinfo's recursion_misses, Linux 5.12+), and a quiet run skipped none."""
+    from pathlib import Path
+
+    from closewait_trace.kernel.attach import ProbeSettings, Probes
+    from closewait_trace.kernel.decode import Stat
+    from closewait_trace.kernel.headers import candidate_header_dirs
+    from closewait_trace.kernel.skips import recursion_misses
+    features.ensure_tracefs()
+    probes = Probes.load(ProbeSettings(backend=Backend.TRACEPOINT), candidate_header_dirs())
+    try:
+        infos = [Path(f"/proc/self/fdinfo/{f.fd}").read_text() for f in probes.bpf.funcs.values()]
+        assert infos
+        if _kernel_version() >= (5, 12):
+            assert all("recursion_misses:" in text for text in infos), infos[0]
+        assert [recursion_misses(text) for text in infos] == [0] * len(infos)
+        assert probes.read_stats()[Stat.KERNEL_SKIPPED] == 0
+    finally:
+        probes.close()

@@ -26,6 +26,14 @@ pytestmark = pytest.mark.kernel
 THRESHOLD = 1.0
 
 
+#: PREEMPT_RT: a task can be preempted inside a BPF program, and the kernel then skips the
+#: programs that fire meanwhile on that CPU (measured on Debian's 6.1-rt: 5 of 72 accept
+#: returns in a burst). The tracer cannot prevent it; it must count it (`kernel_skipped`).
+PREEMPT_RT = "PREEMPT_RT" in os.uname().version
+#: accepts the kernel did not report on a PREEMPT_RT kernel: the teardown checks they are counted
+UNSEEN_ON_RT: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def tracer() -> Iterator[Tracer]:
     t = Tracer(["--threshold", f"{THRESHOLD}s", "--report-min", "100ms"]).start()
@@ -33,6 +41,12 @@ def tracer() -> Iterator[Tracer]:
     rc = t.stop()
     assert rc == 0, "".join(t.stderr_lines)
     summary = next(r for r in t.records if r["type"] == "summary")
+    lost = {source: n for source, n in summary["lost"].items() if n}
+    if PREEMPT_RT and lost:
+        assert set(lost) == {"kernel_skipped"} and summary["complete"] is False, lost
+        assert lost["kernel_skipped"] >= len(UNSEEN_ON_RT), (lost, UNSEEN_ON_RT)
+        return
+    assert UNSEEN_ON_RT == [], f"{len(UNSEEN_ON_RT)} accepts not seen and no skip counted"
     assert summary["events_lost"] == 0, summary["lost"]
     assert summary["complete"] is True
 
@@ -130,7 +144,10 @@ def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer
         if ready["backend"] != "tracepoint":  # (there, accept() is watched only when needed)
             # the kernel saw each accept (its time is known), not only sock_diag's inode
             unseen = [c["remote"] for c in opened.values() if "accept_after_fin_s" not in c]
-            assert unseen == [], f"{len(unseen)} accepts not seen by the kernel"
+            if PREEMPT_RT:
+                UNSEEN_ON_RT.extend(unseen)  # skipped runs, counted: the teardown checks
+            else:
+                assert unseen == [], f"{len(unseen)} accepts not seen by the kernel"
     finally:
         for s in accepted:
             s.close()

@@ -143,7 +143,7 @@ def test_lost_events_by_source_accept_errors_listeners_and_health() -> None:
     lost = {r["source"]: v for r, v in _samples(text, "closewait_events_lost_total")}
     assert lost == {"ringbuf": 4, "socks_map_full": 0, "cw_map_full": 2,
                     "listener_map_full": 0, "accept_map_full": 0, "pid_map_full": 0,
-                    "owner_room_full": 0, "exit_events": 1}
+                    "owner_room_full": 0, "kernel_skipped": 0, "exit_events": 1}
     errs = {r["errno"]: v for r, v in _samples(text, "closewait_accept_errors_total")}
     assert errs == {"EMFILE": 5, "ENOBUFS": 1}
     assert _samples(text, "closewait_listener_accept_queue") == [({"port": "80"}, 8.0),

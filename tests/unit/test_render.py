@@ -57,7 +57,7 @@ SUMMARY_KEYS = {
     "timeline_export",  # JSON summary only: path of the exported timelines, or null
 }
 LOST_KEYS = {"ringbuf", "socks_map_full", "cw_map_full", "listener_map_full", "accept_map_full",
-             "pid_map_full", "owner_room_full", "exit_events"}
+             "pid_map_full", "owner_room_full", "kernel_skipped", "exit_events"}
 
 VERDICT = Verdict(Cause.NOT_CLOSED, Confidence.CERTAIN, "accepted by pid 42 (app) and never closed",
                   ("accepted 30.0s ago", "still open as fd 7"))

@@ -21,7 +21,7 @@ NEWER_KEYS = ("container", "netns", "netns_source")
 
 
 #: Loss counters added after them: the kernels of those runs had none, so they must be 0.
-NEWER_LOSSES = ("pid_map_full", "owner_room_full")
+NEWER_LOSSES = ("pid_map_full", "owner_room_full", "kernel_skipped")
 
 
 def _drop_unknown(obj: object) -> None:
