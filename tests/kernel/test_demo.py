@@ -18,7 +18,7 @@ import pytest
 
 from closewait_trace.workloads.scenarios import SCENARIOS
 
-from .harness import Tracer, conns, on_port, summary_of, verdict_text
+from .harness import PREEMPT_RT, Tracer, conns, on_port, summary_of, verdict_text
 
 pytestmark = pytest.mark.kernel
 
@@ -122,6 +122,11 @@ def test_demo_large_backlog_connections_are_drained_late() -> None:
         assert c["accepted_after_fin"] is True, why
         # Certain once it crossed the threshold while it waited; likely below it.
         assert c["verdict"]["confidence"] == ("certain" if c["flagged"] else "likely"), why
+        if PREEMPT_RT and "accept_after_fin_s" not in c:
+            # The kernel skipped the accept program's run (PREEMPT_RT preempts a task inside a
+            # program; 6.1 counts no skip of a syscall tracepoint's): the accept after the FIN
+            # is known from the socket's inode, its time is not.
+            continue
         assert c["accept_after_fin_s"] >= 0, why
         assert any("accept queue" in e for e in c["verdict"]["evidence"]), why
 

@@ -19,17 +19,14 @@ import pytest
 from closewait_trace.kernel.features import FORCE_PERF_ENV
 from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 
-from .harness import Server, Tracer, bpf_prog_ids, bpftool_perf_list, kprobe_events, prog_ids_of
+from .harness import PREEMPT_RT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, kprobe_events, \
+    prog_ids_of
 
 pytestmark = pytest.mark.kernel
 
 THRESHOLD = 1.0
 
 
-#: PREEMPT_RT: a task can be preempted inside a BPF program, and the kernel then skips the
-#: programs that fire meanwhile on that CPU (measured on Debian's 6.1-rt: 5 of 72 accept
-#: returns in a burst). The tracer cannot prevent it; it must count it (`kernel_skipped`).
-PREEMPT_RT = "PREEMPT_RT" in os.uname().version
 #: accepts the kernel did not report on a PREEMPT_RT kernel: the teardown checks they are counted
 UNSEEN_ON_RT: list[str] = []
 
