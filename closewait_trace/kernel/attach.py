@@ -28,7 +28,7 @@ from ..errors import BccMissingError, BpfLoadError, KernelHeadersError, Privileg
 from .features import Backend, EventPath, choose_event_path, ringbuf_probe, tracefs_root
 from .headers import HeaderCandidate
 from .kfields import CLASSIC_TRACEPOINT_ENV, KernelFields, resolve_kernel_fields
-from .skips import SkipCounter
+from .skips import SkipCounter, misses_by_program
 from ..facts.netns import own_netns_inode
 from ..options import DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_REPORT_MIN_NS
 
@@ -321,6 +321,8 @@ class Probes:
                      kernel_fields=fields)
         try:
             probes._attach()
+            # the runs, then the hits: a return in flight counts in the baseline, not as a skip
+            probes.skips.set_baseline(probes._kernel_stats(), probes.skips.kretprobes())
             probes._configure()
         except BaseException:
             probes.close()
@@ -386,7 +388,7 @@ class Probes:
         try:
             self.bpf.attach_kretprobe(event=event, fn_name=fn_name,
                                       maxactive=self.KRETPROBE_MAXACTIVE)
-            self.skips.profile = _kprobe_profile()
+            self.skips.note_made(event.decode(), _kprobe_profile())
             return
         except Exception:  # BCC raises bare Exception
             pass
@@ -574,11 +576,15 @@ class Probes:
 
     def read_stats(self) -> dict[Stat, int]:
         kretprobes = self.skips.kretprobes()  # before the runs: see SkipCounter
-        table = self.bpf[b"stats"]
-        stats = {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
-        fds = [int(f.fd) for f in getattr(self.bpf, "funcs", {}).values()]
-        stats[Stat.KERNEL_SKIPPED] = self.skips.update(stats, kretprobes, fds)
+        stats = self._kernel_stats()
+        misses = misses_by_program({name.decode(): int(f.fd)
+                                    for name, f in self.bpf.funcs.items()})
+        stats[Stat.KERNEL_SKIPPED] = self.skips.update(stats, kretprobes, misses)
         return merge_event_losses(stats, self.perf_lost)
+
+    def _kernel_stats(self) -> dict[Stat, int]:
+        table = self.bpf[b"stats"]
+        return {s: int(table.sum(ct.c_int(s.value)).value) for s in Stat}
 
     def read_hist(self) -> list[int]:
         table = self.bpf[b"cw_hist"]

@@ -20,15 +20,25 @@ kprobe backend's ``tcp_close`` and ``inet_csk_complete_hashdance``): those stay 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decode import Stat
 
-#: The kretprobes whose programs count their own runs: probed function -> the stat of runs.
-KRETPROBE_RUNS: Mapping[str, Stat] = {"inet_csk_accept": Stat.ACCEPT_RET_RUNS,
-                                      "__sys_accept4": Stat.ACCEPT_SYS_RUNS}
+@dataclass(frozen=True)
+class CountedKretprobe:
+    """A kretprobe whose program counts its own runs in a stat."""
+
+    function: str  # the probed kernel function
+    program: str  # its program's name
+    runs: Stat
+
+
+COUNTED_KRETPROBES = (
+    CountedKretprobe("inet_csk_accept", "cwt_accept_ret", Stat.ACCEPT_RET_RUNS),
+    CountedKretprobe("__sys_accept4", "cwt_accept_syscall_ret", Stat.ACCEPT_SYS_RUNS),
+)
 
 _RECURSION_MISSES = re.compile(r"^recursion_misses:\s*(\d+)\s*$", re.MULTILINE)
 
@@ -53,15 +63,35 @@ def recursion_misses(fdinfo: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def misses_by_program(fds: Mapping[str, int]) -> dict[str, int]:
+    """Each program's recursion misses, by name, from ``/proc/self/fdinfo`` of its fd."""
+    out: dict[str, int] = {}
+    for name, fd in fds.items():
+        try:
+            out[name] = recursion_misses(Path(f"/proc/self/fdinfo/{fd}").read_text())
+        except OSError:
+            out[name] = 0
+    return out
+
+
 def skipped_runs(stats: Mapping[Stat, int], kretprobes: Mapping[str, tuple[int, int]],
-                 misses: Iterable[int]) -> int:
-    """Skipped runs: each counted kretprobe's misses and hits beyond its program's runs, and
-    the programs' recursion misses."""
-    total = sum(misses)
-    for fn, (hits, missed) in kretprobes.items():
-        runs = KRETPROBE_RUNS.get(fn)
-        if runs is not None:
-            total += missed + max(0, hits - stats.get(runs, 0))
+                 misses: Mapping[str, int], baseline: Mapping[str, int] | None = None) -> int:
+    """Skipped runs: the programs' recursion misses, and for each counted kretprobe made
+    through tracefs its misses and its hits beyond its program's runs (less ``baseline``, the
+    returns that came while it was being attached, before it had its program). From 6.7 the
+    kernel also counts a kretprobe program's skips in its recursion misses: the larger of the
+    two is taken, not their sum."""
+    baseline = baseline or {}
+    counted = {k.program for k in COUNTED_KRETPROBES}
+    total = sum(n for name, n in misses.items() if name not in counted)
+    for k in COUNTED_KRETPROBES:
+        recursion = misses.get(k.program, 0)
+        if k.function not in kretprobes:
+            total += recursion
+            continue
+        hits, missed = kretprobes[k.function]
+        gap = max(0, hits - stats.get(k.runs, 0) - baseline.get(k.function, 0))
+        total += missed + max(gap, recursion)
     return total
 
 
@@ -73,31 +103,40 @@ class SkipCounter:
     did not show yet, and the total would dip for a moment."""
 
     pid: int
-    #: tracefs' kprobe_profile; None where no kretprobe was made through tracefs
+    #: tracefs' kprobe_profile, once a kretprobe was made through tracefs
     profile: Path | None = None
+    #: the functions whose kretprobes this process made through tracefs (only those are
+    #: read: another BCC tool in another pid namespace can have the same pid)
+    made: set[str] = field(default_factory=set)
+    baseline: dict[str, int] = field(default_factory=dict)
     total: int = 0
+
+    def note_made(self, function: str, profile: Path | None) -> None:
+        self.made.add(function)
+        self.profile = profile
 
     def kretprobes(self) -> dict[str, tuple[int, int]]:
         """Read before the stats (the hits first, then the runs)."""
-        if self.profile is None:
+        if self.profile is None or not self.made:
             return {}
         try:
-            return kretprobe_counts(self.profile.read_text(), self.pid)
+            counts = kretprobe_counts(self.profile.read_text(), self.pid)
         except OSError:
             return {}
+        return {fn: c for fn, c in counts.items() if fn in self.made}
+
+    def set_baseline(self, stats: Mapping[Stat, int],
+                     kretprobes: Mapping[str, tuple[int, int]]) -> None:
+        """Once attached: the hits that had no program yet are not skips."""
+        for k in COUNTED_KRETPROBES:
+            if k.function in kretprobes:
+                self.baseline[k.function] = max(0, kretprobes[k.function][0]
+                                                - stats.get(k.runs, 0))
 
     def update(self, stats: Mapping[Stat, int], kretprobes: Mapping[str, tuple[int, int]],
-               prog_fds: Iterable[int]) -> int:
-        """The total so far, given the stats read after ``kretprobes`` and the fds of the
-        programs loaded now."""
-        misses = _recursion_misses_of(prog_fds)
-        self.total = max(self.total, skipped_runs(stats, kretprobes, misses))
+               misses: Mapping[str, int]) -> int:
+        """The total so far, given the stats read after ``kretprobes`` and each loaded
+        program's recursion misses."""
+        found = skipped_runs(stats, kretprobes, misses, self.baseline)
+        self.total = max(self.total, found)
         return self.total
-
-
-def _recursion_misses_of(prog_fds: Iterable[int]) -> Iterable[int]:
-    for fd in prog_fds:
-        try:
-            yield recursion_misses(Path(f"/proc/self/fdinfo/{fd}").read_text())
-        except OSError:
-            continue

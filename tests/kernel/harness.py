@@ -136,10 +136,11 @@ def prog_ids_of(pid: int) -> set[int]:
     return out
 
 
-def kprobe_events() -> str:
+def kprobe_events(name: str = "kprobe_events") -> str:
+    """A tracefs kprobe file's text (kprobe_events, kprobe_profile), "" where unreadable."""
     for base in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
         try:
-            with open(f"{base}/kprobe_events") as f:
+            with open(f"{base}/{name}") as f:
                 return f.read()
         except OSError:
             continue

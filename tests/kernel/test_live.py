@@ -18,6 +18,7 @@ import pytest
 
 from closewait_trace.kernel.features import FORCE_PERF_ENV
 from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
+from closewait_trace.kernel.skips import kretprobe_counts
 
 from .harness import PREEMPT_RT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, kprobe_events, \
     prog_ids_of
@@ -145,6 +146,10 @@ def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer
                 UNSEEN_ON_RT.extend(unseen)  # skipped runs, counted: the teardown checks
             else:
                 assert unseen == [], f"{len(unseen)} accepts not seen by the kernel"
+        if ready["backend"] == "kprobe":
+            # where the tracer reads its kretprobe's hits (kernel/skips.py), under its name
+            hits = kretprobe_counts(kprobe_events("kprobe_profile"), tracer.proc.pid)
+            assert hits.get("inet_csk_accept", (0, 0))[0] >= BLOCKED_ACCEPTS, hits
     finally:
         for s in accepted:
             s.close()
