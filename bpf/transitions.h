@@ -194,7 +194,12 @@ static __always_inline struct cw_sock *on_tracked(struct cw_ctx *c)
         return 0;
     }
     if (c->oldstate == CW_TCP_CLOSE_WAIT) {
-        on_cw_exit(c, s);
+        /* Not marked in CLOSE_WAIT: the kernel skipped the run of its entry (counted in
+         * userspace as a skipped run); no stay to time, userspace matches it by address. */
+        if (s->flags & CW_F_IN_CW)
+            on_cw_exit(c, s);
+        else
+            on_untracked_cw_exit(c);
     } else if (c->newstate == CW_TCP_ESTABLISHED) {
         s->ts_established = c->now;
         backend_established(c, s);

@@ -123,7 +123,7 @@ class Stat(enum.IntEnum):
 LOSS_SOURCES = (("ringbuf", Stat.RINGBUF_LOST), ("socks_map_full", Stat.SOCKS_FULL),
                 ("cw_map_full", Stat.CW_FULL), ("listener_map_full", Stat.LISTEN_FULL),
                 ("accept_map_full", Stat.PENDING_FULL), ("pid_map_full", Stat.PIDS_FULL),
-                ("owner_room_full", Stat.OWNER_FULL), ("kernel_skipped", Stat.KERNEL_SKIPPED))
+                ("owner_room_full", Stat.OWNER_FULL))
 LOSS_STATS = tuple(stat for _name, stat in LOSS_SOURCES)
 
 

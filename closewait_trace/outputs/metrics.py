@@ -290,6 +290,12 @@ def _series(v: _Values) -> Iterator[Metric]:
         lost.add_metric([source], v.stats.get(stat, 0))
     lost.add_metric(["exit_events"], v.lost_exits)
     yield lost
+    skipped = CounterMetricFamily(
+        _m("kernel_skipped_runs"), "Runs of the tracer's BPF programs the kernel skipped (another"
+        " program busy on that CPU; a kretprobe out of room): a state change, accept or close"
+        " unseen. Not in events_lost: a busy node skips a few in a million.")
+    skipped.add_metric([], v.stats.get(Stat.KERNEL_SKIPPED, 0))
+    yield skipped
 
 
 def _histogram(v: _Values) -> Iterator[Metric]:

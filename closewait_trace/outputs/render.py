@@ -229,6 +229,7 @@ def stats_dict(view: View) -> dict[str, Any]:
         "events_lost": view.events_lost,
         "lost": {**{name: view.stats.get(stat, 0) for name, stat in LOSS_SOURCES},
                  "exit_events": view.lost_exits},
+        "kernel_skipped": view.stats.get(Stat.KERNEL_SKIPPED, 0),
         "accepts_seen": view.stats.get(Stat.ACCEPTS, 0),
         "accepts_unmatched": view.stats.get(Stat.ACCEPT_UNMATCHED, 0),
     }
@@ -468,6 +469,9 @@ def summary_lines(view: View) -> list[str]:
         )
     else:
         lines.append("  no events lost")
+    if s["kernel_skipped"]:
+        lines.append(f"  the kernel skipped {s['kernel_skipped']} run(s) of the tracer's programs"
+                     " (a program busy on that CPU): a state change, accept or close may be unseen")
     return lines
 
 

@@ -39,12 +39,7 @@ def tracer() -> Iterator[Tracer]:
     rc = t.stop()
     assert rc == 0, "".join(t.stderr_lines)
     summary = next(r for r in t.records if r["type"] == "summary")
-    lost = {source: n for source, n in summary["lost"].items() if n}
-    if PREEMPT_RT and lost:
-        assert set(lost) == {"kernel_skipped"} and summary["complete"] is False, lost
-        assert lost["kernel_skipped"] >= len(UNSEEN_ON_RT), (lost, UNSEEN_ON_RT)
-        return
-    assert UNSEEN_ON_RT == [], f"{len(UNSEEN_ON_RT)} accepts not seen and no skip counted"
+    assert summary["kernel_skipped"] >= len(UNSEEN_ON_RT), UNSEEN_ON_RT
     assert summary["events_lost"] == 0, summary["lost"]
     assert summary["complete"] is True
 
@@ -302,9 +297,9 @@ def test_pid_filter_excludes_other_process_and_sigterm_detaches_everything(
     time.sleep(0.3)
     t = Tracer(["-p", str(mine.pid), "--threshold", "1s", "--report-min", "100ms"]).start()
     assert t.proc is not None
-    during = prog_ids_of(t.proc.pid)
-    assert during <= bpf_prog_ids()
-    try:
+    try:  # from here on, a failure must not leave the tracer (and its programs) behind
+        during = prog_ids_of(t.proc.pid)
+        assert during <= bpf_prog_ids()
         assert during, "the tracer loaded no BPF program?"
         for srv in (mine, other):
             c = srv.connect()

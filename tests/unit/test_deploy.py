@@ -133,7 +133,8 @@ def test_lost_events_by_source_accept_errors_listeners_and_health() -> None:
     tick = TickStats()
     tick.add(300_000_000)
     tick.add(1_500_000_000)
-    view = _view([], stats={Stat.RINGBUF_LOST: 4, Stat.CW_FULL: 2}, lost_exits=1,
+    view = _view([], stats={Stat.RINGBUF_LOST: 4, Stat.CW_FULL: 2, Stat.KERNEL_SKIPPED: 7},
+                 lost_exits=1,
                  accept_errors={(10, 24): 3, (11, 24): 2, (11, 105): 1}, tick=tick)
     def row(port: int, queue: int, limit: int) -> object:
         return type("D", (), {"lport": port, "rqueue": queue, "wqueue": limit})()
@@ -143,7 +144,8 @@ def test_lost_events_by_source_accept_errors_listeners_and_health() -> None:
     lost = {r["source"]: v for r, v in _samples(text, "closewait_events_lost_total")}
     assert lost == {"ringbuf": 4, "socks_map_full": 0, "cw_map_full": 2,
                     "listener_map_full": 0, "accept_map_full": 0, "pid_map_full": 0,
-                    "owner_room_full": 0, "kernel_skipped": 0, "exit_events": 1}
+                    "owner_room_full": 0, "exit_events": 1}
+    assert _samples(text, "closewait_kernel_skipped_runs_total") == [({}, 7.0)]
     errs = {r["errno"]: v for r, v in _samples(text, "closewait_accept_errors_total")}
     assert errs == {"EMFILE": 5, "ENOBUFS": 1}
     assert _samples(text, "closewait_listener_accept_queue") == [({"port": "80"}, 8.0),

@@ -51,13 +51,14 @@ CONN_OPTIONAL_KEYS = {"established_before_fin_s", "accept_after_fin_s"}
 RECORD_KEYS = {"schema", "type", "time"}
 SUMMARY_KEYS = {
     "duration_s", "backend", "threshold_s", "cw_entered", "cw_reported", "cw_short", "open",
-    "flagged", "closed", "events_lost", "lost", "accepts_seen", "accepts_unmatched", "complete",
+    "flagged", "closed", "events_lost", "lost", "kernel_skipped", "accepts_seen",
+    "accepts_unmatched", "complete",
     "closed_by", "max_closed_cw_s", "open_by_process", "open_by_port", "still_open", "groups",
     "accept_errors", "tracer",
     "timeline_export",  # JSON summary only: path of the exported timelines, or null
 }
 LOST_KEYS = {"ringbuf", "socks_map_full", "cw_map_full", "listener_map_full", "accept_map_full",
-             "pid_map_full", "owner_room_full", "kernel_skipped", "exit_events"}
+             "pid_map_full", "owner_room_full", "exit_events"}
 
 VERDICT = Verdict(Cause.NOT_CLOSED, Confidence.CERTAIN, "accepted by pid 42 (app) and never closed",
                   ("accepted 30.0s ago", "still open as fd 7"))
@@ -274,6 +275,11 @@ def test_short_stays_and_unmatched_accepts_are_not_losses() -> None:
     assert s["complete"] is True and s["events_lost"] == 0
 
 
+def test_runs_the_kernel_skipped_are_counted_apart_from_losses() -> None:
+    s = _summary(view(stats={Stat.KERNEL_SKIPPED: 3}))
+    assert (s["kernel_skipped"], s["events_lost"], s["complete"]) == (3, 0, True)
+
+
 # --- plain lines ----------------------------------------------------------------------------
 
 
@@ -410,6 +416,15 @@ def test_plain_summary_no_loss() -> None:
     lines = out.getvalue().splitlines()
     assert lines[-1] == "  no events lost"
     assert not any("left CLOSE_WAIT" in x or "more open" in x for x in lines)
+
+
+def test_plain_summary_says_what_the_kernel_skipped() -> None:
+    out = io.StringIO()
+    PlainRenderer(out).finish(view(stats={Stat.KERNEL_SKIPPED: 2}))
+    lines = out.getvalue().splitlines()
+    assert lines[-2:] == ["  no events lost", "  the kernel skipped 2 run(s) of the tracer's"
+                          " programs (a program busy on that CPU): a state change, accept or"
+                          " close may be unseen"]
 
 
 # --- rich live view -------------------------------------------------------------------------

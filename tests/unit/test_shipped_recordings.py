@@ -21,13 +21,18 @@ NEWER_KEYS = ("container", "netns", "netns_source")
 
 
 #: Loss counters added after them: the kernels of those runs had none, so they must be 0.
-NEWER_LOSSES = ("pid_map_full", "owner_room_full", "kernel_skipped")
+NEWER_LOSSES = ("pid_map_full", "owner_room_full")
+#: Counters of the summary added after them, 0 for the same reason.
+NEWER_COUNTS = ("kernel_skipped",)
 
 
 def _drop_unknown(obj: object) -> None:
     if isinstance(obj, dict):
         for key in NEWER_KEYS:
             if key in obj and obj[key] is None:
+                del obj[key]
+        for key in NEWER_COUNTS:
+            if obj.get(key) == 0:
                 del obj[key]
         lost = obj.get("lost")
         if isinstance(lost, dict):
