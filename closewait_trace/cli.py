@@ -464,7 +464,8 @@ def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Pat
                 f" (kernel {header.get('kernel')})"
             )
         try:
-            session = Session(options, renderer, world, dict(header["info"]))
+            session = Session(options, renderer, world, dict(header["info"]),
+                              relook_at_flag=world.relooks_at_flag)
         except WorldEnded:
             raise RecordFormatError(world.error or f"{file}: no records") from None
         except (KeyError, TypeError, ValueError) as exc:

@@ -46,7 +46,8 @@ def _worth_another_look(conn: Connection) -> bool:
 
 class Session:
     def __init__(self, options: Options, renderer: Renderer, world: World,
-                 info: dict[str, Any], stop_event: threading.Event | None = None) -> None:
+                 info: dict[str, Any], stop_event: threading.Event | None = None, *,
+                 relook_at_flag: bool = True) -> None:
         self.options = options
         self.renderer = renderer
         self.world = world
@@ -71,7 +72,7 @@ class Session:
         self._last_slow_ns = 0
         self._started = False
         self._ended = False
-        self.enrichment = Enrichment(world, self.tracker)
+        self.enrichment = Enrichment(world, self.tracker, relook_at_flag=relook_at_flag)
         self.accept_plan = plan_for(info, options.accept_watch, start_ns=self._now)
         self.enrichment.accept_watched_ns = self.accept_plan.watched_ns
         self._said_sampling = False
@@ -202,7 +203,7 @@ class Session:
                 # the flag's verdict needs fresh counts
                 self._set_counters(self.world.counters())
             flagged_conns = [ch.conn for ch in flagged if ch.conn is not None]
-            self.enrichment.refresh_read_state(flagged_conns)
+            self.enrichment.at_flag(flagged_conns)
             self.enrichment.owners_at_flag(flagged_conns)
         changes += flagged
         for ch in changes:

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 FORMAT = "closewait-trace-record"
 #: 2 adds the network namespaces, container identities and listener holders (and a netns
 #: on sock_diag rows and listeners); version 1 files are still read, namespace-blind.
-FORMAT_VERSION = 2
+#: 3: a socket flagged while believed never accepted is looked up again at the flag (the
+#: lookups are in the file); older files are replayed without those lookups, as recorded.
+FORMAT_VERSION = 3
 #: The longest line `report` reads (a tick with 20,000 sockets in CLOSE_WAIT writes ~5 MB):
 #: a longer one is a corrupt file, not a reason to read without end.
 MAX_LINE = 64 << 20
@@ -380,6 +382,11 @@ class ReplayWorld:
         self._done = False
         self._cw: dict[tuple[int, int], SockInfo] = {}
         self.controls: Controls = _NoKernel()
+
+    @property
+    def relooks_at_flag(self) -> bool:
+        """Made by a session that looked again at the flag (format 3 and later)."""
+        return self.version >= 3
 
     def _fail(self, message: str) -> WorldEnded:
         if self.error is None:

@@ -95,9 +95,12 @@ class Enrichment:
     LOOKUP_BUDGET = 2000
     NAMESPACES_EVERY_NS = 1_000_000_000
 
-    def __init__(self, world: HostFacts, tracker: Tracker) -> None:
+    def __init__(self, world: HostFacts, tracker: Tracker, *, relook_at_flag: bool = True
+                 ) -> None:
         self.world = world
         self.tracker = tracker
+        #: False: replaying a recording made before the flag's second look existed
+        self.relook_at_flag = relook_at_flag
         self.counters = Counters()
         #: the share of the time since start accept() outcomes were seen, and how long they
         #: were seen between two times (the session's accept watch; by default: always)
@@ -281,9 +284,19 @@ class Enrichment:
             if owner_ns is not None:
                 conn.netns, conn.netns_source = owner_ns, NetnsSource.OWNER
 
-    def refresh_read_state(self, conns: list[Connection]) -> None:
-        """At the flag, what the application has read by now (EOF or not)."""
-        accepted = [c for c in conns if c.inode]
+    def at_flag(self, conns: list[Connection]) -> None:
+        """A leak is reported with what its socket says now: what the application has read
+        (accepted ones), and whether one found never accepted, or not found, has an inode by
+        now. The tracepoint backend's accept watch attaches only once such a socket is there:
+        an accept() just before it attached was seen by no one."""
+        self._read_state([c for c in conns if c.inode])
+        if self.relook_at_flag:
+            self._accepted_by_now([c for c in conns if not c.inode
+                                   and c.accepted is not Accepted.YES
+                                   and c.direction is not Direction.OUTBOUND])
+
+    def _read_state(self, accepted: list[Connection]) -> None:
+        """What the application has read by now (EOF or not)."""
         if not accepted:
             return
         if self.namespaces() is None or len(accepted) > self.LOOKUP_BUDGET:
@@ -297,6 +310,21 @@ class Enrichment:
             if d is not None and d.inode:
                 conn.eof_read = d.rqueue == 0
                 conn.unread_bytes = max(0, d.rqueue - 1)
+
+    def _accepted_by_now(self, unsure: list[Connection]) -> None:
+        """Those with an inode now were accepted; after the peer's FIN if they were found in
+        the accept queue in CLOSE_WAIT (inode 0)."""
+        if not unsure:
+            return
+        found = self._locate(unsure)
+        for conn in unsure:
+            d = found.get(id(conn))
+            if d is None or not d.inode:
+                continue
+            in_queue = conn.inode == 0
+            self.apply(conn, d)
+            conn.accepted_after_fin = conn.accepted_after_fin or (
+                in_queue and conn.accepted is Accepted.YES)
 
     def owners_at_flag(self, conns: list[Connection]) -> None:
         """A leak is reported with the process that holds it: sockets whose holder was not

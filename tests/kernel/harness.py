@@ -13,8 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.tracer import JsonTracer
@@ -93,12 +95,31 @@ class Server:
     def connect(self) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout=5)
 
+    def wait_accepted(self, count: int = 1, timeout: float = 10) -> None:
+        """Until the server holds `count` accepted sockets (besides its listener): a test
+        that means "accepted before the FIN" must not lean on a sleep."""
+        deadline = time.monotonic() + timeout
+        while self.socket_fds() < count + 1:
+            assert time.monotonic() < deadline, f"server {self.pid} accepted too little"
+            time.sleep(0.02)
+
+    def socket_fds(self) -> int:
+        fds = Path(f"/proc/{self.pid}/fd")
+        return sum(1 for fd in fds.iterdir() if _readlink(fd).startswith("socket:"))
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
 
 
 def bpftool_perf_list() -> list[dict[str, Any]]:

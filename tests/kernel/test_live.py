@@ -179,11 +179,11 @@ def test_never_accepted_ipv6(tracer: Tracer, servers: list[Server]) -> None:
 def test_accepted_never_closed_is_flagged_with_fd(tracer: Tracer, servers: list[Server]) -> None:
     srv = _start(servers, accept=True, close_after=None)
     c = srv.connect()
-    time.sleep(0.3)  # let the server accept before the FIN arrives
+    srv.wait_accepted()  # before the FIN arrives
     c.close()
     conn = _leak(tracer, srv.port)
-    assert conn["accepted"] == "yes"
-    assert conn["accepted_after_fin"] is False
+    assert conn["accepted"] == "yes", conn
+    assert conn["accepted_after_fin"] is False, conn
     assert conn["pid"] == srv.pid
     assert conn["verdict"]["cause"] == "accepted-not-closed"
     # /proc can take a rescan to show the fd; the verdict is recomputed when it does.
@@ -211,7 +211,7 @@ def test_close_one_second_after_fin_is_timed_within_50ms(
 ) -> None:
     srv = _start(servers, accept=True, close_after=1.0)
     c = srv.connect()
-    time.sleep(0.3)
+    srv.wait_accepted()
     c.close()
     rec = tracer.wait_for(
         lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}"),
@@ -258,7 +258,7 @@ def test_reset_while_in_close_wait_is_reported_as_reset(
 ) -> None:
     srv = _start(servers, accept=True, close_after=None)
     c = srv.connect()
-    time.sleep(0.3)
+    srv.wait_accepted()
     c.shutdown(socket.SHUT_WR)  # FIN: the server's socket enters CLOSE_WAIT
     time.sleep(0.5)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

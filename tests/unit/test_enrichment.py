@@ -15,7 +15,7 @@ from closewait_trace.facts.enrich import DiagSocket, SocketOwner, TcpState
 from closewait_trace.pipeline.enrichment import Enrichment, choose_listener, container_matches
 from closewait_trace.facts.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
 from closewait_trace.pipeline.join import Accepted, Connection, Direction, QueuedOn, Tracker
-from closewait_trace.outputs.record import FORMAT, RecordingWorld, ReplayWorld
+from closewait_trace.outputs.record import FORMAT, FORMAT_VERSION, RecordingWorld, ReplayWorld
 
 S = 1_000_000_000
 HOST, NS_A, NS_B = 4026531840, 4026532001, 4026532002
@@ -221,7 +221,7 @@ def test_new_facts_are_recorded_and_replayed() -> None:
     rec = RecordingWorld(live, out, options={}, info={})  # type: ignore[arg-type]
     asked = _ask_everything(rec)
     replay = ReplayWorld(io.StringIO(out.getvalue()), "mem")
-    assert replay.version == 2
+    assert replay.version == FORMAT_VERSION and replay.relooks_at_flag
     assert _ask_everything(replay) == asked
 
 
@@ -241,6 +241,7 @@ def test_a_format_1_recording_is_replayed_namespace_blind() -> None:
     assert replay.netns_of(5) is None and replay.container(5) is None
     assert replay.holders(_lst(0, 1)) == []
     assert not replay.finished()  # nothing was read
+    assert not replay.relooks_at_flag
 
 
 def test_lines_say_how_the_namespace_is_known() -> None:

@@ -172,6 +172,27 @@ def test_an_accept_between_sampled_windows_is_found_by_its_inode() -> None:
     assert session.verdicts[conn.key].cause.value != "never-accepted"
 
 
+def test_an_accept_no_watch_saw_is_found_when_the_leak_is_flagged() -> None:
+    """Found in the queue at CLOSE_WAIT entry, accepted before the tracepoint backend's watch
+    attached (so no one saw it): the leak is not reported as never accepted."""
+    world = ScriptedWorld()
+    session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), NullRenderer(), world,
+                      {"backend": "tracepoint", "accept_watch": "auto"})
+    session.start()
+    world.cw = [_never_accepted(world.now)]
+    world.diag = [_diag_row(0)]
+    _tick(session, world, 0.3)
+    conn = next(iter(session.tracker.open.values()))
+    assert conn.accepted is Accepted.NO and conn.inode == 0 and world.watch[-1] is True
+    world.diag = [_diag_row(777)]  # accepted just before the watch attached
+    _tick(session, world, 1.0)
+    assert conn.flagged_ns is None and conn.accepted is Accepted.NO
+    _tick(session, world, 1.0)  # the flag
+    assert conn.flagged_ns is not None
+    assert conn.accepted is Accepted.YES and conn.inode == 777 and conn.accepted_after_fin
+    assert session.verdicts[conn.key].cause.value == "accepted-not-closed"
+
+
 def test_rechecks_take_turns_when_many_sockets_wait() -> None:
     world = ScriptedWorld()
     session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), NullRenderer(), world,
