@@ -58,10 +58,19 @@ def _start(servers: list[Server], **kw: object) -> Server:
     return s
 
 
-def _leak(tracer: Tracer, port: int, timeout: float = THRESHOLD + 5) -> dict:
+def _name(sock: socket.socket) -> str:
+    """A socket's own address as the tracer writes it."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _leak(tracer: Tracer, port: int, peer: str, timeout: float = THRESHOLD + 5) -> dict:
+    """The leak of the server's end (on `port`) of the connection from `peer` (the tracer
+    sees the whole host: another socket may have had that local port before)."""
     rec = tracer.wait_for(
-        lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(f":{port}"),
-        timeout, what=f"leak on port {port}")
+        lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(f":{port}")
+        and r["connection"]["remote"] == peer,
+        timeout, what=f"leak on port {port} from {peer}")
     return rec["connection"]
 
 
@@ -154,9 +163,10 @@ def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer
 def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: list[Server]) -> None:
     srv = _start(servers, accept=False)
     c = srv.connect()
+    peer = _name(c)
     c.sendall(b"hello")
     c.close()
-    conn = _leak(tracer, srv.port)
+    conn = _leak(tracer, srv.port, peer)
     assert conn["accepted"] == "no"
     assert conn["direction"] == "inbound"
     assert conn["pid"] == srv.pid
@@ -168,8 +178,9 @@ def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: 
 def test_never_accepted_ipv6(tracer: Tracer, servers: list[Server]) -> None:
     srv = _start(servers, family=socket.AF_INET6, accept=False)
     c = srv.connect()
+    peer = _name(c)
     c.close()
-    conn = _leak(tracer, srv.port)
+    conn = _leak(tracer, srv.port, peer)
     assert conn["family"] == "ipv6"
     assert conn["local"] == f"[::1]:{srv.port}"
     assert conn["accepted"] == "no"
@@ -179,9 +190,10 @@ def test_never_accepted_ipv6(tracer: Tracer, servers: list[Server]) -> None:
 def test_accepted_never_closed_is_flagged_with_fd(tracer: Tracer, servers: list[Server]) -> None:
     srv = _start(servers, accept=True, close_after=None)
     c = srv.connect()
+    peer = _name(c)
     srv.wait_accepted()  # before the FIN arrives
     c.close()
-    conn = _leak(tracer, srv.port)
+    conn = _leak(tracer, srv.port, peer)
     assert conn["accepted"] == "yes", conn
     assert conn["accepted_after_fin"] is False, conn
     assert conn["pid"] == srv.pid
@@ -229,8 +241,9 @@ def test_flag_is_raised_within_threshold_plus_one_second(
 ) -> None:
     srv = _start(servers, accept=False)
     c = srv.connect()
+    peer = _name(c)
     c.close()
-    conn = _leak(tracer, srv.port)
+    conn = _leak(tracer, srv.port, peer)
     # The age at the moment of the flag is measured by the tracer from the kernel's timestamp
     # of the FIN, so the test process's own scheduling does not count.
     assert THRESHOLD <= conn["cw_age_s"] <= THRESHOLD + 1.0, conn
