@@ -72,8 +72,10 @@ class Session:
         self._last_slow_ns = 0
         self._started = False
         self._ended = False
-        self.enrichment = Enrichment(world, self.tracker, relook_at_flag=relook_at_flag)
         self.accept_plan = plan_for(info, options.accept_watch, start_ns=self._now)
+        self.enrichment = Enrichment(
+            world, self.tracker,
+            relook_at_flag=relook_at_flag and self.accept_plan.mode is not AcceptWatch.ALWAYS)
         self.enrichment.accept_watched_ns = self.accept_plan.watched_ns
         self._said_sampling = False
         self._rechecked_ns = 0

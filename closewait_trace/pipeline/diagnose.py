@@ -243,6 +243,9 @@ def _accepted_not_closed(conn: Connection, facts: Facts, now_ns: int, who: str,
             evidence.append(
                 f"accepted {_secs(conn.accepted_ns - conn.cw_enter_ns)} after the peer's FIN"
             )
+    elif conn.accepted_after_fin:
+        evidence.append("found in the accept queue after the peer had closed, accepted"
+                        " later (while accept() was not watched)")
     elif conn.history:
         evidence.append(
             "accept() not seen (it may have been blocked in accept() before tracing"

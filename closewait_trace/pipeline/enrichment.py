@@ -99,7 +99,8 @@ class Enrichment:
                  ) -> None:
         self.world = world
         self.tracker = tracker
-        #: False: replaying a recording made before the flag's second look existed
+        #: the flag's second look at queued sockets (where the accept watch is attached only
+        #: while needed); False also when replaying a recording made before it (format 2)
         self.relook_at_flag = relook_at_flag
         self.counters = Counters()
         #: the share of the time since start accept() outcomes were seen, and how long they
@@ -286,45 +287,40 @@ class Enrichment:
 
     def at_flag(self, conns: list[Connection]) -> None:
         """A leak is reported with what its socket says now: what the application has read
-        (accepted ones), and whether one found never accepted, or not found, has an inode by
-        now. The tracepoint backend's accept watch attaches only once such a socket is there:
-        an accept() just before it attached was seen by no one."""
-        self._read_state([c for c in conns if c.inode])
-        if self.relook_at_flag:
-            self._accepted_by_now([c for c in conns if not c.inode
-                                   and c.accepted is not Accepted.YES
-                                   and c.direction is not Direction.OUTBOUND])
-
-    def _read_state(self, accepted: list[Connection]) -> None:
-        """What the application has read by now (EOF or not)."""
-        if not accepted:
-            return
-        if self.namespaces() is None or len(accepted) > self.LOOKUP_BUDGET:
-            found = self._locate(accepted)
-        else:
-            found = {id(c): self.world.lookup(c.netns, c.family, c.laddr, c.lport, c.raddr,
-                                              c.rport) if c.netns is not None else None
-                     for c in accepted}
+        (accepted ones), and, where the accept watch is attached only while needed, whether
+        one found in the accept queue has an inode by now (an accept() between that look and
+        the watch's attach was seen by no one). Each is asked in its own namespace."""
+        accepted = [c for c in conns if c.inode]
+        queued = [c for c in conns if c.inode == 0 and c.accepted is Accepted.NO] \
+            if self.relook_at_flag else []
+        found = self._in_own_netns(accepted + queued)
         for conn in accepted:
             d = found.get(id(conn))
             if d is not None and d.inode:
                 conn.eof_read = d.rqueue == 0
                 conn.unread_bytes = max(0, d.rqueue - 1)
-
-    def _accepted_by_now(self, unsure: list[Connection]) -> None:
-        """Those with an inode now were accepted; after the peer's FIN if they were found in
-        the accept queue in CLOSE_WAIT (inode 0)."""
-        if not unsure:
-            return
-        found = self._locate(unsure)
-        for conn in unsure:
+        for conn in queued:
             d = found.get(id(conn))
-            if d is None or not d.inode:
-                continue
-            in_queue = conn.inode == 0
-            self.apply(conn, d)
-            conn.accepted_after_fin = conn.accepted_after_fin or (
-                in_queue and conn.accepted is Accepted.YES)
+            if d is not None and d.inode:
+                self.apply(conn, d)
+                conn.accepted_after_fin = conn.accepted is Accepted.YES
+
+    def _in_own_netns(self, conns: list[Connection]) -> dict[int, DiagSocket | None]:
+        """Sockets found again in the namespace they were found in: one lookup each, or one
+        dump per namespace for many."""
+        if not conns:
+            return {}
+        if self.namespaces() is None or not self.relook_at_flag and \
+                len(conns) > self.LOOKUP_BUDGET:  # (as sessions before format 3 did)
+            return self._locate(conns)
+        if len(conns) > self.LOOKUP_BUDGET:
+            index = {n: TupleIndex(self.world.diag_close_wait(n))
+                     for n in sorted({c.netns for c in conns if c.netns is not None})}
+            return {id(c): index[c.netns].find(c.family, c.laddr, c.lport, c.raddr, c.rport)
+                    if c.netns is not None else None for c in conns}
+        return {id(c): self.world.lookup(c.netns, c.family, c.laddr, c.lport, c.raddr,
+                                         c.rport) if c.netns is not None else None
+                for c in conns}
 
     def owners_at_flag(self, conns: list[Connection]) -> None:
         """A leak is reported with the process that holds it: sockets whose holder was not

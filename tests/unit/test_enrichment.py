@@ -115,6 +115,52 @@ def test_each_socket_is_found_in_its_own_namespace() -> None:
     assert world.calls.index(f"lookup {NS_A}") < world.calls.index(f"lookup {NS_B}")
 
 
+def test_a_queued_socket_accepted_meanwhile_is_found_at_the_flag_in_its_namespace() -> None:
+    world = TwoContainers()
+    stage = _stage(world)
+    queued, lost = _conn(40001), _conn(40002)
+    stage.enrich([queued])
+    assert (queued.netns, queued.inode, queued.accepted) == (NS_A, 0, Accepted.NO)
+    lost.netns, lost.inode = NS_B, None  # never found: the slow tick's retries look for it
+    outbound = _conn(40003)
+    outbound.direction, outbound.accepted, outbound.netns, outbound.inode = \
+        Direction.OUTBOUND, Accepted.UNKNOWN, NS_B, 0
+    world.rows[NS_A] = [_diag(NS_A, 888, 40001)]  # accepted, unseen, before the flag
+    world.calls.clear()
+    stage.at_flag([queued, lost, outbound])
+    assert world.calls == [f"lookup {NS_A}"]  # its own namespace, and only the queued one
+    assert (queued.inode, queued.accepted, queued.accepted_after_fin, queued.queued_on) == \
+        (888, Accepted.YES, True, None)
+    verdict = diagnose(queued, stage.facts(queued), 3 * S)
+    assert verdict.cause is Cause.NOT_CLOSED
+    assert any("found in the accept queue after the peer had closed" in e
+               for e in verdict.evidence)
+
+
+def test_many_flagged_at_once_take_one_dump_of_their_own_namespace() -> None:
+    world = TwoContainers()
+    stage = _stage(world)
+    stage.LOOKUP_BUDGET = 1
+    queued = [_conn(40001), _conn(40009)]
+    for conn in queued:
+        conn.netns, conn.netns_source, conn.inode = NS_A, NetnsSource.SOCK_DIAG, 0
+    world.rows[NS_A] = [_diag(NS_A, 888, 40001)]
+    stage.at_flag(queued)
+    assert world.calls == [f"diag {NS_A}"]
+    assert [c.accepted for c in queued] == [Accepted.YES, Accepted.NO]
+
+
+def test_no_second_look_where_accept_is_always_watched_or_a_recording_predates_it() -> None:
+    world = TwoContainers()
+    stage = Enrichment(world, Tracker(threshold_ns=S, report_min_ns=0, start_ns=0),
+                       relook_at_flag=False)
+    stage.begin_tick(2 * S)
+    queued = _conn(40001)
+    queued.netns, queued.inode = NS_A, 0
+    stage.at_flag([queued])
+    assert world.calls == [] and queued.accepted is Accepted.NO
+
+
 def test_the_verdict_blames_the_stopped_worker_not_the_master() -> None:
     world = TwoContainers()
     stage = _stage(world)
@@ -242,6 +288,8 @@ def test_a_format_1_recording_is_replayed_namespace_blind() -> None:
     assert replay.holders(_lst(0, 1)) == []
     assert not replay.finished()  # nothing was read
     assert not replay.relooks_at_flag
+    v2 = json.dumps({"format": FORMAT, "version": 2, "options": {}, "info": {}})
+    assert not ReplayWorld(io.StringIO(v2 + "\n"), "v2.cwt").relooks_at_flag
 
 
 def test_lines_say_how_the_namespace_is_known() -> None:
