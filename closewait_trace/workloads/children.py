@@ -132,8 +132,12 @@ class Child:
     def wait_done(self, timeout: float) -> None:
         """Until a client says DONE; DemoError if it exits first or takes longer."""
         if not self._finished.wait(timeout) or self.done is None:
-            raise DemoError(f"{self.name} ({' '.join(self.args)}) did not finish in "
-                            f"{timeout:.0f} s (exit code {self.proc.poll()})")
+            what = ' '.join(self.args)
+            code = self.proc.poll()
+            if code is not None:
+                raise DemoError(f"{self.name} ({what}) exited with code {code} before it was"
+                                " done (its error is above)")
+            raise DemoError(f"{self.name} ({what}) did not finish in {timeout:.0f} s")
 
     def leaked(self) -> list[tuple[str, str]]:
         """The (local, remote) of every connection it left in CLOSE_WAIT on purpose so far."""
