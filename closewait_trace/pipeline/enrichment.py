@@ -314,10 +314,8 @@ class Enrichment:
                 len(conns) > self.LOOKUP_BUDGET:  # (as sessions before format 3 did)
             return self._locate(conns)
         if len(conns) > self.LOOKUP_BUDGET:
-            index = {n: TupleIndex(self.world.diag_close_wait(n))
-                     for n in sorted({c.netns for c in conns if c.netns is not None})}
-            return {id(c): index[c.netns].find(c.family, c.laddr, c.lport, c.raddr, c.rport)
-                    if c.netns is not None else None for c in conns}
+            return self._locate_by_dump(
+                conns, {id(c): [] if c.netns is None else [c.netns] for c in conns})
         return {id(c): self.world.lookup(c.netns, c.family, c.laddr, c.lport, c.raddr,
                                          c.rport) if c.netns is not None else None
                 for c in conns}
