@@ -80,7 +80,7 @@ def free_port() -> int:
 
 
 def _start_tracers(cw: str, thr: float) -> tuple[JsonTracer, LiveTracer]:
-    """Both tracers, once ready (the live one: once its metrics answer)."""
+    """Both tracers, once ready (the live one: once its /readyz says so)."""
     js = JsonTracer([cw, "--json", "--threshold", f"{thr}s"]).start()
     mport = free_port()
     live = LiveTracer([cw, "--threshold", f"{thr}s", "--metrics", str(mport)], mport).start()
@@ -89,7 +89,7 @@ def _start_tracers(cw: str, thr: float) -> tuple[JsonTracer, LiveTracer]:
     except AssertionError as exc:
         raise RuntimeError(f"the --json tracer did not become ready: {exc}") from None
     deadline = time.monotonic() + 300
-    while live.metrics() is None:
+    while not live.ready():
         if time.monotonic() > deadline or live.proc.poll() is not None:
             raise RuntimeError("the live tracer did not start:\n" + live.text()[-2000:])
         time.sleep(0.5)

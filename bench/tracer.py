@@ -207,6 +207,16 @@ class LiveTracer(TracerProcess):
             raw = bytes(self.out)
         return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode(errors="replace"))
 
+    def ready(self) -> bool:
+        """Whether its /readyz says ready (programs attached and acting); its /metrics
+        answers from before the compile."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz",
+                                        timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:  # urllib's HTTPError (503: not ready) is an OSError too
+            return False
+
     def metrics(self) -> dict[str, float] | None:
         """Open sockets, leaking sockets and the longest tick from its /metrics; None while
         it does not answer."""

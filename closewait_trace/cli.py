@@ -465,7 +465,7 @@ def report(file: Path, as_json: bool, timeline: str | None, timeline_export: Pat
             )
         try:
             session = Session(options, renderer, world, dict(header["info"]),
-                              relook_at_flag=world.relooks_at_flag)
+                              call_order=world.call_order)
         except WorldEnded:
             raise RecordFormatError(world.error or f"{file}: no records") from None
         except (KeyError, TypeError, ValueError) as exc:

@@ -18,13 +18,14 @@ from typing import Any
 
 from .acceptwatch import plan_for
 from .pipeline.diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
-from .facts.enrich import DiagSocket
+from .facts.enrich import DiagSocket, normalize_addr
 from .pipeline.enrichment import MAX_TRIES, Enrichment, container_matches
 from .facts.facts import Listener
 from .pipeline.join import Accepted, Change, ChangeKind, Connection, Tracker
 from .outputs.render import EXIT_WORDS, Renderer, TickStats, View
 from .options import AcceptWatch, Options
-from .world import Counters, World, WorldEnded
+from .kernel.decode import SockInfo
+from .world import CallOrder, Counters, World, WorldEnded
 
 
 @dataclass
@@ -44,13 +45,40 @@ def _worth_another_look(conn: Connection) -> bool:
     return conn.accepted is Accepted.YES
 
 
+def _tuple(laddr: str, lport: int, raddr: str, rport: int) -> tuple[str, int, str, int]:
+    return (normalize_addr(laddr), lport, normalize_addr(raddr), rport)
+
+
+def seedable(first: list[DiagSocket], held: list[SockInfo],
+             second: list[DiagSocket]) -> list[DiagSocket]:
+    """The swept sockets that were in CLOSE_WAIT before the programs acted: found by both
+    sweeps (namespace and 4-tuple), and not in the kernel's map read between them (4-tuple,
+    and namespace where both sides know it). A socket in CLOSE_WAIT at both sweeps that
+    entered it after the programs acted was in the map at the read between."""
+    again = {(d.netns, *_tuple(d.laddr, d.lport, d.raddr, d.rport)) for d in second}
+    nets: dict[tuple[str, int, str, int], set[int]] = {}
+    for s in held:
+        if s.ts_cw_enter:
+            nets.setdefault(_tuple(s.laddr, s.lport, s.raddr, s.rport), set()).add(s.netns)
+
+    def keep(d: DiagSocket) -> bool:
+        key = _tuple(d.laddr, d.lport, d.raddr, d.rport)
+        if (d.netns, *key) not in again:
+            return False  # left CLOSE_WAIT during the sweep: its exit is the kernel's
+        found = nets.get(key)
+        return found is None or not (d.netns is None or 0 in found or d.netns in found)
+
+    return [d for d in first if keep(d)]
+
+
 class Session:
     def __init__(self, options: Options, renderer: Renderer, world: World,
                  info: dict[str, Any], stop_event: threading.Event | None = None, *,
-                 relook_at_flag: bool = True) -> None:
+                 call_order: CallOrder = CallOrder()) -> None:
         self.options = options
         self.renderer = renderer
         self.world = world
+        self.call_order = call_order
         self.info = info
         self.backend = str(info.get("backend", "?"))
         self.wall_offset_ns = int(info.get("wall_offset_ns", 0)) or None
@@ -75,7 +103,8 @@ class Session:
         self.accept_plan = plan_for(info, options.accept_watch, start_ns=self._now)
         self.enrichment = Enrichment(
             world, self.tracker,
-            relook_at_flag=relook_at_flag and self.accept_plan.mode is not AcceptWatch.ALWAYS)
+            relook_at_flag=call_order.relook_at_flag
+            and self.accept_plan.mode is not AcceptWatch.ALWAYS)
         self.enrichment.accept_watched_ns = self.accept_plan.watched_ns
         self._said_sampling = False
         self._rechecked_ns = 0
@@ -86,17 +115,29 @@ class Session:
     # --- start ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Seed what predates the probes, then say we are ready."""
+        """Seed the listeners, let the programs act, sweep the sockets already in CLOSE_WAIT,
+        then say we are ready. The sweep comes after the programs act, so that no socket
+        entering CLOSE_WAIT meanwhile is missed; `seedable` says which sockets it found
+        were there before them (a recording made before format 4 asks in its own order)."""
         try:
-            self._seed()
-            self._watch_pids(self._now)  # descendants that exist now, before the programs act
-            if self.options.accept_watch is AcceptWatch.ALWAYS:
-                self.world.controls.set_accept_watch(True)
-            self.world.controls.arm()
+            self._seed_listeners()
+            if self.call_order.sweep_after_arm:
+                self._arm()
+                self._seed_close_wait(after_arm=True)
+            else:
+                self._seed_close_wait(after_arm=False)
+                self._arm()
         except WorldEnded:
             self._ended = True
         self._started = True
         self.renderer.ready(self.view(self._now), self.info)
+
+    def _arm(self) -> None:
+        """The filters and switches the programs need, then let them act."""
+        self._watch_pids(self._now)  # descendants that exist now, before the programs act
+        if self.options.accept_watch is AcceptWatch.ALWAYS:
+            self.world.controls.set_accept_watch(True)
+        self.world.controls.arm()
 
     def _every_listener(self) -> list[Listener]:
         """The listeners of every network namespace (of the tracer's own where the
@@ -106,9 +147,8 @@ class Session:
             return self.world.listeners()
         return [lst for inode in found.all for lst in self.world.listeners(inode)]
 
-    def _seed(self) -> None:
-        """Listeners and CLOSE_WAIT sockets that existed before the probes attached."""
-        now = self._now
+    def _seed_listeners(self) -> None:
+        """Listeners that existed before the probes attached, with their owners."""
         for lst in self._every_listener():
             owners = [o for o in lst.owners if o.pid in self.options.pids] or list(lst.owners)
             if not owners:
@@ -116,17 +156,26 @@ class Session:
             owner = min(owners, key=lambda o: o.pid)
             self.world.controls.seed_listener(lst.netns, lst.lport, owner.pid, owner.comm)
             self.tracker.add_listener(dataclasses.replace(lst, pid=owner.pid, comm=owner.comm))
+
+    def _seed_close_wait(self, after_arm: bool) -> None:
+        """Sockets in CLOSE_WAIT before the programs acted, each a Connection with an
+        "at least" age. After they act: swept twice, the kernel's map read in between
+        (`seedable`). Not covered: a socket whose entry the kernel could not keep (a full
+        map, an owner over its room) is seeded too; it is counted lost already."""
+        now = self._now
         self.enrichment.begin_tick(now)
-        rows = [d for d in self._preexisting_close_wait()
-                if not self.options.ports or {d.lport, d.rport} & self.options.ports]
+        rows = self._swept_close_wait()
+        if after_arm:
+            held = self.world.close_wait()
+            rows = seedable(rows, held, self._swept_close_wait())
+        pids = self.watch.pids | self.watch.descendants if after_arm else self.options.pids
         changes = self.tracker.seed_preexisting(
             [(d.family, d.laddr, d.lport, d.raddr, d.rport) for d in rows], now)
         kept = 0
         for ch, d in zip(changes, rows):
             assert ch.conn is not None
             self.enrichment.apply(ch.conn, d)
-            if self.options.pids and ch.conn.owner_pid not in self.options.pids \
-                    or not self._wanted(ch.conn, self.options.pids):
+            if pids and ch.conn.owner_pid not in pids or not self._wanted(ch.conn, pids):
                 self.tracker.forget(ch.conn)
                 continue
             kept += 1
@@ -135,6 +184,11 @@ class Session:
                 f"{kept} socket(s) were already in CLOSE_WAIT; their age is counted"
                 " from now (shown as >=)"
             )
+
+    def _swept_close_wait(self) -> list[DiagSocket]:
+        """Sockets in CLOSE_WAIT now (sock_diag), on the --port ports if given."""
+        return [d for d in self._preexisting_close_wait()
+                if not self.options.ports or {d.lport, d.rport} & self.options.ports]
 
     def _preexisting_close_wait(self) -> list[DiagSocket]:
         """Sockets in CLOSE_WAIT now, in every network namespace the World can name."""

@@ -48,6 +48,19 @@ class Counters:
 ProcessInfo = Process
 
 
+@dataclass(frozen=True)
+class CallOrder:
+    """What a session asks of its World that earlier versions did not: a replay must ask a
+    recording exactly what the session that wrote it asked (record.ReplayWorld says which)."""
+
+    #: the flag's second look at a socket found in an accept queue (recording format 3 on)
+    relook_at_flag: bool = True
+    #: the programs act before the sweep of sockets already in CLOSE_WAIT, which is made
+    #: twice with the kernel's map read in between (format 4 on); before, a socket entering
+    #: CLOSE_WAIT between the sweep and the programs' start was seen by neither
+    sweep_after_arm: bool = True
+
+
 class WorldEnded(Exception):
     """A replayed world ran out (end of a recording, or a line it cannot read) mid-step."""
 

@@ -25,7 +25,7 @@ from ..facts.enrich import DiagSocket, SocketOwner, TcpState
 from ..errors import CloseWaitError
 from ..facts.containers import ContainerIdentity
 from ..facts.facts import Listener, ListenerHolder, Namespaces, Process, container_from_dict
-from ..world import AcceptCounters, Controls, Counters, World, WorldEnded
+from ..world import AcceptCounters, CallOrder, Controls, Counters, World, WorldEnded
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -35,7 +35,9 @@ FORMAT = "closewait-trace-record"
 #: on sock_diag rows and listeners); version 1 files are still read, namespace-blind.
 #: 3: a socket flagged while believed never accepted is looked up again at the flag (the
 #: lookups are in the file); older files are replayed without those lookups, as recorded.
-FORMAT_VERSION = 3
+#: 4: the programs act before the sweep of sockets already in CLOSE_WAIT, which is made
+#: twice, the kernel's map read in between (one more sweep and a cw record at the start).
+FORMAT_VERSION = 4
 #: The longest line `report` reads (a tick with 20,000 sockets in CLOSE_WAIT writes ~5 MB):
 #: a longer one is a corrupt file, not a reason to read without end.
 MAX_LINE = 64 << 20
@@ -384,9 +386,9 @@ class ReplayWorld:
         self.controls: Controls = _NoKernel()
 
     @property
-    def relooks_at_flag(self) -> bool:
-        """Made by a session that looked again at the flag (format 3 and later)."""
-        return self.version >= 3
+    def call_order(self) -> CallOrder:
+        """What the session that made it asked, by format version."""
+        return CallOrder(relook_at_flag=self.version >= 3, sweep_after_arm=self.version >= 4)
 
     def _fail(self, message: str) -> WorldEnded:
         if self.error is None:

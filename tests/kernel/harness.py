@@ -44,8 +44,12 @@ class Tracer(JsonTracer):
         super().__init__([sys.executable, "-m", "closewait_trace", *sub, "--json",
                           "--backend", BACKEND, *self.args])
 
-    def start(self) -> Tracer:
+    def start(self, wait: bool = True) -> Tracer:
+        """Start it; return once it is ready (at once with wait=False: the caller then
+        calls wait_ready and stops it on failure)."""
         super().start()
+        if not wait:
+            return self
         try:
             self.wait_ready(START_TIMEOUT)
         except BaseException:

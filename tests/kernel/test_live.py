@@ -20,8 +20,8 @@ from closewait_trace.kernel.features import FORCE_PERF_ENV
 from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 from closewait_trace.kernel.skips import kretprobe_counts
 
-from .harness import PREEMPT_RT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, kprobe_events, \
-    prog_ids_of
+from .harness import PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, \
+    kprobe_events, prog_ids_of
 
 pytestmark = pytest.mark.kernel
 
@@ -297,6 +297,62 @@ def test_listener_closed_with_queued_children(tracer: Tracer, servers: list[Serv
     assert len(closes) == 3
     assert {r["connection"]["exit"] for r in closes} == {"listener-closed"}
     assert {r["connection"]["accepted"] for r in closes} == {"no"}
+
+
+def _churn(port: int, made: list[str], stop: threading.Event, cap: int = 4000,
+           pause: float = 0.003) -> None:
+    """Connect to `port` and close (about 300 times a second by default) until told to stop
+    or `made` holds `cap`: each makes one never-accepted socket in CLOSE_WAIT (the listener
+    never accepts)."""
+    while not stop.is_set() and len(made) < cap:
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            made.append(_name(c))
+        time.sleep(pause)
+
+
+@pytest.mark.host_only  # the session's order at start; the guests' tracer starts take 15 s
+def test_sockets_that_enter_close_wait_while_the_tracer_starts_are_all_counted() -> None:
+    """No gap at start: a socket that enters CLOSE_WAIT while the tracer seeds what was there
+    before it (between its sweep and the moment its programs act) is counted like any other."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        assert int(f.read()) >= 4096, "the never-accepting listener needs a backlog of 4096"
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4096)
+    port = lst.getsockname()[1]
+    made: list[str] = []
+    stop = threading.Event()
+    _churn(port, made, stop, cap=2000, pause=0)  # already there: more for the tracer to seed
+    t = Tracer(["--port", str(port), "--threshold", "1s", "--report-min", "100ms"])
+    t.start(wait=False)
+    churn = threading.Thread(target=_churn, args=(port, made, stop))
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not prog_ids_of(t.pid) and time.monotonic() < deadline and t.proc.poll() is None:
+            time.sleep(0.01)  # from the programs' load on: the seeding is after it
+        before = len(made)
+        churn.start()
+        t.wait_ready(START_TIMEOUT)
+        at_ready = len(made)
+        time.sleep(0.5)
+        stop.set()
+        churn.join()
+        assert at_ready > before, "no socket was made while the tracer started"
+        assert len(made) < 4000, "the churn's cap came before the tracer was ready"
+        t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["remote"] == made[-1],
+                   THRESHOLD + 10, what="the last socket's leak")
+        time.sleep(1.0)
+        seen = {r["connection"]["remote"] for r in t.of_port(port, "leak")}
+        missed = [name for name in made if name not in seen]
+        assert not missed, f"{len(missed)} of {len(made)} sockets not counted: {missed[:10]}"
+        assert len(t.of_port(port, "leak")) == len(made), "a socket was counted twice"
+    finally:
+        stop.set()
+        if churn.is_alive():
+            churn.join()
+        rc = t.stop()
+        lst.close()
+    assert rc == 0, "".join(t.stderr_lines)
 
 
 def test_pid_filter_excludes_other_process_and_sigterm_detaches_everything(

@@ -16,6 +16,7 @@ from closewait_trace.pipeline.enrichment import Enrichment, choose_listener, con
 from closewait_trace.facts.facts import Listener, ListenerHolder, Namespaces, NetnsSource, Process
 from closewait_trace.pipeline.join import Accepted, Connection, Direction, QueuedOn, Tracker
 from closewait_trace.outputs.record import FORMAT, FORMAT_VERSION, RecordingWorld, ReplayWorld
+from closewait_trace.world import CallOrder
 
 S = 1_000_000_000
 HOST, NS_A, NS_B = 4026531840, 4026532001, 4026532002
@@ -267,7 +268,7 @@ def test_new_facts_are_recorded_and_replayed() -> None:
     rec = RecordingWorld(live, out, options={}, info={})  # type: ignore[arg-type]
     asked = _ask_everything(rec)
     replay = ReplayWorld(io.StringIO(out.getvalue()), "mem")
-    assert replay.version == FORMAT_VERSION and replay.relooks_at_flag
+    assert replay.version == FORMAT_VERSION and replay.call_order == CallOrder()
     assert _ask_everything(replay) == asked
 
 
@@ -287,9 +288,11 @@ def test_a_format_1_recording_is_replayed_namespace_blind() -> None:
     assert replay.netns_of(5) is None and replay.container(5) is None
     assert replay.holders(_lst(0, 1)) == []
     assert not replay.finished()  # nothing was read
-    assert not replay.relooks_at_flag
-    v2 = json.dumps({"format": FORMAT, "version": 2, "options": {}, "info": {}})
-    assert not ReplayWorld(io.StringIO(v2 + "\n"), "v2.cwt").relooks_at_flag
+    assert replay.call_order == CallOrder(relook_at_flag=False, sweep_after_arm=False)
+    for version, order in ((2, CallOrder(False, False)), (3, CallOrder(True, False)),
+                           (4, CallOrder(True, True))):
+        head = json.dumps({"format": FORMAT, "version": version, "options": {}, "info": {}})
+        assert ReplayWorld(io.StringIO(head + "\n"), "v.cwt").call_order == order
 
 
 def test_lines_say_how_the_namespace_is_known() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Any
 
 import pytest
@@ -11,10 +12,11 @@ from closewait_trace.acceptwatch import DutyCycle
 from closewait_trace.facts.enrich import DiagSocket, TcpState
 from closewait_trace.kernel.decode import SockFlag, SockInfo
 from closewait_trace.pipeline.join import Accepted
+from closewait_trace.outputs.record import RecordingWorld, ReplayWorld
 from closewait_trace.outputs.render import View
 from closewait_trace.options import AcceptWatch, Options
-from closewait_trace.session import Session
-from closewait_trace.world import Counters, ProcessInfo
+from closewait_trace.session import Session, seedable
+from closewait_trace.world import CallOrder, Counters, ProcessInfo
 
 S = 1_000_000_000
 
@@ -211,3 +213,92 @@ def test_rechecks_take_turns_when_many_sockets_wait() -> None:
     for _ in range(16):  # three rechecks, 5 s apart
         _tick(session, world, 1.0)
     assert looked[:6] == [5000, 5001, 5002, 5000, 5001, 5002]
+
+
+class ArmOrderWorld(ScriptedWorld):
+    """Answers each sweep and each map read from its own script, and says for each whether
+    the programs were acting when it was asked."""
+
+    def __init__(self, sweeps: list[list[DiagSocket]], maps: list[list[SockInfo]]) -> None:
+        super().__init__()
+        self.sweeps, self.maps = sweeps, maps
+        self.armed = False
+        self.asked: list[tuple[str, bool]] = []
+
+    def arm(self) -> None: self.armed = True
+
+    def diag_close_wait(self, netns: int | None = None) -> list[Any]:
+        self.asked.append(("sweep", self.armed))
+        return self.sweeps.pop(0) if self.sweeps else list(self.diag)
+
+    def close_wait(self) -> list[SockInfo]:
+        self.asked.append(("map", self.armed))
+        return self.maps.pop(0) if self.maps else list(self.cw)
+
+
+def _swept(rport: int) -> DiagSocket:
+    return dataclasses.replace(_diag_row(0), rport=rport)
+
+
+def _entered(rport: int) -> SockInfo:
+    return dataclasses.replace(_never_accepted(100 * S), rport=rport, skaddr=rport)
+
+
+def _start_session(world: ScriptedWorld, order: CallOrder = CallOrder()) -> Session:
+    session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), NullRenderer(), world,
+                      {"backend": "tracepoint", "accept_watch": "auto"}, call_order=order)
+    session.start()
+    return session
+
+
+def test_the_sweep_at_start_comes_after_the_programs_act_and_seeds_only_what_was_there() -> None:
+    """5001 was there before the programs acted (both sweeps, not in the map); 5000 entered
+    CLOSE_WAIT after they acted (in the map); 5002 entered it during the first sweep and
+    left it before the map was read (the kernel reports its exit); 5003 entered it after the
+    map was read: the programs' too, so none but 5001 is seeded."""
+    world = ArmOrderWorld(sweeps=[[_swept(5000), _swept(5001), _swept(5002)],
+                                  [_swept(5000), _swept(5001), _swept(5003)]],
+                          maps=[[_entered(5000)]])
+    session = _start_session(world)
+    assert world.asked == [("sweep", True), ("map", True), ("sweep", True)]
+    assert [(c.rport, c.preexisting) for c in session.tracker.open.values()] == [(5001, True)]
+    world.cw = [_entered(5000), _entered(5003)]
+    _tick(session, world, 0.5)
+    assert sorted((c.rport, c.preexisting) for c in session.tracker.open.values()) == \
+        [(5000, False), (5001, True), (5003, False)]
+
+
+def test_a_recording_made_before_format_4_is_swept_once_before_the_programs_act() -> None:
+    world = ArmOrderWorld(sweeps=[[_swept(5001)]], maps=[])
+    session = _start_session(world, CallOrder(sweep_after_arm=False))
+    assert world.asked == [("sweep", False)] and world.armed
+    assert [c.rport for c in session.tracker.open.values()] == [5001]
+
+
+def test_a_format_4_start_is_replayed_as_it_ran() -> None:
+    sweeps = [[_swept(5000), _swept(5001)], [_swept(5000), _swept(5001)]]
+    world = ArmOrderWorld(sweeps=[list(x) for x in sweeps], maps=[[_entered(5000)]])
+    out = io.StringIO()
+    rec = RecordingWorld(world, out, options={}, info={})  # type: ignore[arg-type]
+    live = _start_session(rec)  # type: ignore[arg-type]
+    replay = ReplayWorld(io.StringIO(out.getvalue()), "mem")
+    again = _start_session(replay, replay.call_order)  # type: ignore[arg-type]
+    assert [c.rport for c in again.tracker.open.values()] == \
+        [c.rport for c in live.tracker.open.values()] == [5001]
+    assert replay.lineno == out.getvalue().count("\n")  # every line read, none left
+
+
+def test_seedable_matches_by_tuple_and_by_namespace_where_both_know_it() -> None:
+    held = [dataclasses.replace(_never_accepted(S), netns=7)]
+    rows = [_swept(5000), dataclasses.replace(_swept(5000), netns=7),
+            dataclasses.replace(_swept(5000), netns=8), _swept(5001)]
+    assert seedable(rows, held, rows) == [rows[2], rows[3]]
+    unknown_ns = [dataclasses.replace(held[0], netns=0)]
+    assert seedable(rows, unknown_ns, rows) == rows[3:]
+    not_in_cw = [dataclasses.replace(held[0], ts_cw_enter=0)]
+    assert seedable(rows, not_in_cw, rows) == rows
+    assert seedable(rows, [], rows[1:]) == rows[1:]  # gone by the second sweep: not seeded
+    v6 = dataclasses.replace(_swept(5000), family=10, laddr="fd00::1", raddr="fd00::2")
+    held6 = [dataclasses.replace(held[0], family=10, laddr="fd00:0::1", raddr="fd00::2",
+                                 netns=0)]
+    assert seedable([v6], held6, [v6]) == []
