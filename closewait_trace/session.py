@@ -64,7 +64,7 @@ def seedable(first: list[DiagSocket], held: list[SockInfo],
     def keep(d: DiagSocket) -> bool:
         key = _tuple(d.laddr, d.lport, d.raddr, d.rport)
         if (d.netns, *key) not in again:
-            return False  # left CLOSE_WAIT during the sweep: its exit is the kernel's
+            return False  # left CLOSE_WAIT during the sweeps
         found = nets.get(key)
         return found is None or not (d.netns is None or 0 in found or d.netns in found)
 
@@ -160,8 +160,11 @@ class Session:
     def _seed_close_wait(self, after_arm: bool) -> None:
         """Sockets in CLOSE_WAIT before the programs acted, each a Connection with an
         "at least" age. After they act: swept twice, the kernel's map read in between
-        (`seedable`). Not covered: a socket whose entry the kernel could not keep (a full
-        map, an owner over its room) is seeded too; it is counted lost already."""
+        (`seedable`). Not covered, within the few milliseconds of the sweeps: a socket there
+        before that leaves CLOSE_WAIT between the sweeps is not reported (neither its stay
+        nor its close); a socket entering CLOSE_WAIT whose entry the kernel could not keep
+        (a full map, an owner over its room; counted lost) is seeded as there before, and
+        is then never seen to close."""
         now = self._now
         self.enrichment.begin_tick(now)
         rows = self._swept_close_wait()

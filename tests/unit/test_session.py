@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from closewait_trace.acceptwatch import DutyCycle
-from closewait_trace.facts.enrich import DiagSocket, TcpState
+from closewait_trace.facts.enrich import DiagSocket, SocketOwner, TcpState
 from closewait_trace.kernel.decode import SockFlag, SockInfo
 from closewait_trace.pipeline.join import Accepted
 from closewait_trace.outputs.record import RecordingWorld, ReplayWorld
@@ -302,3 +302,20 @@ def test_seedable_matches_by_tuple_and_by_namespace_where_both_know_it() -> None
     held6 = [dataclasses.replace(held[0], family=10, laddr="fd00:0::1", raddr="fd00::2",
                                  netns=0)]
     assert seedable([v6], held6, [v6]) == []
+
+
+class FamilyWorld(ArmOrderWorld):
+    """pid 42 traced with -p; 43 its child; 44 another process. Each holds one socket."""
+
+    def descendants(self, pids: Any) -> list[int]: return [43] if 42 in pids else []
+
+    def owners(self, inode: int) -> list[Any]: return [SocketOwner(pid=inode, fd=3, comm="w")]
+
+
+def test_with_p_a_socket_its_child_holds_is_seeded_and_another_process_s_is_not() -> None:
+    rows = [dataclasses.replace(_swept(5000 + pid), inode=pid) for pid in (42, 43, 44)]
+    world = FamilyWorld(sweeps=[list(rows), list(rows)], maps=[[]])
+    session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5, pids=frozenset({42})),
+                      NullRenderer(), world, {"backend": "tracepoint", "accept_watch": "auto"})
+    session.start()
+    assert sorted(c.owner_pid for c in session.tracker.open.values()) == [42, 43]
