@@ -38,6 +38,14 @@ class TracerProcess:
     def __init__(self, argv: Sequence[str]) -> None:
         self.argv = list(argv)
         self._proc: subprocess.Popen[Any] | None = None
+        self._readers: list[threading.Thread] = []
+
+    def _read_in_background(self, *targets: Callable[[], None]) -> None:
+        """Threads that read its output to the end; stop() waits for them."""
+        for target in targets:
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            self._readers.append(thread)
 
     @property
     def proc(self) -> subprocess.Popen[Any]:
@@ -67,7 +75,11 @@ class TracerProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             rc = self._proc.wait()
-        time.sleep(0.3)  # let the reader threads drain
+        # Its last lines (the summary) may still be in the pipe: read them before returning.
+        # A grandchild holding the pipe open cannot keep the caller for more than 30 s.
+        deadline = time.monotonic() + 30
+        for thread in self._readers:
+            thread.join(max(0.0, deadline - time.monotonic()))
         return rc
 
 
@@ -92,8 +104,7 @@ class JsonTracer(TracerProcess):
     def start(self) -> JsonTracer:
         self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read_out, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
+        self._read_in_background(self._read_out, self._read_err)
         return self
 
     def _read_out(self) -> None:
@@ -185,7 +196,7 @@ class LiveTracer(TracerProcess):
                                       env=env, start_new_session=True)
         os.close(slave)
         self._master = master
-        threading.Thread(target=self._read, daemon=True).start()
+        self._read_in_background(self._read)
         return self
 
     def _read(self) -> None:
