@@ -133,11 +133,22 @@ def tracer() -> Iterator[Tracer]:
         t.stop()
 
 
-def test_twins_in_two_namespaces_are_told_apart_by_the_kernel(tracer: Tracer) -> None:
-    t = tracer
-    with twin_namespaces() as found:
-        kept = _leaks_in(t, found["kept"]["netns"])
-        never = _leaks_in(t, found["never"]["netns"])
+@pytest.fixture(scope="module")
+def cases(tracer: Tracer) -> Iterator[dict[str, Any]]:
+    """Both cases set up at once under the tracer, one after the other, and kept until the
+    module's end: their sockets wait out the threshold together, not one case after the
+    other."""
+    with contextlib.ExitStack() as stack:
+        twins = stack.enter_context(twin_namespaces())
+        reuseport = stack.enter_context(reuseport_namespace())
+        yield {"twins": twins, "reuseport": reuseport}
+
+
+def test_twins_in_two_namespaces_are_told_apart_by_the_kernel(
+        tracer: Tracer, cases: dict[str, Any]) -> None:
+    t, found = tracer, cases["twins"]
+    kept = _leaks_in(t, found["kept"]["netns"])
+    never = _leaks_in(t, found["never"]["netns"])
     print(json.dumps(kept[0], indent=1))  # one record, for the eye (-s)
     twins = [f"127.0.0.1:{p}" for p in CLIENT_PORTS]
     assert _remotes(kept) == _remotes(never) == twins
@@ -190,19 +201,28 @@ print(json.dumps(queued_on), flush=True)
 """
 
 
-def test_each_connection_names_the_reuseport_listener_it_is_queued_on(tracer: Tracer) -> None:
-    """Two processes, each with its own SO_REUSEPORT listener on one port, neither
-    accepting: the kernel spreads connections over both. Each never-accepted socket names
-    the listener it is queued on and that listener's holder (kprobe, fentry), or says its
-    listener is a candidate (tracepoint)."""
-    t = tracer
+@contextlib.contextmanager
+def reuseport_namespace() -> Iterator[dict[str, Any]]:
+    """Two processes in one namespace, each with its own SO_REUSEPORT listener on PORT,
+    neither accepting, and six connections the kernel spread over both, closed by the
+    client: the listeners' pids and inodes, the namespace, and which listener each client
+    address was queued on."""
     with ip_netns() as ns, _server(ns, "never-reuseport") as (_a, a), \
             _server(ns, "never-reuseport") as (_b, b):
         out = subprocess.run(_in_ns(ns, REUSEPORT_CLIENT, str(PORT), "6"), check=True,
                              capture_output=True, text=True, timeout=120).stdout
-        truth = {f"127.0.0.1:{p}": ino for p, ino in json.loads(out).items()}
-        holder = {a["listener"]: a["pid"], b["listener"]: b["pid"]}
-        leaks = _leaks_in(t, a["netns"], len(truth))
+        yield {"netns": a["netns"], "holder": {a["listener"]: a["pid"], b["listener"]: b["pid"]},
+               "truth": {f"127.0.0.1:{p}": ino for p, ino in json.loads(out).items()}}
+
+
+def test_each_connection_names_the_reuseport_listener_it_is_queued_on(
+        tracer: Tracer, cases: dict[str, Any]) -> None:
+    """Each never-accepted socket of the reuseport case names the listener it is queued on
+    and that listener's holder (kprobe, fentry), or says its listener is a candidate
+    (tracepoint)."""
+    t, case = tracer, cases["reuseport"]
+    truth, holder = case["truth"], case["holder"]
+    leaks = _leaks_in(t, case["netns"], len(truth))
     assert sorted(c["remote"] for c in leaks) == sorted(truth)
     for c in leaks:
         assert c["verdict"]["cause"] == "never-accepted", c

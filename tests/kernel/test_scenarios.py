@@ -54,15 +54,16 @@ class Run:
 
 
 #: After what a test waits for has come: long enough for one more leak to cross the threshold
-#: and be printed at the next tick, so that what should not come has had its chance.
-SETTLE = THRESHOLD + 1.0
+#: and be printed at the next tick, so that what should not come has had its chance. That is
+#: the tracer's clock, not a child's start-up: under emulation twice, not TIME_SCALE times.
+SETTLE = (THRESHOLD + 1.0) * min(TIME_SCALE, 2.0)
 
 
 def run_scenario(tracer: Tracer, name: str, limit: float,
                  until: Callable[[Run], bool]) -> Run:
     """Start scenario ``name``'s servers and clients, run it until ``until`` holds (at most
-    ``limit`` seconds), then SETTLE more (both scaled under emulation), and stop its
-    processes; the records are those printed meanwhile."""
+    ``limit`` seconds, scaled under emulation), then SETTLE more, and stop its processes; the
+    records are those printed meanwhile."""
     run = ScenarioRun(SCENARIOS[name])
     start = len(tracer.records)
     try:
@@ -72,7 +73,7 @@ def run_scenario(tracer: Tracer, name: str, limit: float,
         deadline = time.monotonic() + limit * TIME_SCALE
         while time.monotonic() < deadline and not until(Run(roles, tracer.records[start:])):
             time.sleep(0.2)
-        time.sleep(SETTLE * TIME_SCALE)
+        time.sleep(SETTLE)
         records = tracer.records[start:]
     finally:
         run.stop()
