@@ -166,12 +166,14 @@ class JsonTracer(TracerProcess):
     def wait_ready(self, timeout: float) -> Record:
         return self.wait_for(lambda r: r.get("type") == "ready", timeout, what="tracer ready")
 
-    def of_port(self, port: int, kind: str | None = None) -> list[Record]:
-        """The connection records with `port` at either end (of one type if given)."""
+    def of_port(self, port: int, kind: str | None = None, since: float = 0.0) -> list[Record]:
+        """The connection records with `port` at either end (of one type if given) that came
+        at or after `since` (time.monotonic(): a port the kernel chose may have been another
+        socket's earlier in the tracer's life)."""
         out = []
         for rec in self.records:
             conn = rec.get("connection")
-            if conn is None or (kind is not None and rec["type"] != kind):
+            if conn is None or (kind is not None and rec["type"] != kind) or rec["_t"] < since:
                 continue
             if conn["local"].endswith(f":{port}") or conn["remote"].endswith(f":{port}"):
                 out.append(rec)

@@ -73,21 +73,23 @@ fi
 # a .pth file. With --system-site-packages every Python process would also run the .pth hooks
 # of the machine's dist-packages (measured in the VM guests: 1.2 s a process under emulation).
 PY=/usr/bin/python3
-fresh_venv() {
+if [ ! -x .venv/bin/python ] || grep -qs "include-system-site-packages = true" .venv/pyvenv.cfg \
+    || ! grep -qsx "home = $(dirname "$PY")" .venv/pyvenv.cfg; then
   rm -rf .venv
   "$PY" -m venv .venv
+fi
+link_distro_bcc() {
   local bcc_dir purelib
-  bcc_dir="$("$PY" -c 'import bcc, os; print(os.path.dirname(bcc.__file__))')"
+  if ! bcc_dir="$("$PY" -c 'import bcc, os; print(os.path.dirname(bcc.__file__))' 2>/dev/null)"; then
+    echo "setup: $PY cannot import bcc: install python3-bpfcc (Debian/Ubuntu)" >&2
+    return 0
+  fi
   purelib="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
   mkdir -p .venv/distro
   ln -sfn "$bcc_dir" .venv/distro/bcc
   echo "$PWD/.venv/distro" > "$purelib/closewait-distro-bcc.pth"
 }
-if [ ! -x .venv/bin/python ] || grep -q "include-system-site-packages = true" .venv/pyvenv.cfg \
-    || ! .venv/bin/python -c 'import bcc' >/dev/null 2>&1; then
-  fresh_venv
-  rm -f .venv/.closewait-setup
-fi
+.venv/bin/python -c 'import bcc' >/dev/null 2>&1 || link_distro_bcc
 stamp=.venv/.closewait-setup
 want="$(cat pyproject.toml | sha1sum | cut -c1-12)-dev$dev-vm$vm"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

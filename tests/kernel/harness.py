@@ -71,6 +71,8 @@ class Server:
     backlog: int = 16
     proc: subprocess.Popen[str] | None = None
     port: int = 0
+    #: time.monotonic() at start: a shared tracer's records about this server come after it
+    started: float = 0.0
 
     @property
     def host(self) -> str:
@@ -82,6 +84,7 @@ class Server:
         return self.proc.pid
 
     def start(self) -> Server:
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "closewait_trace.workloads", "server",
              "6" if self.family == socket.AF_INET6 else "4",
@@ -95,6 +98,11 @@ class Server:
         assert line.startswith("PORT "), line
         self.port = int(line.split()[1])
         return self
+
+    def since_start(self, pred: Callable[[Record], bool]) -> Callable[[Record], bool]:
+        """``pred``, for the records that came after this server started (a port the kernel
+        chose may have been another socket's, earlier in a shared tracer's life)."""
+        return lambda r: r["_t"] >= self.started and pred(r)
 
     def connect(self) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout=5)

@@ -64,13 +64,13 @@ def _name(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _leak(tracer: Tracer, port: int, peer: str, timeout: float = THRESHOLD + 5) -> dict:
-    """The leak of the server's end (on `port`) of the connection from `peer` (the tracer
+def _leak(tracer: Tracer, srv: Server, peer: str, timeout: float = THRESHOLD + 5) -> dict:
+    """The leak of the server's end (on its port) of the connection from `peer` (the tracer
     sees the whole host: another socket may have had that local port before)."""
-    rec = tracer.wait_for(
-        lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(f":{port}")
-        and r["connection"]["remote"] == peer,
-        timeout, what=f"leak on port {port} from {peer}")
+    rec = tracer.wait_for(srv.since_start(
+        lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(f":{srv.port}")
+        and r["connection"]["remote"] == peer),
+        timeout, what=f"leak on port {srv.port} from {peer}")
     return rec["connection"]
 
 
@@ -93,8 +93,8 @@ def test_accept_watch_attaches_only_when_needed(tracer: Tracer, servers: list[Se
     srv = _start(servers, accept=False)
     c = srv.connect()
     c.close()
-    tracer.wait_for(lambda r: r["type"] == "open"
-                    and r["connection"]["local"].endswith(f":{srv.port}"), 5, what="open")
+    tracer.wait_for(srv.since_start(lambda r: r["type"] == "open"
+                    and r["connection"]["local"].endswith(f":{srv.port}")), 5, what="open")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(prog_ids_of(tracer.proc.pid)) == len(before):
         time.sleep(0.1)
@@ -106,10 +106,12 @@ def test_a_listener_on_a_port_the_kernel_chose_is_seen_to_end_on_that_port(
     """Closing a listener releases its port before the state change is traced (skc_num is 0
     by then): its end must still name the port, or the kernel's listener map keeps it."""
     srv = _start(servers, accept=False)  # bound to port 0: the kernel picks the port
-    tracer.wait_for(lambda r: r["type"] == "listen" and r["port"] == srv.port, 5, what="listen")
+    tracer.wait_for(srv.since_start(lambda r: r["type"] == "listen" and r["port"] == srv.port),
+                    5, what="listen")
     srv.stop()
-    end = tracer.wait_for(lambda r: r["type"] == "unlisten" and r["port"] == srv.port, 5,
-                          what=f"unlisten of port {srv.port}")
+    end = tracer.wait_for(srv.since_start(
+        lambda r: r["type"] == "unlisten" and r["port"] == srv.port), 5,
+        what=f"unlisten of port {srv.port}")
     assert end["pid"] == srv.pid
 
 
@@ -120,6 +122,7 @@ def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer
     """A pre-fork or thread-pool server has many threads blocked in accept() at once: the
     kprobe backend's kretprobe must have room for all of them (else returns are dropped and
     the kernel never hears of those accepts), and fentry has no such limit."""
+    mark = time.monotonic()  # the module's tracer may have seen this port before
     srv = socket.create_server(("127.0.0.1", 0), backlog=64)
     port = srv.getsockname()[1]
     accepted: list[socket.socket] = []
@@ -137,7 +140,8 @@ def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer
             c.close()  # each accepted socket enters CLOSE_WAIT
         opened: dict[str, dict] = {}
         def all_open(r: dict) -> bool:
-            if r["type"] == "open" and r["connection"]["local"].endswith(f":{port}"):
+            if r["type"] == "open" and r["connection"]["local"].endswith(f":{port}") \
+                    and r["_t"] >= mark:
                 opened[r["connection"]["id"]] = r["connection"]
             return len(opened) == BLOCKED_ACCEPTS
         tracer.wait_for(all_open, 10, what=f"{BLOCKED_ACCEPTS} sockets in CLOSE_WAIT")
@@ -166,7 +170,7 @@ def test_never_accepted_is_flagged_with_listener_owner(tracer: Tracer, servers: 
     peer = _name(c)
     c.sendall(b"hello")
     c.close()
-    conn = _leak(tracer, srv.port, peer)
+    conn = _leak(tracer, srv, peer)
     assert conn["accepted"] == "no"
     assert conn["direction"] == "inbound"
     assert conn["pid"] == srv.pid
@@ -180,7 +184,7 @@ def test_never_accepted_ipv6(tracer: Tracer, servers: list[Server]) -> None:
     c = srv.connect()
     peer = _name(c)
     c.close()
-    conn = _leak(tracer, srv.port, peer)
+    conn = _leak(tracer, srv, peer)
     assert conn["family"] == "ipv6"
     assert conn["local"] == f"[::1]:{srv.port}"
     assert conn["accepted"] == "no"
@@ -193,7 +197,7 @@ def test_accepted_never_closed_is_flagged_with_fd(tracer: Tracer, servers: list[
     peer = _name(c)
     srv.wait_accepted()  # before the FIN arrives
     c.close()
-    conn = _leak(tracer, srv.port, peer)
+    conn = _leak(tracer, srv, peer)
     assert conn["accepted"] == "yes", conn
     assert conn["accepted_after_fin"] is False, conn
     assert conn["pid"] == srv.pid
@@ -202,7 +206,7 @@ def test_accepted_never_closed_is_flagged_with_fd(tracer: Tracer, servers: list[
     deadline = time.monotonic() + 5
     while conn["fd"] is None and time.monotonic() < deadline:
         time.sleep(0.5)
-        recs = tracer.of_port(srv.port)
+        recs = tracer.of_port(srv.port, since=srv.started)
         conn = recs[-1]["connection"]
     assert conn["inode"] and conn["inode"] > 0
 
@@ -214,8 +218,8 @@ def test_normal_close_is_not_flagged(tracer: Tracer, servers: list[Server]) -> N
         c.sendall(b"x")
         c.close()
     time.sleep(THRESHOLD + 1.5)
-    assert tracer.of_port(srv.port, "leak") == []
-    assert tracer.of_port(srv.port, "open") == []
+    assert tracer.of_port(srv.port, "leak", since=srv.started) == []
+    assert tracer.of_port(srv.port, "open", since=srv.started) == []
 
 
 def test_close_one_second_after_fin_is_timed_within_50ms(
@@ -225,8 +229,8 @@ def test_close_one_second_after_fin_is_timed_within_50ms(
     c = srv.connect()
     srv.wait_accepted()
     c.close()
-    rec = tracer.wait_for(
-        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}"),
+    rec = tracer.wait_for(srv.since_start(
+        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}")),
         10, what="close record")
     conn = rec["connection"]
     assert abs(conn["cw_age_s"] - 1.0) <= 0.05, conn
@@ -243,7 +247,7 @@ def test_flag_is_raised_within_threshold_plus_one_second(
     c = srv.connect()
     peer = _name(c)
     c.close()
-    conn = _leak(tracer, srv.port, peer)
+    conn = _leak(tracer, srv, peer)
     # The age at the moment of the flag is measured by the tracer from the kernel's timestamp
     # of the FIN, so the test process's own scheduling does not count.
     assert THRESHOLD <= conn["cw_age_s"] <= THRESHOLD + 1.0, conn
@@ -254,8 +258,8 @@ def test_outbound_close_wait_is_reported(tracer: Tracer, servers: list[Server]) 
     srv = _start(servers, accept=True, close_after=-1)
     c = srv.connect()
     try:
-        rec = tracer.wait_for(
-            lambda r: r["type"] == "leak" and r["connection"]["remote"].endswith(f":{srv.port}"),
+        rec = tracer.wait_for(srv.since_start(
+            lambda r: r["type"] == "leak" and r["connection"]["remote"].endswith(f":{srv.port}")),
             THRESHOLD + 5, what="outbound leak")
         conn = rec["connection"]
         assert conn["direction"] == "outbound"
@@ -276,8 +280,8 @@ def test_reset_while_in_close_wait_is_reported_as_reset(
     time.sleep(0.5)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()  # RST
-    rec = tracer.wait_for(
-        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}"),
+    rec = tracer.wait_for(srv.since_start(
+        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}")),
         10, what="close after reset")
     assert rec["connection"]["exit"] == "reset"
     assert 0.4 <= rec["connection"]["cw_age_s"] <= 1.5
@@ -291,9 +295,10 @@ def test_listener_closed_with_queued_children(tracer: Tracer, servers: list[Serv
     time.sleep(0.5)
     srv.stop()  # the process exits: its listener closes, the queued children go with it
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(tracer.of_port(srv.port, "close")) < 3:
+    while time.monotonic() < deadline and len(tracer.of_port(srv.port, "close",
+                                                             since=srv.started)) < 3:
         time.sleep(0.2)
-    closes = tracer.of_port(srv.port, "close")
+    closes = tracer.of_port(srv.port, "close", since=srv.started)
     assert len(closes) == 3
     assert {r["connection"]["exit"] for r in closes} == {"listener-closed"}
     assert {r["connection"]["accepted"] for r in closes} == {"no"}

@@ -119,6 +119,33 @@ def _remotes(conns: list[dict[str, Any]]) -> list[str]:
     return sorted(c["remote"] for c in conns)
 
 
+@pytest.mark.host_only
+def test_the_netns_filter_is_applied_in_the_kernel() -> None:
+    """(First in the module: the two cases below keep their namespaces until its end.)
+    --netns keeps one namespace's sockets, and the kernel reports no other (its counter of
+    reported sockets counts only those); the userspace filter behind it is not what keeps
+    them out."""
+    with ip_netns() as probe_ns:  # the inode is needed before the tracer starts
+        inode = int(subprocess.run(_in_ns(probe_ns, "import os; print(os.stat("
+                                          "'/proc/self/ns/net').st_ino)"),
+                                   capture_output=True, text=True, check=True).stdout)
+        t = Tracer(["--netns", f"/run/netns/{probe_ns}", "--threshold", "1s",
+                    "--report-min", "100ms"]).start()
+        try:
+            with ip_netns() as other_ns, _server(probe_ns, "never"), _server(other_ns, "never"):
+                _connect_and_close(other_ns)
+                _connect_and_close(probe_ns)
+                mine = _leaks_in(t, inode)
+        finally:
+            t.stop()
+    summary = next(r for r in t.records if r["type"] == "summary")
+    conns = [r["connection"] for r in t.records if "connection" in r]
+    assert _remotes(mine) == [f"127.0.0.1:{p}" for p in CLIENT_PORTS]
+    assert {c["netns"] for c in conns} == {inode}
+    assert summary["cw_entered"] >= 2 * len(CLIENT_PORTS), summary
+    assert summary["cw_reported"] == len(CLIENT_PORTS), summary
+
+
 @pytest.fixture(scope="module")
 def tracer() -> Iterator[Tracer]:
     """One tracer for the tests of both namespaces cases (a start costs a minute or more
@@ -232,29 +259,3 @@ def test_each_connection_names_the_reuseport_listener_it_is_queued_on(
             assert c["listener"]["why"] == f"the listener the kernel queued it on (inode {ino})"
         else:
             assert "SO_REUSEPORT" in c["listener"]["why"], c
-
-
-@pytest.mark.host_only
-def test_the_netns_filter_is_applied_in_the_kernel() -> None:
-    """--netns keeps one namespace's sockets, and the kernel reports no other (its counter of
-    reported sockets counts only those); the userspace filter behind it is not what keeps
-    them out."""
-    with ip_netns() as probe_ns:  # the inode is needed before the tracer starts
-        inode = int(subprocess.run(_in_ns(probe_ns, "import os; print(os.stat("
-                                          "'/proc/self/ns/net').st_ino)"),
-                                   capture_output=True, text=True, check=True).stdout)
-        t = Tracer(["--netns", f"/run/netns/{probe_ns}", "--threshold", "1s",
-                    "--report-min", "100ms"]).start()
-        try:
-            with ip_netns() as other_ns, _server(probe_ns, "never"), _server(other_ns, "never"):
-                _connect_and_close(other_ns)
-                _connect_and_close(probe_ns)
-                mine = _leaks_in(t, inode)
-        finally:
-            t.stop()
-    summary = next(r for r in t.records if r["type"] == "summary")
-    conns = [r["connection"] for r in t.records if "connection" in r]
-    assert _remotes(mine) == [f"127.0.0.1:{p}" for p in CLIENT_PORTS]
-    assert {c["netns"] for c in conns} == {inode}
-    assert summary["cw_entered"] >= 2 * len(CLIENT_PORTS), summary
-    assert summary["cw_reported"] == len(CLIENT_PORTS), summary

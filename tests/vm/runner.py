@@ -15,7 +15,7 @@ links the kernel's header directories into the guest's /usr/src (a guest-only ov
 tracer in the guest finds the running kernel's own headers as on an installed system, and
 merges them on the host beforehand into the tracer's header cache, which the guest reads.
 
-Setup (once, idempotent): ``scripts/setup.sh --vm``.
+Setup (once, idempotent): ``scripts/setup.sh --vm --vm-extra``.
 
 Usage::
 
