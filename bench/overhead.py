@@ -520,7 +520,7 @@ def _short(path: str) -> str:
 DEFAULT_CONFIGS = ("none", "closewait", "closewait-timeline", "floor", "tcpstates", "tcplife")
 # Also available with --only: the timeline of *every* socket (meant for use with filters).
 ALL_CONFIGS = (*DEFAULT_CONFIGS, "closewait-timeline-all", "closewait-while-needed",
-               "closewait-classic", "floor-raw", "empty", "empty-raw")
+               "closewait-classic", "floor-raw", "floor-cw", "empty", "empty-raw")
 # closewait configurations with more options: name -> (the option they need, its arguments)
 CLOSEWAIT_VARIANTS = {
     "closewait-timeline": ("--timeline", ["--timeline"]),
@@ -529,8 +529,8 @@ CLOSEWAIT_VARIANTS = {
     "closewait-while-needed": ("--accept-watch", ["--accept-watch", "while-needed"]),
 }
 # bench.floor's configurations: name -> its arguments.
-FLOOR_CONFIGS = {"floor": (), "floor-raw": ("--raw",), "empty": ("--empty",),
-                 "empty-raw": ("--empty", "--raw")}
+FLOOR_CONFIGS = {"floor": (), "floor-raw": ("--raw",), "floor-cw": ("--cw-only", "--raw"),
+                 "empty": ("--empty",), "empty-raw": ("--empty", "--raw")}
 
 
 def find_closewait(explicit: str | None) -> str | None:

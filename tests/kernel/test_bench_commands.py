@@ -29,10 +29,11 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
         kernel_skip("nginx and wrk are missing: run scripts/setup.sh --dev")
     out = tmp_path / "overhead.md"
-    r = _run(["bench.overhead", "--quick", "--only", "none,closewait,floor", "-o", str(out)], 600)
+    r = _run(["bench.overhead", "--quick", "--only", "none,closewait,floor,floor-cw", "-o",
+              str(out)], 600)
     assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a target missed, said in the report
     text = out.read_text()
-    for config in ("none", "closewait", "floor"):
+    for config in ("none", "closewait", "floor", "floor-cw"):
         assert re.search(rf"^\| {config} \| [0-9,]+ ", text, re.M), text
     # closewait-trace ran, saw the load's CLOSE_WAIT sockets (every connection's client side)
     # and lost nothing.
@@ -40,6 +41,22 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     conn_s, lost, cw_seen = (int(run[h].replace(",", "")) for h in ("conn/s", "events lost",
                                                                       "CW seen"))
     assert lost == 0 and conn_s > 0 and cw_seen > conn_s, run
+
+
+def test_memory_command_reports_each_stage() -> None:
+    """bench.memory loads the real programs and says what each start-up stage holds."""
+    import json
+
+    r = _run(["bench.memory"], 300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    stages = report["kB"]
+    assert list(stages) == ["python", "imports", "loaded"], report
+    for mem in stages.values():
+        assert set(mem) == {"VmRSS", "VmHWM", "RssAnon", "RssFile"}, report
+        assert 0 < mem["RssAnon"] + mem["RssFile"] <= mem["VmRSS"] <= mem["VmHWM"], report
+    # the compiler's library is mapped by the imports, and the load adds to what they hold
+    assert stages["loaded"]["VmHWM"] > stages["imports"]["VmRSS"] > stages["python"]["VmRSS"]
 
 
 def _per_run_row(report: str, config: str) -> dict[str, str]:
