@@ -227,6 +227,16 @@ def _compile(
     )
 
 
+def release_compiler_heap() -> None:
+    """Give the system back the heap BCC's compiler freed. glibc keeps freed memory for reuse,
+    and after the compile the process would otherwise hold it for its whole life (measured on
+    6.18: 77 MB of anonymous memory after the load, 48 MB after this). Nothing to do where the
+    C library has no malloc_trim (musl)."""
+    trim = getattr(ct.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def _kprobe_profile() -> Path | None:
     root = tracefs_root()
     return root / "kprobe_profile" if root is not None else None
@@ -317,6 +327,7 @@ class Probes:
                 notices.append(choice.notice)
         bpf, chosen = _compile(bpf_source(src_dir), settings.cflags(src_dir) + fields.cflags(),
                                list(headers), notices, on_compile)
+        release_compiler_heap()
         probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices,
                      kernel_fields=fields)
         try:
