@@ -10,12 +10,13 @@ struct sock pointer and the states, and the kernel skips filling the tracepoint'
 a real tracer would then have to read the addresses from struct sock itself). Config
 `floor-raw` of the benchmark, not run by default: it measures what that would save.
 
-With --cw-only (config `floor-cw`, with --raw), the least a CLOSE_WAIT timer can keep: one entry
-per stay, inserted when the peer's FIN arrives and looked up (for its entry time) and deleted
-when the socket leaves CLOSE_WAIT; every other transition returns at once. It bounds a design
-that keeps no per-socket state until CLOSE_WAIT (issue 12): on a workload where every
-connection passes through CLOSE_WAIT (the benchmark's client side does), it still pays one
-insert and one delete per connection.
+With --cw-only (config `floor-cw`, with --raw), a hash-map CLOSE_WAIT timer reduced to its
+core: one entry per stay, inserted when the peer's FIN arrives and looked up (for its entry
+time) and deleted when the socket leaves CLOSE_WAIT; every other transition returns at once,
+and the protocol is not checked. It bounds from below a hash-map design that keeps no
+per-socket state until CLOSE_WAIT (issue 12): on a workload where every connection passes
+through CLOSE_WAIT (the benchmark's client side does), it still pays one insert and one
+delete per connection.
 
 With --empty, the program returns at once (no map, no work): configs `empty` (tracepoint) and
 `empty-raw` (--empty --raw) measure what merely attaching to the tracepoint costs, the limit

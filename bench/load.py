@@ -137,6 +137,17 @@ Result = tuple[dict[str, Any], list[str]]
 Option = tuple[str, type[int] | type[float], float, str]
 
 
+def status_kb(pid: int, key: str) -> int | None:
+    """One figure (kB) of /proc/PID/status, such as VmRSS or VmHWM; None if not there."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def run_command(name: str, doc: str | None, options: Sequence[Option],
                 argv: Sequence[str] | None, run: Callable[[argparse.Namespace], Result],
                 report: Callable[[dict[str, Any], list[str], Sequence[str]], str]) -> int:

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from bench.load import status_kb
+
 if TYPE_CHECKING:
     from bench.load import Role
 
@@ -157,16 +159,6 @@ def tree_cpu_s(pid: int) -> float:
         # after the comm: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
         total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return total / CLK_TCK
-
-
-def status_kb(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _tree_status_mb(pid: int, key: str) -> float | None:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .load import SCALE_SYSCTLS, Option, Role, Sysctls, find_closewait, run_command
+from .load import SCALE_SYSCTLS, Option, Role, Sysctls, find_closewait, run_command, status_kb
 from .tracer import JsonTracer, LiveTracer
 
 
@@ -41,16 +41,6 @@ OPTIONS: tuple[Option, ...] = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command("scale", __doc__, OPTIONS, argv, run, report)
-
-
-def status_kb(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def bpf_map_bytes(pid: int) -> int:

@@ -25,8 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .load import Option, Role, find_closewait, run_command
-from .scale import status_kb
+from .load import Option, Role, find_closewait, run_command, status_kb
 from .tracer import JsonTracer
 
 

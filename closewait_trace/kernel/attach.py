@@ -233,8 +233,11 @@ def release_compiler_heap() -> None:
     6.18: 77 MB of anonymous memory after the load, 48 MB after this). Nothing to do where the
     C library has no malloc_trim (musl)."""
     trim = getattr(ct.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    if trim is None:
+        return
+    trim.argtypes = [ct.c_size_t]
+    trim.restype = ct.c_int
+    trim(0)
 
 
 def _kprobe_profile() -> Path | None:

@@ -1,6 +1,7 @@
 """The measurement commands still work: short versions of the overhead benchmark, the scale
-run and the soak, each judged by its own exit code and report (their figures are results,
-not assertions: they depend on the machine). Host only: they need nginx, wrk and time."""
+run and the soak, and the start-up memory report, each judged by its own exit code and report
+(their figures are results, not assertions: they depend on the machine). Host only: they need
+nginx, wrk and time."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
 
 
 def test_memory_command_reports_each_stage() -> None:
-    """bench.memory loads the real programs and says what each start-up stage holds."""
+    """bench.memory starts the real programs and reports the memory after each stage (its
+    figures are results, not assertions)."""
     import json
 
     r = _run(["bench.memory"], 300)
@@ -52,11 +54,11 @@ def test_memory_command_reports_each_stage() -> None:
     report = json.loads(r.stdout.strip().splitlines()[-1])
     stages = report["kB"]
     assert list(stages) == ["python", "imports", "loaded"], report
-    for mem in stages.values():
-        assert set(mem) == {"VmRSS", "VmHWM", "RssAnon", "RssFile"}, report
-        assert 0 < mem["RssAnon"] + mem["RssFile"] <= mem["VmRSS"] <= mem["VmHWM"], report
-    # the compiler's library is mapped by the imports, and the load adds to what they hold
-    assert stages["loaded"]["VmHWM"] > stages["imports"]["VmRSS"] > stages["python"]["VmRSS"]
+    assert all(set(mem) == {"VmRSS", "VmHWM", "RssAnon", "RssFile"} and mem["RssFile"] > 0
+               for mem in stages.values()), report
+    # loading BCC and then the programs made the process bigger each time
+    assert stages["loaded"]["VmHWM"] > stages["imports"]["VmHWM"] > stages["python"]["VmHWM"], \
+        report
 
 
 def _per_run_row(report: str, config: str) -> dict[str, str]:
