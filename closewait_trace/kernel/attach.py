@@ -28,6 +28,7 @@ from ..errors import BccMissingError, BpfLoadError, KernelHeadersError, Privileg
 from .features import Backend, EventPath, choose_event_path, ringbuf_probe, tracefs_root
 from .headers import HeaderCandidate
 from .kfields import CLASSIC_TRACEPOINT_ENV, KernelFields, resolve_kernel_fields
+from .release import release_compiler_memory
 from .skips import SkipCounter, misses_by_program
 from ..facts.netns import own_netns_inode
 from ..options import DEFAULT_MAX_CW, DEFAULT_MAX_SOCKS, DEFAULT_REPORT_MIN_NS
@@ -227,19 +228,6 @@ def _compile(
     )
 
 
-def release_compiler_heap() -> None:
-    """Give the system back the heap BCC's compiler freed. glibc keeps freed memory for reuse,
-    and after the compile the process would otherwise hold it for its whole life (measured on
-    6.18: 77 MB of anonymous memory after the load, 48 MB after this). Nothing to do where the
-    C library has no malloc_trim (musl)."""
-    trim = getattr(ct.CDLL(None), "malloc_trim", None)
-    if trim is None:
-        return
-    trim.argtypes = [ct.c_size_t]
-    trim.restype = ct.c_int
-    trim(0)
-
-
 def _kprobe_profile() -> Path | None:
     root = tracefs_root()
     return root / "kprobe_profile" if root is not None else None
@@ -330,7 +318,7 @@ class Probes:
                 notices.append(choice.notice)
         bpf, chosen = _compile(bpf_source(src_dir), settings.cflags(src_dir) + fields.cflags(),
                                list(headers), notices, on_compile)
-        release_compiler_heap()
+        release_compiler_memory()
         probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices,
                      kernel_fields=fields)
         try:
