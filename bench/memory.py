@@ -1,5 +1,6 @@
 """Where closewait-trace's memory goes at start-up: the process's resident memory after each
-stage (Python alone, the imports with BCC's library, compile + load + attach), split into
+stage (Python alone, the imports with BCC's library, the tracer's start: compile, load,
+attach, configure, and what the compile left given back: kernel/release.py), split into
 anonymous memory (the process's own heap) and file-backed pages (the mapped libraries: BCC's
 with its compiler, Python's, libc; the kernel can reclaim them).
 

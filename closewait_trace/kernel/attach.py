@@ -318,7 +318,6 @@ class Probes:
                 notices.append(choice.notice)
         bpf, chosen = _compile(bpf_source(src_dir), settings.cflags(src_dir) + fields.cflags(),
                                list(headers), notices, on_compile)
-        release_compiler_memory()
         probes = cls(bpf=bpf, settings=settings, header=chosen, notices=notices,
                      kernel_fields=fields)
         try:
@@ -329,6 +328,7 @@ class Probes:
         except BaseException:
             probes.close()
             raise
+        release_compiler_memory()
         return probes
 
     SYSCALL_ENTERS = (b"syscalls:sys_enter_accept4", b"syscalls:sys_enter_accept")

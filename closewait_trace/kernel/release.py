@@ -1,8 +1,10 @@
 """What the compile leaves behind in the long-running process, given back once the programs
-are loaded: the heap BCC's compiler freed, and the resident pages of the compiler's libraries.
+are loaded, attached and configured: the heap BCC's compiler freed, and the resident pages of
+the compiler's libraries.
 
-Neither is needed again: the tracer compiles once, at start. Both are only advice to the C
-library and the kernel; nothing here can fail the start.
+The tracer compiles once, at start: the compiler's code is not run again (BCC's own runtime in
+libbcc, its map and ring buffer calls, is touched again and comes back a page at a time). Both
+are only advice to the C library and the kernel; nothing here can fail the start.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ class Mapping:
 
 
 def compiler_mappings(maps_text: str) -> list[Mapping]:
-    """The mappings of the compiler libraries in a /proc/PID/maps text that the kernel can
-    reclaim without losing anything: read-only or executable pages of the file (a writable
-    private mapping holds the library's data, copied on write: out of it, it would go to
-    swap, or nowhere without swap)."""
-    found = []
+    """The mappings of the compiler libraries in a /proc/PID/maps text whose pages the kernel
+    can reclaim and read back from the file: read-only or executable ones. A writable private
+    mapping holds the library's data, copied on write, which could only go to swap; so do the
+    pages of a read-only one written during relocation (RELRO), which the kernel leaves in
+    place without swap."""
+    found: list[Mapping] = []
     for line in maps_text.splitlines():
         m = _MAPS_LINE.match(line)
         if not m or not COMPILER_LIBRARIES.search(m.group(4)) or "w" in m.group(3):
@@ -63,8 +66,10 @@ def release_compiler_heap() -> None:
 def release_compiler_pages() -> int:
     """Ask the kernel to reclaim the resident pages of the compiler's libraries (their code
     and constants, read from the files again if ever touched). Returns how many mappings it
-    took the advice for: 0 on kernels before 5.4 and where /proc is not readable. Pages other
-    processes map too are left (the kernel skips them)."""
+    took the advice for: 0 on kernels before 5.4 and where /proc is not readable. The kernel
+    leaves pages other processes map too, and every page of a library file the process could
+    not write (a tracer that runs as another user than the files' owner, without
+    CAP_FOWNER) while still saying yes."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             maps = compiler_mappings(f.read())
@@ -78,8 +83,8 @@ def release_compiler_pages() -> int:
     for m in maps:
         if madvise(m.start, m.end - m.start, MADV_PAGEOUT) == 0:
             done += 1
-        elif ct.get_errno() == errno.EINVAL:
-            break  # a kernel before 5.4: no mapping will take it
+        elif ct.get_errno() == errno.EINVAL and done == 0:
+            break  # a kernel before 5.4 (later, EINVAL is a locked or special mapping)
     return done
 
 
