@@ -120,6 +120,22 @@ static __always_inline int peer_of(struct cw_sockaddr *sa, struct cw_peer *peer)
     return 0;
 }
 
+/* accept() grafts the socket it returns onto a struct socket (sock_graft); a socket still in
+ * an accept queue has none. Two queued sockets of one namespace share a peer address when a
+ * client uses one port towards two listening ports, and the pending map then holds the later
+ * of them: a match is taken only for a socket accept() has grafted. 1 where the offset of
+ * sk_socket is not known (then such a pair can be mismatched). */
+static __always_inline int grafted(u64 sk)
+{
+#ifdef CW_HAVE_LISTENER_LINK
+    u64 sock = 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), (char *)sk + CW_OFF_SOCK_SOCKET);
+    return sock != 0;
+#else
+    return 1;
+#endif
+}
+
 int cwt_sys_enter_accept(struct cw_sys_enter_accept *ctx)
 {
     u64 upeer = ctx->upeer_sockaddr;
@@ -147,7 +163,7 @@ int cwt_sys_exit_accept(struct cw_sys_exit *ctx)
         return 0;
     peer.netns = task_netns();
     u64 *skp = pending.lookup(&peer);
-    if (!skp) {
+    if (!skp || !grafted(*skp)) {
         stat_inc(CW_STAT_ACCEPT_UNMATCHED);
         return 0;
     }

@@ -47,7 +47,8 @@ KERNEL_FIELDS: tuple[KernelField, ...] = (
     KernelField("TASK_NSPROXY", "task_struct", "nsproxy", 8, "netns"),
     KernelField("NSPROXY_NET", "nsproxy", "net_ns", 8, "netns"),
     # The listener a child is queued on (issue 10), by the inode userspace finds it by:
-    # listener->sk_socket->file->f_inode->i_ino.
+    # listener->sk_socket->file->f_inode->i_ino. sk_socket alone also tells the tracepoint
+    # backend's accept match a socket accept() returned (grafted) from one still queued.
     KernelField("SOCK_SOCKET", "sock", "sk_socket", 8, "listener-link"),
     KernelField("SOCKET_FILE", "socket", "file", 8, "listener-link"),
     KernelField("FILE_INODE", "file", "f_inode", 8, "listener-link"),
