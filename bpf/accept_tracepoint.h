@@ -39,6 +39,25 @@ static __always_inline void add_pending(u64 sk, struct cw_sock *s)
     s->flags |= CW_F_PENDING;
 }
 
+/* accept() grafts the socket it returns onto a struct socket (sock_graft); a socket still in
+ * an accept queue has none (every child is cloned with none). Two queued sockets of one
+ * namespace share a peer address when a client uses one port towards two listening ports,
+ * and the pending map then holds the later of them: a match is taken only for a socket
+ * accept() has grafted, and a grafted socket is never made pending. Not proven: that the
+ * grafted socket is the one this accept() returned (another thread may have accepted it
+ * meanwhile), which would need the new fd's file. `unknown` where the offset of sk_socket is
+ * not known (then such a pair can be mismatched). */
+static __always_inline int grafted(u64 sk, int unknown)
+{
+#ifdef CW_HAVE_LISTENER_LINK
+    u64 sock = 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), (char *)sk + CW_OFF_SOCK_SOCKET);
+    return sock != 0;
+#else
+    return unknown;
+#endif
+}
+
 static __always_inline int awaits_accept(struct cw_config *cfg, struct cw_sock *s)
 {
     return cfg->accept_watch && (s->flags & CW_F_PASSIVE) && !(s->flags & CW_F_ACCEPTED);
@@ -55,7 +74,9 @@ static __always_inline int backend_wants(struct cw_config *cfg, int oldstate, in
 /* Established before the accept watch began: matchable from now on. */
 static __always_inline void backend_cw_enter(struct cw_ctx *c, struct cw_sock *s)
 {
-    if (awaits_accept(c->cfg, s))
+    /* grafted: accepted while no watch (or a mismatched one) saw it; its entry would take
+     * the key of a socket still queued with the same peer */
+    if (awaits_accept(c->cfg, s) && !grafted(c->sk, 0))
         add_pending(c->sk, s);
 }
 
@@ -120,22 +141,6 @@ static __always_inline int peer_of(struct cw_sockaddr *sa, struct cw_peer *peer)
     return 0;
 }
 
-/* accept() grafts the socket it returns onto a struct socket (sock_graft); a socket still in
- * an accept queue has none. Two queued sockets of one namespace share a peer address when a
- * client uses one port towards two listening ports, and the pending map then holds the later
- * of them: a match is taken only for a socket accept() has grafted. 1 where the offset of
- * sk_socket is not known (then such a pair can be mismatched). */
-static __always_inline int grafted(u64 sk)
-{
-#ifdef CW_HAVE_LISTENER_LINK
-    u64 sock = 0;
-    bpf_probe_read_kernel(&sock, sizeof(sock), (char *)sk + CW_OFF_SOCK_SOCKET);
-    return sock != 0;
-#else
-    return 1;
-#endif
-}
-
 int cwt_sys_enter_accept(struct cw_sys_enter_accept *ctx)
 {
     u64 upeer = ctx->upeer_sockaddr;
@@ -163,7 +168,7 @@ int cwt_sys_exit_accept(struct cw_sys_exit *ctx)
         return 0;
     peer.netns = task_netns();
     u64 *skp = pending.lookup(&peer);
-    if (!skp || !grafted(*skp)) {
+    if (!skp || !grafted(*skp, 1)) {
         stat_inc(CW_STAT_ACCEPT_UNMATCHED);
         return 0;
     }

@@ -84,4 +84,3 @@ def test_a_long_incident_is_sampled_and_a_late_accept_is_still_seen() -> None:
         srv.close()
         rc = tracer.stop()
     assert rc == 0, "".join(tracer.stderr_lines)
-
