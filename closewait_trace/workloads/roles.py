@@ -220,18 +220,28 @@ def role_forgetful_server() -> None:
         _serve_in_thread(handler, conn)
 
 
-def role_et_server(limit: int, first_poll_delay: float) -> None:
+def _accept_queue(listener: socket.socket) -> int:
+    """Connections waiting in a listener's accept queue: Linux reports it for a listening
+    socket as TCP_INFO's tcpi_unacked (after 8 bytes of u8 fields and 4 u32s)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[24:28], sys.byteorder)
+
+
+def role_et_server(limit: int, burst: int, max_wait: float) -> None:
     """Seed 003: a non-blocking listener in an edge-triggered epoll set. Over the connection
     limit, the accept loop closes the new connection and breaks out without draining the
     queue to EAGAIN, so the connections behind it get no new edge and are never accepted.
-    The first poll comes `first_poll_delay` after listen(), so a burst coalesces into one
-    edge."""
+    The first poll waits until the `limit` allowed connections and the `burst` are all queued
+    (at most `max_wait` s), so that the burst is one edge however slowly its clients come (one
+    at a time, each would be its own edge, accepted and closed)."""
     srv = _listen(511)
     srv.setblocking(False)
     ep = select.epoll()
     ep.register(srv.fileno(), select.EPOLLIN | select.EPOLLET)
     conns: dict[int, socket.socket] = {}
-    time.sleep(first_poll_delay)
+    deadline = time.monotonic() + max_wait
+    while _accept_queue(srv) < limit + burst and time.monotonic() < deadline:
+        time.sleep(0.02)
     while True:
         for fd, _events in ep.poll():
             if fd == srv.fileno():
@@ -519,7 +529,7 @@ ROLES: dict[str, tuple[Callable[..., None], tuple[Callable[[str], object], ...]]
     # the scenarios
     "fd-limit-server": (role_fd_limit_server, (int, int)),
     "forgetful-server": (role_forgetful_server, ()),
-    "et-server": (role_et_server, (int, float)),
+    "et-server": (role_et_server, (int, int, float)),
     "slow-server": (role_slow_server, (float,)),
     "sequential-server": (role_sequential_server, (int, float)),
     "burst": (role_burst, (int, int, int, float, float, int, float)),

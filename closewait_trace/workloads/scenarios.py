@@ -72,7 +72,7 @@ FORGOTTEN_CONNECTIONS = 5
 ET_LIMIT = 1
 ET_BURST = 9
 ET_PAYLOAD = 45
-ET_FIRST_POLL_DELAY = 1.0
+ET_QUEUE_WAIT = 60.0
 ET_CLIENT_WAIT = 2.0
 
 SLOW_DELAY = 2.5
@@ -163,14 +163,16 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
             "non-blocking listener registered EPOLLIN|EPOLLET, limit"
             f" {ET_LIMIT} connection; over the limit the accept loop closes the new"
             " connection and breaks out without draining the queue to EAGAIN. The server"
-            f" polls first {ET_FIRST_POLL_DELAY:g}s after listen(), so a burst coalesces into"
-            f" one edge. A long-lived client holds the allowed connection; a burst of"
+            " polls first once the held connection and the whole burst are queued (at most"
+            f" {ET_QUEUE_WAIT:g}s), so the burst is one edge. A long-lived client holds the"
+            " allowed connection; a burst of"
             f" {ET_BURST} clients connects, sends {ET_PAYLOAD} bytes, waits"
             f" {ET_CLIENT_WAIT:g}s and closes: {ET_BURST - ET_LIMIT} connections are never"
             " accepted while the server idles in epoll_wait."
         ),
         roles=(
-            Role("server", ("et-server", str(ET_LIMIT), str(ET_FIRST_POLL_DELAY)), server=True),
+            Role("server", ("et-server", str(ET_LIMIT), str(ET_BURST), str(ET_QUEUE_WAIT)),
+                 server=True),
             Role("holder", ("hold", "{server}"), ready=True),
             Role("burst", _burst(count=ET_BURST, size=ET_PAYLOAD, patience=ET_CLIENT_WAIT,
                                    rounds=1)),
