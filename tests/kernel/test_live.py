@@ -276,15 +276,19 @@ def test_reset_while_in_close_wait_is_reported_as_reset(
     srv = _start(servers, accept=True, close_after=None)
     c = srv.connect()
     srv.wait_accepted()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    before_fin = time.monotonic()
     c.shutdown(socket.SHUT_WR)  # FIN: the server's socket enters CLOSE_WAIT
     time.sleep(0.5)
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()  # RST
+    after_rst = time.monotonic()
     rec = tracer.wait_for(srv.since_start(
         lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}")),
-        10, what="close after reset")
+        30, what="close after reset")
     assert rec["connection"]["exit"] == "reset"
-    assert 0.4 <= rec["connection"]["cw_age_s"] <= 1.5
+    # On loopback the FIN and the RST are taken in by the calls that send them: the stay is
+    # the time between the two calls, however long a slow guest takes over them.
+    assert 0.4 <= rec["connection"]["cw_age_s"] <= after_rst - before_fin + 0.25, rec
 
 
 def test_listener_closed_with_queued_children(tracer: Tracer, servers: list[Server]) -> None:
