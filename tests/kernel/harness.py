@@ -180,6 +180,16 @@ def kprobe_events(name: str = "kprobe_events") -> str:
     return ""
 
 
+#: A snippet for spawn_script: listens on argv[1] (0: any port), prints the port, never accepts.
+NEVER_ACCEPT = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+print(s.getsockname()[1], flush=True)
+time.sleep(3600)
+"""
+
+
 def spawn_script(code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
     """A python snippet in its own process group (so kill_groups ends it and its children),
     stdout piped for what it prints."""
@@ -203,6 +213,15 @@ def kill_groups(procs: Sequence[subprocess.Popen[str]]) -> None:
 
 def summary_of(records: list[Record]) -> Record:
     return next(r for r in records if r["type"] == "summary")
+
+
+def stopped_cleanly(t: Tracer, rc: int) -> Record:
+    """The summary of a shared tracer that exited with `rc`, after checking it exited 0 and
+    lost no event."""
+    assert rc == 0, "".join(t.stderr_lines)
+    summary = summary_of(t.records)
+    assert summary["events_lost"] == 0, {k: v for k, v in summary["lost"].items() if v}
+    return summary
 
 
 def conns(records: list[Record], kind: str,

@@ -30,6 +30,9 @@ from closewait_trace.facts.enrich import (
     pid_alive,
 )
 
+#: /proc and sock_diag of the running kernel, no BPF: the VM matrix runs it once per kernel.
+pytestmark = pytest.mark.per_kernel
+
 T = TypeVar("T")
 
 FAMILIES = [

@@ -1,5 +1,6 @@
-"""The traced processes' lives: a server restarted on the same port (a new owner), a child
-forked with an inherited socket that it leaks, a non-root user refused with a reason."""
+"""The traced processes' lives: a child forked with an inherited socket that it leaks, a
+non-root user refused with a reason, a run that leaves no file behind. (A server restarted on
+the same port is live/test_restart.py's: it runs under the live package's tracer.)"""
 
 from __future__ import annotations
 
@@ -13,18 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Record, Tracer
+from .harness import NEVER_ACCEPT, Record, Tracer, kill_groups, spawn_script
 
 pytestmark = pytest.mark.kernel
-
-# Listens on PORT (0: any), prints it, never accepts.
-NEVER_ACCEPT = """
-import socket, sys, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
-print(s.getsockname()[1], flush=True)
-time.sleep(3600)
-"""
 
 # Accepts one connection, forks; the child keeps the inherited socket open (and prints its
 # pid), the parent closes its copy and waits.
@@ -43,62 +35,21 @@ time.sleep(3600)
 """
 
 
-def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
     yield started
-    for p in started:
-        try:
-            os.killpg(p.pid, 9)
-        except ProcessLookupError:
-            pass
-        p.wait()
+    kill_groups(started)
 
 
-def _leak_on(t: Tracer, port: int, after: int = 0) -> Record:
+def _leak_on(t: Tracer, port: int) -> Record:
     return t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(
-        f":{port}") and r["_t"] > after, 12, what=f"leak on :{port}")
-
-
-def test_server_restarted_on_the_same_port_owns_the_next_leak(
-        procs: list[subprocess.Popen[str]]) -> None:
-    first = _spawn(NEVER_ACCEPT, "0")
-    procs.append(first)
-    assert first.stdout is not None
-    port = int(first.stdout.readline())
-    t = Tracer(["--threshold", "1s", "--report-min", "100ms", "--port", str(port)]).start()
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        leak = _leak_on(t, port)
-        assert leak["connection"]["pid"] == first.pid
-        first.kill()
-        first.wait()
-        t.wait_for(lambda r: r["type"] == "close" and r["connection"]["exit"] ==
-                   "listener-closed", 8, what="the queued socket ends with its listener")
-        second = _spawn(NEVER_ACCEPT, str(port))
-        procs.append(second)
-        assert second.stdout is not None and int(second.stdout.readline()) == port
-        mark = time.monotonic()
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        leak = t.wait_for(lambda r: r["type"] == "leak" and r["_t"] > mark, 12,
-                          what="leak after the restart")
-        assert leak["connection"]["pid"] == second.pid
-        assert leak["connection"]["verdict"]["cause"] == "never-accepted"
-        assert t.proc is not None and t.proc.poll() is None
-    finally:
-        assert t.stop() == 0
-    summary = t.records[-1]
-    assert summary["type"] == "summary" and summary["events_lost"] == 0
+        f":{port}"), 12, what=f"leak on :{port}")
 
 
 def test_child_that_inherits_a_socket_and_leaks_it_is_traced_under_the_parents_pid(
         procs: list[subprocess.Popen[str]]) -> None:
-    parent = _spawn(FORK_AND_LEAK)
+    parent = spawn_script(FORK_AND_LEAK)
     procs.append(parent)
     assert parent.stdout is not None
     port = int(parent.stdout.readline())
@@ -138,7 +89,7 @@ def test_writes_no_file_it_was_not_asked_for(tmp_path: Path) -> None:
     work = tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    srv = _spawn(NEVER_ACCEPT, "0")
+    srv = spawn_script(NEVER_ACCEPT, "0")
     try:
         assert srv.stdout is not None
         port = int(srv.stdout.readline())

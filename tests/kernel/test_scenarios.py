@@ -18,7 +18,7 @@ import pytest
 
 from closewait_trace.workloads.scenarios import SCENARIOS, ScenarioRun
 
-from .harness import Record, Tracer, conns, on_port, summary_of, verdict_text
+from .harness import Record, Tracer, conns, on_port, stopped_cleanly, verdict_text
 
 pytestmark = pytest.mark.kernel
 
@@ -39,9 +39,7 @@ def tracer() -> Iterator[Tracer]:
         yield t
     finally:
         rc = t.stop()
-    assert rc == 0, "".join(t.stderr_lines)
-    summary = summary_of(t.records)
-    assert summary["events_lost"] == 0, {k: v for k, v in summary["lost"].items() if v}
+    stopped_cleanly(t, rc)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The live tracer on the running kernel, with real loopback sockets and real peer processes.
 
-One tracer (all processes, threshold 1 s) serves most tests; each test owns its server's
-port and reads only that port's records. Tests that need their own tracer start one.
+The package's tracer (all processes, threshold 1 s: conftest.py) serves most tests; each test
+owns its server's port and reads only that port's records. Tests that need their own tracer
+start one.
 """
 
 from __future__ import annotations
@@ -20,28 +21,11 @@ from closewait_trace.kernel.features import FORCE_PERF_ENV
 from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 from closewait_trace.kernel.skips import kretprobe_counts
 
-from .harness import PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, \
+from ..harness import PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, \
     kprobe_events, prog_ids_of
+from .conftest import THRESHOLD, UNSEEN_ON_RT
 
 pytestmark = pytest.mark.kernel
-
-THRESHOLD = 1.0
-
-
-#: accepts the kernel did not report on a PREEMPT_RT kernel: the teardown checks they are counted
-UNSEEN_ON_RT: list[str] = []
-
-
-@pytest.fixture(scope="module")
-def tracer() -> Iterator[Tracer]:
-    t = Tracer(["--threshold", f"{THRESHOLD}s", "--report-min", "100ms"]).start()
-    yield t
-    rc = t.stop()
-    assert rc == 0, "".join(t.stderr_lines)
-    summary = next(r for r in t.records if r["type"] == "summary")
-    assert summary["kernel_skipped"] >= len(UNSEEN_ON_RT), UNSEEN_ON_RT
-    assert summary["events_lost"] == 0, summary["lost"]
-    assert summary["complete"] is True
 
 
 @pytest.fixture
