@@ -190,6 +190,23 @@ time.sleep(3600)
 """
 
 
+#: A snippet for spawn_script: accepts one connection and forks; the child keeps the inherited
+#: socket open (and prints its pid), the parent closes its copy and waits.
+FORK_AND_LEAK = """
+import os, socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+pid = os.fork()
+if pid == 0:
+    s.close()
+    print(os.getpid(), flush=True)
+    time.sleep(3600)
+c.close()
+time.sleep(3600)
+"""
+
+
 def spawn_script(code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
     """A python snippet in its own process group (so kill_groups ends it and its children),
     stdout piped for what it prints."""

@@ -1,6 +1,7 @@
-"""The traced processes' lives: a child forked with an inherited socket that it leaks, a
-non-root user refused with a reason, a run that leaves no file behind. (A server restarted on
-the same port is live/test_restart.py's: it runs under the live package's tracer.)"""
+"""The tracer's own life: a non-root user refused with a reason, a run that leaves no file
+behind. (The traced processes' lives are the live package's: a server restarted on the same
+port in live/test_restart.py, a forked child that leaks an inherited socket in
+live/test_live.py's -p test.)"""
 
 from __future__ import annotations
 
@@ -9,64 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness import NEVER_ACCEPT, Record, Tracer, kill_groups, spawn_script
+from .harness import NEVER_ACCEPT, spawn_script
 
 pytestmark = pytest.mark.kernel
-
-# Accepts one connection, forks; the child keeps the inherited socket open (and prints its
-# pid), the parent closes its copy and waits.
-FORK_AND_LEAK = """
-import os, socket, time
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
-print(s.getsockname()[1], flush=True)
-c, _ = s.accept()
-pid = os.fork()
-if pid == 0:
-    s.close()
-    print(os.getpid(), flush=True)
-    time.sleep(3600)
-c.close()
-time.sleep(3600)
-"""
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    kill_groups(started)
-
-
-def _leak_on(t: Tracer, port: int) -> Record:
-    return t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(
-        f":{port}"), 12, what=f"leak on :{port}")
-
-
-def test_child_that_inherits_a_socket_and_leaks_it_is_traced_under_the_parents_pid(
-        procs: list[subprocess.Popen[str]]) -> None:
-    parent = spawn_script(FORK_AND_LEAK)
-    procs.append(parent)
-    assert parent.stdout is not None
-    port = int(parent.stdout.readline())
-    t = Tracer(["-p", str(parent.pid), "--threshold", "1s", "--report-min", "100ms"]).start()
-    try:
-        c = socket.create_connection(("127.0.0.1", port), timeout=5)
-        child = int(parent.stdout.readline())
-        c.close()
-        leak = _leak_on(t, port)
-        conn = leak["connection"]
-        # Accepted by the parent, still held (never closed) by the child, which -p follows.
-        assert conn["verdict"]["cause"] == "accepted-not-closed"
-        assert conn["pid"] == child and conn["fd"] is not None, [
-            (r["type"], r.get("connection", {}).get("pid"), r.get("connection", {}).get("fd"), r["_t"])
-            for r in t.records]
-    finally:
-        assert t.stop() == 0
 
 
 @pytest.mark.per_kernel  # refused before any BPF

@@ -21,8 +21,8 @@ from closewait_trace.kernel.features import FORCE_PERF_ENV
 from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 from closewait_trace.kernel.skips import kretprobe_counts
 
-from ..harness import PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, bpftool_perf_list, \
-    kprobe_events, prog_ids_of
+from ..harness import FORK_AND_LEAK, PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, \
+    bpftool_perf_list, kill_groups, kprobe_events, prog_ids_of, spawn_script
 from .conftest import THRESHOLD, UNSEEN_ON_RT
 
 pytestmark = pytest.mark.kernel
@@ -348,16 +348,23 @@ def test_sockets_that_enter_close_wait_while_the_tracer_starts_are_all_counted()
     assert rc == 0, "".join(t.stderr_lines)
 
 
-def test_pid_filter_excludes_other_process_and_sigterm_detaches_everything(
+def test_pid_filter_excludes_other_process_follows_children_and_sigterm_detaches_everything(
     servers: list[Server],
 ) -> None:
+    """-p: the sockets of the given processes and of the processes they start, none other's;
+    SIGTERM leaves no program behind. (One tracer for both -p cases: a start is most of a
+    VM cell's time.)"""
     mine = _start(servers, accept=False)
     other = _start(servers, accept=False)
+    parent = spawn_script(FORK_AND_LEAK)  # listens; accepts one connection, forks, the child leaks it
+    assert parent.stdout is not None
+    forked_port = int(parent.stdout.readline())
     # A socket already in CLOSE_WAIT before the tracer starts: reported with an "at least" age.
     pre = mine.connect()
     pre.close()
     time.sleep(0.3)
-    t = Tracer(["-p", str(mine.pid), "--threshold", "1s", "--report-min", "100ms"]).start()
+    t = Tracer(["-p", str(mine.pid), "-p", str(parent.pid), "--threshold", "1s",
+                "--report-min", "100ms"]).start()
     assert t.proc is not None
     try:  # from here on, a failure must not leave the tracer (and its programs) behind
         during = prog_ids_of(t.proc.pid)
@@ -374,13 +381,22 @@ def test_pid_filter_excludes_other_process_and_sigterm_detaches_everything(
                               and r["connection"]["cw_age_at_least"], 6, what="preexisting leak")
         assert pre_leak["connection"]["local"].endswith(f":{mine.port}")
         assert pre_leak["connection"]["pid"] == mine.pid
+        # Accepted by the parent, still held (never closed) by its child, which -p follows.
+        c = socket.create_connection(("127.0.0.1", forked_port), timeout=5)
+        child = int(parent.stdout.readline())
+        c.close()
+        forked = t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(
+            f":{forked_port}"), 12, what="leak of the forked child")["connection"]
+        assert forked["verdict"]["cause"] == "accepted-not-closed"
+        assert forked["pid"] == child and forked["fd"] is not None, forked
         time.sleep(1.0)
         assert t.of_port(other.port) == []
     finally:
         rc = t.stop(signal.SIGTERM)
+        kill_groups([parent])
     assert rc == 0, "".join(t.stderr_lines)
     summary = next(r for r in t.records if r["type"] == "summary")
-    assert summary["flagged"] == 2
+    assert summary["flagged"] == 3
     time.sleep(0.5)
     assert not (bpf_prog_ids() & during), "BPF programs left behind after SIGTERM"
     assert f"_bcc_{t.proc.pid if t.proc else 0}" not in kprobe_events()
