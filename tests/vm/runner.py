@@ -85,6 +85,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import hotlayer
 from . import kheaders as _kheaders
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,6 +94,8 @@ VM_CACHE = Path(os.environ.get("CLOSEWAIT_VM_CACHE", "/var/lib/closewait-vm"))
 KERNEL_CACHE = VM_CACHE / "kernels"
 #: merged header trees for the guests' tracers (the guest's own /var/cache is a tmpfs)
 HEADER_CACHE = VM_CACHE / "headers"
+#: the tar of the Python trees the guests keep in RAM (hotlayer.py)
+HOT_TAR = VM_CACHE / "hot" / "python.tar"
 DEFAULT_TIMEOUT = 20 * 60
 DEFAULT_LOGS_ROOT = Path("/tmp/closewait-vm/logs")
 DEFAULT_KERNELS = "6.1,6.12"
@@ -395,7 +398,8 @@ exit "$rc"
 """
 
 
-def guest_prelude(kernel: Kernel, header_cache: Path = HEADER_CACHE) -> str:
+def guest_prelude(kernel: Kernel, header_cache: Path = HEADER_CACHE,
+                  hot_tar: Path | None = None) -> str:
     """Shell lines run in the guest before the command.
 
     The tracer's header cache (/var/cache is a tmpfs in the guest) points at the trees the
@@ -407,6 +411,8 @@ def guest_prelude(kernel: Kernel, header_cache: Path = HEADER_CACHE) -> str:
     if kernel.root is not None:
         src = shlex.quote(str(kernel.root / "usr" / "src"))
         lines.append(f'  for d in {src}/*; do ln -sfn "$d" /usr/src/; done')
+    if hot_tar is not None:
+        lines += hotlayer.guest_lines(hot_tar, hotlayer.python_trees())
     # only in a virtme guest (never on a host running run.sh directly, as the unit tests do)
     return "if grep -q virtme_ /proc/cmdline; then\n" + "".join(x + "\n" for x in lines) + "fi\n"
 
@@ -431,6 +437,8 @@ class Options:
     vng_extra: list[str]
     kheaders: str
     dry_run: bool
+    #: the Python trees' tar for the guests' RAM (None: they read them over 9p)
+    hot_tar: Path | None = None
 
 
 def prepare_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> tuple[list[str], dict[str, str]]:
@@ -466,7 +474,7 @@ def prepare_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> tuple[list[s
     (d / "run.sh").write_text(GUEST_SCRIPT.format(
         results=shlex.quote(str(d)), exports=exports, repo=shlex.quote(str(REPO)),
         soft=max(60, int(opts.timeout) - SOFT_GRACE), grace=SOFT_GRACE,
-        prelude=guest_prelude(cell.kernel)))
+        prelude=guest_prelude(cell.kernel, hot_tar=opts.hot_tar)))
     argv = [
         str(vng), "--run", str(cell.kernel.image),
         "--force-9p", "--user", "root",
@@ -659,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kvm", action="store_true", help="allow KVM (default: --disable-kvm, TCG)")
     p.add_argument("--no-kheaders", dest="kheaders", action="store_false",
                    help="do not build the merged header trees ({kheaders}, the guests' tracer cache)")
+    p.add_argument("--no-hot-layer", dest="hot_layer", action="store_false",
+                   help="leave the guests' Python trees on 9p (default: a RAM copy, hotlayer.py)")
     p.add_argument("--vng", help="path of vng [.venv/bin/vng, .venv-vm/bin/vng, PATH]")
     p.add_argument("--vng-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for vng (repeatable), e.g. --vng-arg=--append=nokaslr")
@@ -681,6 +691,20 @@ def do_list(vng: Path | None) -> int:
     pair = _kheaders.find_header_pair("6.1")
     print(f"6.1 headers for BCC: {' + '.join(map(str, pair)) if pair else 'none'}")
     return 0
+
+
+def _hot_tar() -> Path | None:
+    """The Python trees' tar for the guests (hotlayer.py), made anew for this run; None, and a
+    warning, if it cannot be made (the guests then read the trees over 9p, only slower)."""
+    t = time.monotonic()
+    try:
+        tar = hotlayer.build(HOT_TAR, hotlayer.python_trees())
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"runner: warning: no hot layer for the guests: {e}", file=sys.stderr)
+        return None
+    print(f"runner: Python trees for the guests' RAM in {tar} ({tar.stat().st_size >> 20} MiB,"
+          f" {time.monotonic() - t:.1f}s)")
+    return tar
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -722,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = Options(timeout=args.timeout, cpus=args.cpus, memory=args.memory, kvm=args.kvm,
                    repo_overlay=args.repo_overlay, require_junit=args.require_junit, env=args.env,
-                   vng_extra=args.vng_arg, kheaders=kheaders, dry_run=args.dry_run)
+                   vng_extra=args.vng_arg, kheaders=kheaders, dry_run=args.dry_run,
+                   hot_tar=(HOT_TAR if args.dry_run else _hot_tar()) if args.hot_layer else None)
     cells = []
     for ks, backends in parse_kernels(args.kernels, args.backends):
         k = resolve_kernel(ks)

@@ -8,6 +8,7 @@ verdicts are checked without booting anything.  The real thing: see tests/vm/REA
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from . import runner
+from . import hotlayer, runner
 
 FAKE_VNG = """\
 #!{python}
@@ -51,6 +52,11 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     image.parent.mkdir()
     image.write_bytes(b"not a kernel")
     monkeypatch.setenv("CLOSEWAIT_VM_SKIP_QEMU_CHECK", "1")
+    tree = tmp_path / "stdlib"  # the hot layer's tar: small, and in tmp_path
+    tree.mkdir()
+    (tree / "os.py").write_text("")
+    monkeypatch.setattr(runner, "HOT_TAR", tmp_path / "hot" / "python.tar")
+    monkeypatch.setattr(hotlayer, "python_trees", lambda: [tree])
     return {"vng": vng, "image": image, "logs": tmp_path / "logs"}
 
 
@@ -253,3 +259,40 @@ def test_cell_env_for_an_unknown_cell_is_a_usage_error(fake: dict[str, Path]) ->
     with pytest.raises(SystemExit) as exc:
         _run(fake, "true", "--dry-run", "--cell-env", "6.1-nothing:A=1")
     assert exc.value.code == 2
+
+
+def test_hot_layer_tar_holds_the_trees_but_what_it_leaves_out(tmp_path: Path) -> None:
+    tree = tmp_path / "usr" / "lib" / "python3.11"
+    (tree / "json").mkdir(parents=True)
+    (tree / "json" / "__init__.py").write_text("")
+    (tree / "test").mkdir()
+    (tree / "test" / "big.py").write_text("")
+    tar = hotlayer.build(tmp_path / "hot" / "python.tar", [tree])
+    names = set(subprocess.run(["tar", "-tf", str(tar)], capture_output=True, text=True,
+                               check=True).stdout.split())
+    rel = str(tree.relative_to("/"))
+    assert f"{rel}/json/__init__.py" in names
+    assert not any(n.startswith(f"{rel}/test") for n in names), names
+    assert not (tmp_path / "hot" / "python.tar.tmp").exists()
+
+
+def test_hot_layer_guest_lines_overlay_each_tree_and_fall_back_to_9p(tmp_path: Path) -> None:
+    tar = tmp_path / "python.tar"
+    trees = [Path("/usr/lib/python3.11"), Path("/work/x/.venv/lib/python3.11/site-packages")]
+    script = "\n".join(hotlayer.guest_lines(tar, trees))
+    for t in trees:
+        assert (f"mount -t overlay closewait-hot -o ro,lowerdir={hotlayer.GUEST_HOT}{t}:"
+                f"{hotlayer.GUEST_LOWER}{t} {t} || echo") in script
+    assert f"tar -xf {tar} -C {hotlayer.GUEST_HOT}; then" in script
+    # no tar (or no tmpfs room): the script goes on over 9p, and says so
+    r = subprocess.run(["bash", "-c", f"set -u\n{script}\necho went-on"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout.strip() == "went-on" and "no hot layer" in r.stderr, r
+
+
+def test_hot_layer_is_in_the_guest_script_unless_turned_off(fake: dict[str, Path]) -> None:
+    assert _run(fake, "true") == 0
+    script = (_cell(fake) / "run.sh").read_text()
+    assert f"tar -xf {runner.HOT_TAR} " in script and runner.HOT_TAR.is_file()
+    assert _run(fake, "true", "--no-hot-layer") == 0
+    assert str(runner.HOT_TAR) not in (_cell(fake) / "run.sh").read_text()
