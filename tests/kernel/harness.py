@@ -215,6 +215,45 @@ def spawn_script(code: str, *args: str, stdin: bool = False) -> subprocess.Popen
                             start_new_session=True)
 
 
+def listen_never_accepting(procs: list[subprocess.Popen[str]], port: int = 0
+                           ) -> tuple[subprocess.Popen[str], int]:
+    """A NEVER_ACCEPT server on `port` (0: the kernel picks), kept in `procs`; and its port."""
+    p = spawn_script(NEVER_ACCEPT, str(port))
+    procs.append(p)
+    assert p.stdout is not None
+    return p, int(p.stdout.readline())
+
+
+def restart_owns_the_next_leak(t: Tracer, procs: list[subprocess.Popen[str]],
+                               started: tuple[subprocess.Popen[str], int] | None) -> None:
+    """A never-accepting server (`started`, or one started now) leaks a connection; it is
+    killed (its queued socket ends with the listener), another process listens on the same
+    port, and the next leak there is the new process's."""
+    mark = time.monotonic()
+    first, port = started or listen_never_accepting(procs)
+    local = f"127.0.0.1:{port}"
+
+    def on_port(kind: str, after: float) -> Callable[[Record], bool]:
+        return lambda r: r["type"] == kind and r["_t"] > after \
+            and r["connection"]["local"] == local
+
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    leak = t.wait_for(on_port("leak", mark), 12, what=f"leak on {local}")
+    assert leak["connection"]["pid"] == first.pid
+    first.kill()
+    first.wait()
+    gone = t.wait_for(on_port("close", mark), 8, what="the queued socket ends with its listener")
+    assert gone["connection"]["exit"] == "listener-closed", gone
+    second, again = listen_never_accepting(procs, port)
+    assert again == port
+    mark = time.monotonic()
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    leak = t.wait_for(on_port("leak", mark), 12, what="leak after the restart")
+    assert leak["connection"]["pid"] == second.pid
+    assert leak["connection"]["verdict"]["cause"] == "never-accepted"
+    assert t.proc is not None and t.proc.poll() is None
+
+
 def kill_groups(procs: Sequence[subprocess.Popen[str]]) -> None:
     """SIGKILL every process group spawn_script started, and reap the leaders."""
     for p in procs:

@@ -1,7 +1,7 @@
-"""The tracer's own life: a non-root user refused with a reason, a run that leaves no file
-behind. (The traced processes' lives are the live package's: a server restarted on the same
-port in live/test_restart.py, a forked child that leaks an inherited socket in
-live/test_live.py's -p test.)"""
+"""Lives around the tracer's: a listener that was there before the tracer started, restarted
+on its port; a non-root user refused with a reason; a run that leaves no file behind. (A
+server that starts and restarts under a running tracer is live/test_restart.py's, a forked
+child that leaks an inherited socket live/test_live.py's -p test's.)"""
 
 from __future__ import annotations
 
@@ -14,9 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from .harness import NEVER_ACCEPT, spawn_script
+from .harness import NEVER_ACCEPT, Tracer, listen_never_accepting, restart_owns_the_next_leak, \
+    spawn_script
 
 pytestmark = pytest.mark.kernel
+
+
+@pytest.mark.per_kernel  # the listener map's start-up seeding and its stale entry: no backend's
+def test_listener_from_before_the_start_restarted_on_its_port_owns_the_next_leak(
+        procs: list[subprocess.Popen[str]]) -> None:
+    """The tracer learns a listener that was already there from its start-up seeding, whose
+    map entry has no socket address: its end does not delete it, the restarted server's
+    listen() replaces it."""
+    first, port = listen_never_accepting(procs)
+    t = Tracer(["--threshold", "1s", "--report-min", "100ms", "--port", str(port)]).start()
+    try:
+        restart_owns_the_next_leak(t, procs, started=(first, port))
+    finally:
+        assert t.stop() == 0
+    summary = t.records[-1]
+    assert summary["type"] == "summary" and summary["events_lost"] == 0
 
 
 @pytest.mark.per_kernel  # refused before any BPF

@@ -17,9 +17,11 @@ pip, the Kubernetes schemas).
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sysconfig
+import tempfile
 from pathlib import Path
 
 #: what no guest test imports (tar --exclude patterns, matched against the member names)
@@ -36,33 +38,42 @@ GUEST_HOT = "/run/closewait-hot"
 GUEST_LOWER = "/run/closewait-lower"
 
 
-def python_trees() -> list[Path]:
-    """The standard library and the running (virtual) environment's site-packages."""
-    paths = sysconfig.get_paths()
-    return list(dict.fromkeys(Path(paths[k]).resolve() for k in ("stdlib", "purelib")))
+def python_trees(repo: Path) -> list[Path]:
+    """The standard library and the site-packages of the repository's venv (the guests' tests
+    run `.venv/bin/python`, whoever runs the runner), those that exist."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    venv = repo / ".venv" / "lib" / f"python{sysconfig.get_python_version()}" / "site-packages"
+    return [t.resolve() for t in dict.fromkeys((stdlib, venv)) if t.is_dir()]
 
 
-def build(dest: Path, trees: list[Path], exclude: list[str] = EXCLUDE) -> Path:
-    """Write the tar of `trees` (absolute names without the leading /) to `dest`, atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    argv = ["tar", "-cf", str(tmp), "-C", "/", *(f"--exclude={p}" for p in exclude),
-            *(str(t.relative_to("/")) for t in trees)]
-    subprocess.run(argv, check=True, capture_output=True, timeout=600)
-    tmp.replace(dest)
-    return dest
+def build(directory: Path, trees: list[Path], exclude: list[str] = EXCLUDE) -> Path:
+    """A new tar of `trees` (names without the leading /) in `directory`, one per run: a run
+    beside it has its own. The caller removes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="python-", suffix=".tar", dir=directory)
+    os.close(fd)
+    argv = ["tar", "-cf", name, "-C", "/", "--warning=no-file-changed",
+            *(f"--exclude={p}" for p in exclude), *(str(t.relative_to("/")) for t in trees)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if r.returncode > 1:  # 1: a file changed while read (a .pyc written meanwhile): kept as read
+        Path(name).unlink(missing_ok=True)
+        raise subprocess.CalledProcessError(r.returncode, argv, r.stdout, r.stderr)
+    return Path(name)
 
 
 def guest_lines(tar: Path, trees: list[Path]) -> list[str]:
     """Shell lines for the guest script: unpack `tar` and lay each tree's RAM copy over it.
-    A step that fails leaves that tree on 9p, and says so on the command's output."""
+    A step that fails leaves that tree on 9p, and says so on the guest's console."""
+    if not trees:
+        return []
     t = shlex.quote(str(tar))
     lines = [f"  if [ -f {t} ] && mkdir -p {GUEST_HOT} && tar -xf {t} -C {GUEST_HOT}; then"]
     for tree in trees:
         d = shlex.quote(str(tree))
         hot, lower = shlex.quote(f"{GUEST_HOT}{tree}"), shlex.quote(f"{GUEST_LOWER}{tree}")
+        said = shlex.quote(f"runner: {tree} stays on 9p")
         lines.append(f"    mkdir -p {lower} && mount --bind {d} {lower} && mount -t overlay"
-                     f" closewait-hot -o ro,lowerdir={hot}:{lower} {d}"
-                     f" || echo 'runner: {tree} stays on 9p' >&2")
-    lines.append(f"  else echo 'runner: no hot layer ({tar})' >&2; fi")
+                     f" closewait-hot -o ro,lowerdir={hot}:{lower} {d} || echo {said} >&2")
+    said = shlex.quote(f"runner: no hot layer ({tar})")
+    lines.append(f"  else rm -rf {GUEST_HOT}; echo {said} >&2; fi")
     return lines

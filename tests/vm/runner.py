@@ -5,7 +5,9 @@ on the host's own root filesystem (read-only 9p with tmpfs overlays, so the repo
 venvs, BCC and /usr/src are all visible), runs the command in the repository directory, and
 collects its exit status and pytest junit XML through a per-cell host directory that the
 guest can write (``vng --rwdir``).  The repository itself is an overlay in the guest
-(``vng --overlay-rwdir``): writable there, nothing written reaches the host.
+(``vng --overlay-rwdir``): writable there, nothing written reaches the host.  The Python
+standard library and the venv's site-packages are read from a RAM copy laid over them
+(hotlayer.py; ``--no-hot-layer``: over 9p).
 
 Kernels come from /boot (installed Debian packages: 6.1, 6.12) or from the cache that
 ``scripts/vm-kernels.sh`` fills without installing anything (Debian 11's 5.10, Debian 12's
@@ -94,8 +96,8 @@ VM_CACHE = Path(os.environ.get("CLOSEWAIT_VM_CACHE", "/var/lib/closewait-vm"))
 KERNEL_CACHE = VM_CACHE / "kernels"
 #: merged header trees for the guests' tracers (the guest's own /var/cache is a tmpfs)
 HEADER_CACHE = VM_CACHE / "headers"
-#: the tar of the Python trees the guests keep in RAM (hotlayer.py)
-HOT_TAR = VM_CACHE / "hot" / "python.tar"
+#: where each run writes its tar of the Python trees the guests keep in RAM (hotlayer.py)
+HOT_DIR = VM_CACHE / "hot"
 DEFAULT_TIMEOUT = 20 * 60
 DEFAULT_LOGS_ROOT = Path("/tmp/closewait-vm/logs")
 DEFAULT_KERNELS = "6.1,6.12"
@@ -412,7 +414,7 @@ def guest_prelude(kernel: Kernel, header_cache: Path = HEADER_CACHE,
         src = shlex.quote(str(kernel.root / "usr" / "src"))
         lines.append(f'  for d in {src}/*; do ln -sfn "$d" /usr/src/; done')
     if hot_tar is not None:
-        lines += hotlayer.guest_lines(hot_tar, hotlayer.python_trees())
+        lines += hotlayer.guest_lines(hot_tar, hotlayer.python_trees(REPO))
     # only in a virtme guest (never on a host running run.sh directly, as the unit tests do)
     return "if grep -q virtme_ /proc/cmdline; then\n" + "".join(x + "\n" for x in lines) + "fi\n"
 
@@ -694,11 +696,11 @@ def do_list(vng: Path | None) -> int:
 
 
 def _hot_tar() -> Path | None:
-    """The Python trees' tar for the guests (hotlayer.py), made anew for this run; None, and a
+    """The Python trees' tar for the guests (hotlayer.py), this run's own; None, and a
     warning, if it cannot be made (the guests then read the trees over 9p, only slower)."""
     t = time.monotonic()
     try:
-        tar = hotlayer.build(HOT_TAR, hotlayer.python_trees())
+        tar = hotlayer.build(HOT_DIR, hotlayer.python_trees(REPO))
     except (OSError, subprocess.SubprocessError) as e:
         print(f"runner: warning: no hot layer for the guests: {e}", file=sys.stderr)
         return None
@@ -744,10 +746,6 @@ def main(argv: list[str] | None = None) -> int:
         if tree:
             print(f"runner: 6.1 header tree {tree} ({time.monotonic() - t:.1f}s)")
 
-    opts = Options(timeout=args.timeout, cpus=args.cpus, memory=args.memory, kvm=args.kvm,
-                   repo_overlay=args.repo_overlay, require_junit=args.require_junit, env=args.env,
-                   vng_extra=args.vng_arg, kheaders=kheaders, dry_run=args.dry_run,
-                   hot_tar=(HOT_TAR if args.dry_run else _hot_tar()) if args.hot_layer else None)
     cells = []
     for ks, backends in parse_kernels(args.kernels, args.backends):
         k = resolve_kernel(ks)
@@ -764,6 +762,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cell-env {spec!r}: no cell {name} (cells: "
                          f"{', '.join(c.name for c in cells)})")
         targets[0].env.append(kv)
+    hot_tar = None  # made once the arguments are known to be good; removed at the end
+    if args.hot_layer:
+        hot_tar = HOT_DIR / "python-dry-run.tar" if args.dry_run else _hot_tar()
+    opts = Options(timeout=args.timeout, cpus=args.cpus, memory=args.memory, kvm=args.kvm,
+                   repo_overlay=args.repo_overlay, require_junit=args.require_junit, env=args.env,
+                   vng_extra=args.vng_arg, kheaders=kheaders, dry_run=args.dry_run,
+                   hot_tar=hot_tar)
     if args.kheaders and not args.dry_run:
         t = time.monotonic()
         trees = premerge_headers([c.kernel for c in cells if c.kernel is not None])
@@ -793,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                 _kill_group(p, grace=3)
         print("runner: interrupted; guests killed", file=sys.stderr)
         return 130
+    finally:
+        if hot_tar is not None and not args.dry_run:
+            hot_tar.unlink(missing_ok=True)
     total = time.monotonic() - t0
     if args.dry_run:
         return 0

@@ -8,6 +8,7 @@ verdicts are checked without booting anything.  The real thing: see tests/vm/REA
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -55,8 +56,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     tree = tmp_path / "stdlib"  # the hot layer's tar: small, and in tmp_path
     tree.mkdir()
     (tree / "os.py").write_text("")
-    monkeypatch.setattr(runner, "HOT_TAR", tmp_path / "hot" / "python.tar")
-    monkeypatch.setattr(hotlayer, "python_trees", lambda: [tree])
+    monkeypatch.setattr(runner, "HOT_DIR", tmp_path / "hot")
+    monkeypatch.setattr(hotlayer, "python_trees", lambda repo: [tree])
     return {"vng": vng, "image": image, "logs": tmp_path / "logs"}
 
 
@@ -267,13 +268,13 @@ def test_hot_layer_tar_holds_the_trees_but_what_it_leaves_out(tmp_path: Path) ->
     (tree / "json" / "__init__.py").write_text("")
     (tree / "test").mkdir()
     (tree / "test" / "big.py").write_text("")
-    tar = hotlayer.build(tmp_path / "hot" / "python.tar", [tree])
+    tar = hotlayer.build(tmp_path / "hot", [tree])
     names = set(subprocess.run(["tar", "-tf", str(tar)], capture_output=True, text=True,
                                check=True).stdout.split())
     rel = str(tree.relative_to("/"))
     assert f"{rel}/json/__init__.py" in names
     assert not any(n.startswith(f"{rel}/test") for n in names), names
-    assert not (tmp_path / "hot" / "python.tar.tmp").exists()
+    assert hotlayer.build(tmp_path / "hot", [tree]) != tar  # each run its own
 
 
 def test_hot_layer_guest_lines_overlay_each_tree_and_fall_back_to_9p(tmp_path: Path) -> None:
@@ -291,8 +292,15 @@ def test_hot_layer_guest_lines_overlay_each_tree_and_fall_back_to_9p(tmp_path: P
 
 
 def test_hot_layer_is_in_the_guest_script_unless_turned_off(fake: dict[str, Path]) -> None:
+    """The run's own tar is in the guest script, and gone after the run."""
     assert _run(fake, "true") == 0
     script = (_cell(fake) / "run.sh").read_text()
-    assert f"tar -xf {runner.HOT_TAR} " in script and runner.HOT_TAR.is_file()
+    tars = re.findall(r"tar -xf (\S+) -C", script)
+    assert len(tars) == 1 and tars[0].startswith(str(runner.HOT_DIR)), script
+    assert not Path(tars[0]).exists() and list(runner.HOT_DIR.iterdir()) == []
     assert _run(fake, "true", "--no-hot-layer") == 0
-    assert str(runner.HOT_TAR) not in (_cell(fake) / "run.sh").read_text()
+    assert "tar -xf" not in (_cell(fake) / "run.sh").read_text()
+
+
+def test_no_python_tree_no_hot_layer_lines() -> None:
+    assert hotlayer.guest_lines(Path("/x.tar"), []) == []

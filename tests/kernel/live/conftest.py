@@ -15,11 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from ..harness import Tracer, stopped_cleanly
-
-THRESHOLD = 1.0
-
-#: accepts the kernel did not report on a PREEMPT_RT kernel: the teardown checks they are counted
-UNSEEN_ON_RT: list[str] = []
+from .shared import THRESHOLD, UNSEEN_ON_RT
 
 
 @pytest.fixture(scope="package")

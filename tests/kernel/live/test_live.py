@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 from closewait_trace.kernel.skips import kretprobe_counts
 
 from ..harness import FORK_AND_LEAK, PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, \
-    bpftool_perf_list, kill_groups, kprobe_events, prog_ids_of, spawn_script
-from .conftest import THRESHOLD, UNSEEN_ON_RT
+    bpftool_perf_list, kprobe_events, prog_ids_of, spawn_script
+from .shared import THRESHOLD, UNSEEN_ON_RT
 
 pytestmark = pytest.mark.kernel
 
@@ -106,7 +107,7 @@ def test_every_accept_is_seen_with_many_threads_blocked_in_accept(tracer: Tracer
     """A pre-fork or thread-pool server has many threads blocked in accept() at once: the
     kprobe backend's kretprobe must have room for all of them (else returns are dropped and
     the kernel never hears of those accepts), and fentry has no such limit."""
-    mark = time.monotonic()  # the module's tracer may have seen this port before
+    mark = time.monotonic()  # the package's tracer may have seen this port before
     srv = socket.create_server(("127.0.0.1", 0), backlog=64)
     port = srv.getsockname()[1]
     accepted: list[socket.socket] = []
@@ -349,7 +350,7 @@ def test_sockets_that_enter_close_wait_while_the_tracer_starts_are_all_counted()
 
 
 def test_pid_filter_excludes_other_process_follows_children_and_sigterm_detaches_everything(
-    servers: list[Server],
+    servers: list[Server], procs: list[subprocess.Popen[str]],
 ) -> None:
     """-p: the sockets of the given processes and of the processes they start, none other's;
     SIGTERM leaves no program behind. (One tracer for both -p cases: a start is most of a
@@ -357,6 +358,7 @@ def test_pid_filter_excludes_other_process_follows_children_and_sigterm_detaches
     mine = _start(servers, accept=False)
     other = _start(servers, accept=False)
     parent = spawn_script(FORK_AND_LEAK)  # listens; accepts one connection, forks, the child leaks it
+    procs.append(parent)
     assert parent.stdout is not None
     forked_port = int(parent.stdout.readline())
     # A socket already in CLOSE_WAIT before the tracer starts: reported with an "at least" age.
@@ -388,12 +390,13 @@ def test_pid_filter_excludes_other_process_follows_children_and_sigterm_detaches
         forked = t.wait_for(lambda r: r["type"] == "leak" and r["connection"]["local"].endswith(
             f":{forked_port}"), 12, what="leak of the forked child")["connection"]
         assert forked["verdict"]["cause"] == "accepted-not-closed"
-        assert forked["pid"] == child and forked["fd"] is not None, forked
+        assert forked["pid"] == child and forked["fd"] is not None, [
+            (r["type"], r.get("connection", {}).get("pid"), r.get("connection", {}).get("fd"),
+             r["_t"]) for r in t.records]
         time.sleep(1.0)
         assert t.of_port(other.port) == []
     finally:
         rc = t.stop(signal.SIGTERM)
-        kill_groups([parent])
     assert rc == 0, "".join(t.stderr_lines)
     summary = next(r for r in t.records if r["type"] == "summary")
     assert summary["flagged"] == 3
@@ -431,7 +434,7 @@ def test_header_choice_is_reported(tracer: Tracer) -> None:
 def test_state_changes_come_from_the_probe_the_environment_asks(tracer: Tracer) -> None:
     """The raw tracepoint (socket fields at the kernel's BTF offsets), or the classic one when
     CLOSEWAIT_CLASSIC_TRACEPOINT is set (one VM cell sets it: the fallback of kernels without
-    BTF); the other tests of the module then ran through it."""
+    BTF); the other tests of the package then ran through it."""
     classic = os.environ.get(CLASSIC_TRACEPOINT_ENV, "") not in ("", "0")
     ready = next(r for r in tracer.records if r["type"] == "ready")
     assert tracer.proc is not None
@@ -449,7 +452,7 @@ def test_state_changes_come_from_the_probe_the_environment_asks(tracer: Tracer) 
 def test_events_come_the_way_the_environment_asks(tracer: Tracer) -> None:
     """The ring buffer, or the perf buffer when CLOSEWAIT_FORCE_PERF_BUFFER is set (one VM
     cell sets it: the path of kernels before 5.8, on a real kernel); the other tests of the
-    module then ran through it."""
+    package then ran through it."""
     forced = os.environ.get(FORCE_PERF_ENV, "") not in ("", "0")
     ready = next(r for r in tracer.records if r["type"] == "ready")
     assert ready["events"] == ("perf buffer" if forced else "ring buffer"), ready
