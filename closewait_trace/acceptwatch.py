@@ -9,12 +9,17 @@ explaining (an incident), and during a long incident only part of the time: cont
 its first `first_ns`, then `on_ns` in every `period_ns`. The cost is then bounded by the duty
 cycle, and what the diagnosis reads from accept() outcomes is a sample, which it is told
 through `coverage`.
+
+An incident has listeners: those its never-accepted sockets wait on. A listener that joins a
+long incident (another service starts failing while an old never-accepted socket is still
+open) is a new story whose first evidence should come at once, so it restarts the continuous
+watch, at most once in every `renew_ns`: the cost stays bounded when listeners keep joining.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +27,14 @@ from .options import AcceptWatch
 
 _S = 1_000_000_000
 
+#: a listener never-accepted sockets wait on: (network namespace inode or None, local port)
+ListenerKey = tuple[int | None, int]
+
 
 @dataclass(frozen=True)
 class DutyCycle:
-    #: continuous at the start of an incident: the first evidence comes at once
+    #: continuous at the start of an incident (and when a listener joins it): the first
+    #: evidence comes at once
     first_ns: int = 30 * _S
     #: then attached this long ...
     on_ns: int = 2 * _S
@@ -33,6 +42,9 @@ class DutyCycle:
     period_ns: int = 20 * _S
     #: an incident ends this long after its last never-accepted socket
     linger_ns: int = 30 * _S
+    #: a listener joining a running incident restarts the continuous watch at most once in
+    #: this long (None: never; recordings made before listeners were told apart)
+    renew_ns: int | None = 300 * _S
 
     @property
     def fraction(self) -> float:
@@ -40,12 +52,19 @@ class DutyCycle:
 
     def as_info(self) -> dict[str, float]:
         """For the ready record (and so recordings): seconds."""
-        return {"first_s": self.first_ns / _S, "on_s": self.on_ns / _S,
+        info = {"first_s": self.first_ns / _S, "on_s": self.on_ns / _S,
                 "period_s": self.period_ns / _S, "linger_s": self.linger_ns / _S}
+        if self.renew_ns is not None:
+            info["renew_s"] = self.renew_ns / _S
+        return info
 
     @classmethod
     def from_info(cls, d: Mapping[str, Any]) -> DutyCycle:
-        return cls(*(int(float(d[k]) * _S) for k in ("first_s", "on_s", "period_s", "linger_s")))
+        renew = d.get("renew_s")
+        first, on, period, linger = (int(float(d[k]) * _S)
+                                     for k in ("first_s", "on_s", "period_s", "linger_s"))
+        return cls(first, on, period, linger,
+                   None if renew is None else int(float(renew) * _S))
 
 
 def plan_for(info: Mapping[str, Any], default: AcceptWatch, start_ns: int = 0
@@ -76,6 +95,13 @@ class AcceptWatchPlan:
         self.start_ns = start_ns
         self._incident_ns: int | None = None  # when the current incident began
         self._last_need_ns = 0
+        #: when the current continuous watch began (the incident's start, or a renewal)
+        self._window_ns = 0
+        self._renewed_ns: int | None = None
+        #: the incident's listeners, each with the last time a socket waited on it
+        self._listeners: dict[ListenerKey, int] = {}
+        #: listeners that restarted the continuous watch, not yet told (see `joined`)
+        self._joined: list[ListenerKey] = []
         #: [attached, detached (None: still attached)] of each attachment, oldest first
         self._intervals: deque[list[int | None]] = deque(maxlen=self.MAX_INTERVALS)
         #: time the watch was attached since start, as far as the plan was asked
@@ -86,8 +112,8 @@ class AcceptWatchPlan:
     def on(self) -> bool:
         return bool(self._intervals) and self._intervals[-1][1] is None
 
-    def wanted(self, now_ns: int, needed: bool) -> bool:
-        """needed: a never-accepted socket is open now. Called once a tick."""
+    def wanted(self, now_ns: int, needed: Set[ListenerKey]) -> bool:
+        """needed: the listeners never-accepted sockets open now wait on. Once a tick."""
         if self.on and self._asked_ns is not None:
             self.attached_ns += now_ns - self._asked_ns
         on = self._decide(now_ns, needed)
@@ -111,13 +137,19 @@ class AcceptWatchPlan:
             total += max(0, stop - max(begin, since_ns))
         return total
 
-    def _decide(self, now_ns: int, needed: bool) -> bool:
+    def joined(self) -> list[ListenerKey]:
+        """The listeners that restarted the continuous watch since last asked."""
+        out, self._joined = self._joined, []
+        return out
+
+    def _decide(self, now_ns: int, needed: Set[ListenerKey]) -> bool:
         if self.mode is AcceptWatch.ALWAYS:
             return True
+        self._follow_listeners(now_ns, needed)
         if needed:
             self._last_need_ns = now_ns
             if self._incident_ns is None:
-                self._incident_ns = now_ns
+                self._incident_ns = self._window_ns = now_ns
         elif self._incident_ns is not None \
                 and now_ns - self._last_need_ns >= self.cycle.linger_ns:
             self._incident_ns = None
@@ -125,13 +157,29 @@ class AcceptWatchPlan:
             return False
         if not self.sampling(now_ns):
             return True
-        since = now_ns - self._incident_ns - self.cycle.first_ns
+        since = now_ns - self._window_ns - self.cycle.first_ns
         return since % self.cycle.period_ns < self.cycle.on_ns
 
+    def _follow_listeners(self, now_ns: int, needed: Set[ListenerKey]) -> None:
+        """Listeners join the incident and leave it a linger after their last need; one that
+        joins while the watch is sampled restarts the continuous watch (renew_ns apart)."""
+        renew = self.cycle.renew_ns
+        new = [k for k in needed if k not in self._listeners]
+        if new and renew is not None and self.sampling(now_ns) and (
+                self._renewed_ns is None or now_ns - self._renewed_ns >= renew):
+            self._window_ns = self._renewed_ns = now_ns
+            self._joined.extend(new)
+        for key in needed:
+            self._listeners[key] = now_ns
+        for key in [k for k, t in self._listeners.items()
+                    if now_ns - t >= self.cycle.linger_ns]:
+            del self._listeners[key]
+
     def sampling(self, now_ns: int) -> bool:
-        """Past the continuous start of an incident, in auto mode: attached part-time."""
+        """Past the continuous start of an incident (or of its renewal), in auto mode:
+        attached part-time."""
         return self.mode is AcceptWatch.AUTO and self._incident_ns is not None \
-            and now_ns - self._incident_ns >= self.cycle.first_ns
+            and now_ns - self._window_ns >= self.cycle.first_ns
 
     def coverage(self, now_ns: int) -> float:
         """The share of the time since start that accept() outcomes were seen."""
@@ -141,7 +189,15 @@ class AcceptWatchPlan:
 
     def describe(self) -> str:
         c = self.cycle
+        renew = "" if c.renew_ns is None else (
+            f", and again when another listener's sockets wait unaccepted, at most once in"
+            f" {c.renew_ns / _S:g} s")
         return (f"accept() is now watched {c.on_ns / _S:g} s in every {c.period_ns / _S:g} s"
-                f" (continuously for the first {c.first_ns / _S:g} s): the accept syscall"
-                " tracepoints slow every syscall on the machine while attached;"
+                f" (continuously for the first {c.first_ns / _S:g} s{renew}): the accept"
+                " syscall tracepoints slow every syscall on the machine while attached;"
                 " --accept-watch while-needed keeps them on")
+
+    def describe_renewal(self, joined: list[ListenerKey]) -> str:
+        where = ", ".join(str(p) for p in sorted({port for _, port in joined})[:5])
+        return (f"accept() is watched continuously again for {self.cycle.first_ns / _S:g} s:"
+                f" sockets now wait unaccepted on another listener (port {where})")

@@ -327,7 +327,10 @@ class Session:
         are the evidence), part-time in a long incident. They tax every syscall."""
         plan = self.accept_plan
         waiting = [c for c in self.tracker.open.values() if c.accepted is Accepted.NO]
-        on = plan.wanted(now, bool(waiting))
+        on = plan.wanted(now, {(c.netns, c.lport) for c in waiting})
+        joined = plan.joined()
+        if joined:
+            self.renderer.notice(plan.describe_renewal(joined))
         if plan.mode is not AcceptWatch.ALWAYS:  # (attached once, at start)
             self.world.controls.set_accept_watch(
                 on, [c.kernel.skaddr for c in waiting if c.kernel is not None])

@@ -1,7 +1,9 @@
 """The tracepoint backend's accept watch over a long incident, on the running kernel: the
 accept syscall tracepoints are attached continuously for its first 30 s, then 2 s in every
-20 s; a socket accepted while they are detached is still found accepted (by its inode).
-Host only: the host is the machine whose kernel has neither kprobes nor fentry."""
+20 s; a socket accepted while they are detached is still found accepted (by its inode); a
+server whose accept() starts failing on another listener meanwhile has the watch on again at
+once, and its EMFILE seen. Host only: the host is the machine whose kernel has neither
+kprobes nor fentry."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import time
 
 import pytest
 
-from .harness import Tracer, bpftool_perf_list
+from closewait_trace.workloads.scenarios import SCENARIOS, ScenarioRun
+
+from .harness import Tracer, bpftool_perf_list, conns, on_port, verdict_text
 
 pytestmark = [pytest.mark.kernel, pytest.mark.host_only]
 
 SAMPLED_NOTICE = "accept() is now watched 2 s in every 20 s"
+RENEWED_NOTICE = "accept() is watched continuously again for 30 s"
 
 
 def _fds(pid: int) -> int:
@@ -44,6 +49,31 @@ def _watch_states(pid: int, seconds: float) -> list[int]:
         out.append(_attached(pid))
         time.sleep(0.25)
     return out
+
+
+def _another_listener_fails(tracer: Tracer, pid: int) -> None:
+    """The fd-limit scenario's server (accept() failing with EMFILE) on a new listener while
+    the incident is sampled: the watch is on continuously again, and its EMFILE is seen."""
+    run = ScenarioRun(SCENARIOS["fd-limit"])
+    start = len(tracer.records)
+    try:
+        run.start_servers()
+        port = run.ports["server"]
+        run.start_clients()
+        tracer.wait_for(lambda r: r["type"] == "notice"
+                        and r["message"].startswith(RENEWED_NOTICE)
+                        and f"port {port}" in r["message"], 20, what="renewal")
+        assert min(_watch_states(pid, 3)) > 0  # continuously, not 2 s in 20
+        backlog = int(SCENARIOS["fd-limit"].params["backlog"])
+        tracer.wait_for(lambda r: r["type"] == "leak" and on_port(port)(r["connection"])
+                        and "EMFILE" in " ".join(r["connection"]["verdict"]["evidence"]),
+                        20, what="EMFILE evidence")
+        leaks = conns(tracer.records[start:], "leak", on_port(port))
+        assert len(leaks) <= backlog + 1
+        assert all(c["verdict"]["cause"] == "accept-failing" for c in leaks), \
+            [verdict_text(c) for c in leaks]
+    finally:
+        run.stop()
 
 
 def test_a_long_incident_is_sampled_and_a_late_accept_is_still_seen() -> None:
@@ -80,6 +110,7 @@ def test_a_long_incident_is_sampled_and_a_late_accept_is_still_seen() -> None:
             assert rec["connection"]["inode"]
         finally:
             late.close()
+        _another_listener_fails(tracer, pid)  # the other two still wait on srv: sampled
     finally:
         srv.close()
         rc = tracer.stop()

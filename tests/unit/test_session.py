@@ -113,7 +113,9 @@ class NoticeRenderer(NullRenderer):
         self.notices.append(message)
 
 
-def test_a_long_incident_samples_the_accept_watch_and_says_so_once() -> None:
+def _incident() -> tuple[ScriptedWorld, NoticeRenderer, Session]:
+    """A started session (auto accept watch, its default cycle) with one never-accepted
+    socket in CLOSE_WAIT."""
     world = ScriptedWorld()
     renderer = NoticeRenderer()
     session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), renderer, world,
@@ -121,6 +123,11 @@ def test_a_long_incident_samples_the_accept_watch_and_says_so_once() -> None:
                        "accept_watch_cycle": DutyCycle().as_info()})
     session.start()
     world.cw = [_never_accepted(world.now)]
+    return world, renderer, session
+
+
+def test_a_long_incident_samples_the_accept_watch_and_says_so_once() -> None:
+    world, renderer, session = _incident()
     for _ in range(70):
         _tick(session, world, 1.0)
     assert world.watch[:30] == [True] * 30
@@ -131,6 +138,22 @@ def test_a_long_incident_samples_the_accept_watch_and_says_so_once() -> None:
     assert session.enrichment.accept_coverage == pytest.approx(34 / 70, abs=0.03)
     view = session.view()
     assert view.accept_watch_s is not None and 33 <= view.accept_watch_s <= 35
+
+
+def test_a_listener_joining_a_sampled_incident_has_the_watch_on_again_and_is_named() -> None:
+    world, renderer, session = _incident()
+    for _ in range(45):
+        _tick(session, world, 1.0)
+    world.cw.append(dataclasses.replace(_never_accepted(world.now), skaddr=0xCD, lport=8443))
+    for _ in range(35):
+        _tick(session, world, 1.0)
+    assert world.watch[30:45].count(True) < 5  # sampled: port 80's socket is old
+    assert world.watch[45:75] == [True] * 30  # port 8443 joined: continuously again
+    assert world.watch[75:80].count(True) < 5
+    renewed = [n for n in renderer.notices if n.startswith("accept() is watched continuously")]
+    assert len(renewed) == 1 and renewed[0].endswith("(port 8443)"), renderer.notices
+    sampled = [n for n in renderer.notices if n.startswith("accept() is now watched")]
+    assert len(sampled) == 2, renderer.notices  # at 30 s, and again after the renewal
 
 
 def test_while_needed_keeps_the_watch_on_and_other_backends_report_no_watch_time() -> None:
