@@ -175,6 +175,10 @@ class AcceptWatchPlan:
                     if now_ns - t >= self.cycle.linger_ns]:
             del self._listeners[key]
 
+    @property
+    def in_incident(self) -> bool:
+        return self._incident_ns is not None
+
     def sampling(self, now_ns: int) -> bool:
         """Past the continuous start of an incident (or of its renewal), in auto mode:
         attached part-time."""
@@ -190,14 +194,17 @@ class AcceptWatchPlan:
     def describe(self) -> str:
         c = self.cycle
         renew = "" if c.renew_ns is None else (
-            f", and again when another listener's sockets wait unaccepted, at most once in"
-            f" {c.renew_ns / _S:g} s")
+            f", and again when a listener new to the incident has sockets waiting, at most"
+            f" once in {c.renew_ns / _S:g} s")
         return (f"accept() is now watched {c.on_ns / _S:g} s in every {c.period_ns / _S:g} s"
                 f" (continuously for the first {c.first_ns / _S:g} s{renew}): the accept"
                 " syscall tracepoints slow every syscall on the machine while attached;"
                 " --accept-watch while-needed keeps them on")
 
     def describe_renewal(self, joined: list[ListenerKey]) -> str:
-        where = ", ".join(str(p) for p in sorted({port for _, port in joined})[:5])
+        ports = sorted({str(port) for _, port in joined}, key=lambda p: (len(p), p))
+        where = ", ".join(ports[:5]) + (", ..." if len(ports) > 5 else "")
+        which = "a listener" if len(ports) == 1 else "listeners"
         return (f"accept() is watched continuously again for {self.cycle.first_ns / _S:g} s:"
-                f" sockets now wait unaccepted on another listener (port {where})")
+                f" sockets now wait unaccepted on {which} new to the incident"
+                f" (port{'s' if len(ports) > 1 else ''} {where})")

@@ -16,7 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .acceptwatch import plan_for
+from .acceptwatch import ListenerKey, plan_for
 from .pipeline.diagnose import Confidence, DurationStats, Facts, Verdict, diagnose
 from .facts.enrich import DiagSocket, normalize_addr
 from .pipeline.enrichment import MAX_TRIES, Enrichment, container_matches
@@ -69,6 +69,13 @@ def seedable(first: list[DiagSocket], held: list[SockInfo],
         return found is None or not (d.netns is None or 0 in found or d.netns in found)
 
     return [d for d in first if keep(d)]
+
+
+def _listener_key(conn: Connection) -> ListenerKey:
+    """The listener a never-accepted socket waits on, for the accept watch: its namespace as
+    the kernel gave it (not as filled in later: the key must not change) and its port."""
+    netns = conn.kernel.netns if conn.kernel is not None else conn.netns
+    return (netns or None, conn.lport)
 
 
 class Session:
@@ -327,17 +334,19 @@ class Session:
         are the evidence), part-time in a long incident. They tax every syscall."""
         plan = self.accept_plan
         waiting = [c for c in self.tracker.open.values() if c.accepted is Accepted.NO]
-        on = plan.wanted(now, {(c.netns, c.lport) for c in waiting})
-        joined = plan.joined()
-        if joined:
-            self.renderer.notice(plan.describe_renewal(joined))
+        on = plan.wanted(now, {_listener_key(c) for c in waiting})
         if plan.mode is not AcceptWatch.ALWAYS:  # (attached once, at start)
             self.world.controls.set_accept_watch(
                 on, [c.kernel.skaddr for c in waiting if c.kernel is not None])
         self.enrichment.accept_coverage = plan.coverage(now)
+        joined = plan.joined()
+        if joined:  # said once attached
+            self.renderer.notice(plan.describe_renewal(joined))
         if plan.sampling(now) and not self._said_sampling:
             self.renderer.notice(plan.describe())
-        self._said_sampling = plan.sampling(now)
+            self._said_sampling = True
+        elif not plan.in_incident:  # a new incident is sampled, and said so, afresh
+            self._said_sampling = False
 
     #: How often sockets found never accepted are looked up again while accept() is sampled,
     #: and how many at most each time (they take turns: the lookups stay cheap, and so does

@@ -111,8 +111,11 @@ def test_a_listener_joining_a_sampled_incident_is_watched_continuously_again() -
     assert got[80:100] == [True, True] + [False] * 18  # then sampled again
     assert plan.sampling(T0 + 109 * S)
     assert plan.describe_renewal([B]) == ("accept() is watched continuously again for 30 s:"
-                                          " sockets now wait unaccepted on another listener"
-                                          " (port 80)")
+                                          " sockets now wait unaccepted on a listener new to"
+                                          " the incident (port 80)")
+    many = [(None, p) for p in (9000, 80, 443, 8080, 22, 5432, 80)]
+    assert plan.describe_renewal(many).endswith("on listeners new to the incident"
+                                                " (ports 22, 80, 443, 5432, 8080, ...)")
 
 
 def test_listeners_joining_in_the_continuous_window_do_not_extend_it() -> None:

@@ -153,7 +153,19 @@ def test_a_listener_joining_a_sampled_incident_has_the_watch_on_again_and_is_nam
     renewed = [n for n in renderer.notices if n.startswith("accept() is watched continuously")]
     assert len(renewed) == 1 and renewed[0].endswith("(port 8443)"), renderer.notices
     sampled = [n for n in renderer.notices if n.startswith("accept() is now watched")]
-    assert len(sampled) == 2, renderer.notices  # at 30 s, and again after the renewal
+    assert len(sampled) == 1, renderer.notices  # at 30 s; not again after the renewal
+
+
+def test_a_namespace_learned_later_does_not_make_the_same_listener_new() -> None:
+    world, renderer, session = _incident()  # the kernel did not give its namespace (0)
+    for _ in range(40):
+        _tick(session, world, 1.0)
+    for conn in session.tracker.open.values():
+        conn.netns = 4026532001  # as enrichment fills it in
+    for _ in range(10):
+        _tick(session, world, 1.0)
+    assert world.watch[40:50].count(True) < 5, world.watch  # still sampled
+    assert not [n for n in renderer.notices if "continuously again" in n], renderer.notices
 
 
 def test_while_needed_keeps_the_watch_on_and_other_backends_report_no_watch_time() -> None:
