@@ -129,9 +129,9 @@ _ACCEPT_WATCH = click.option(
     show_default=True,
     help="Tracepoint backend only: trace accept() through the syscall tracepoints while"
     " never-accepted sockets need explaining, continuously for 30 s then 2 s in every 20 s"
-    ", 30 s again when a listener new to a sampled incident has some, at most once in 5 min"
-    " (auto), the whole time they do (while-needed), or always. While attached they slow"
-    " every syscall on the machine.")
+    ", 30 s again when sockets wait on a listener new to a sampled incident, at most once in"
+    " 5 min (auto), the whole time they do (while-needed), or always. While attached they"
+    " slow every syscall on the machine.")
 _MAX_SOCKETS = click.option("--max-sockets", type=click.IntRange(1024, 1 << 22),
                             default=DEFAULT_MAX_SOCKS, show_default=True,
                             help="Size of the kernel's per-socket map.")

@@ -72,8 +72,8 @@ def seedable(first: list[DiagSocket], held: list[SockInfo],
 
 
 def _listener_key(conn: Connection) -> ListenerKey:
-    """The listener a never-accepted socket waits on, for the accept watch: its namespace as
-    the kernel gave it (not as filled in later: the key must not change) and its port."""
+    """The listener a never-accepted socket waits on, for the accept watch: its namespace (as
+    the kernel gave it, where it did) and its port."""
     netns = conn.kernel.netns if conn.kernel is not None else conn.netns
     return (netns or None, conn.lport)
 
@@ -114,6 +114,9 @@ class Session:
             and self.accept_plan.mode is not AcceptWatch.ALWAYS)
         self.enrichment.accept_watched_ns = self.accept_plan.watched_ns
         self._said_sampling = False
+        #: each never-accepted socket's listener, as first seen (enrichment may learn its
+        #: namespace later: the same listener must not become new)
+        self._listener_keys: dict[tuple[int, int], ListenerKey] = {}
         self._rechecked_ns = 0
         self._recheck_turn = 0
         self.ticks = TickStats()
@@ -334,7 +337,9 @@ class Session:
         are the evidence), part-time in a long incident. They tax every syscall."""
         plan = self.accept_plan
         waiting = [c for c in self.tracker.open.values() if c.accepted is Accepted.NO]
-        on = plan.wanted(now, {_listener_key(c) for c in waiting})
+        self._listener_keys = {c.key: self._listener_keys.get(c.key) or _listener_key(c)
+                               for c in waiting}
+        on = plan.wanted(now, set(self._listener_keys.values()))
         if plan.mode is not AcceptWatch.ALWAYS:  # (attached once, at start)
             self.world.controls.set_accept_watch(
                 on, [c.kernel.skaddr for c in waiting if c.kernel is not None])

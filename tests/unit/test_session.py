@@ -106,18 +106,22 @@ def test_accept_watch_always_is_set_once_and_never_steered() -> None:
 
 
 class NoticeRenderer(NullRenderer):
-    def __init__(self) -> None:
+    def __init__(self, world: ScriptedWorld | None = None) -> None:
         self.notices: list[str] = []
+        self.world = world
+        #: the accept watch's switches made when each notice was said
+        self.watch_then: list[list[bool]] = []
 
     def notice(self, message: str) -> None:
         self.notices.append(message)
+        self.watch_then.append(list(self.world.watch) if self.world else [])
 
 
 def _incident() -> tuple[ScriptedWorld, NoticeRenderer, Session]:
     """A started session (auto accept watch, its default cycle) with one never-accepted
     socket in CLOSE_WAIT."""
     world = ScriptedWorld()
-    renderer = NoticeRenderer()
+    renderer = NoticeRenderer(world)
     session = Session(Options(threshold_ns=2 * S, report_min_ns=S // 5), renderer, world,
                       {"backend": "tracepoint", "accept_watch": "auto",
                        "accept_watch_cycle": DutyCycle().as_info()})
@@ -150,10 +154,27 @@ def test_a_listener_joining_a_sampled_incident_has_the_watch_on_again_and_is_nam
     assert world.watch[30:45].count(True) < 5  # sampled: port 80's socket is old
     assert world.watch[45:75] == [True] * 30  # port 8443 joined: continuously again
     assert world.watch[75:80].count(True) < 5
-    renewed = [n for n in renderer.notices if n.startswith("accept() is watched continuously")]
-    assert len(renewed) == 1 and renewed[0].endswith("(port 8443)"), renderer.notices
+    renewed = [i for i, n in enumerate(renderer.notices)
+               if n.startswith("accept() is watched continuously")]
+    assert len(renewed) == 1 and renderer.notices[renewed[0]].endswith("(port 8443)")
+    assert renderer.watch_then[renewed[0]] == world.watch[:46]  # said once attached
     sampled = [n for n in renderer.notices if n.startswith("accept() is now watched")]
     assert len(sampled) == 1, renderer.notices  # at 30 s; not again after the renewal
+
+
+def test_a_new_incident_is_said_sampled_again() -> None:
+    world, renderer, session = _incident()
+    for _ in range(40):
+        _tick(session, world, 1.0)
+    world.cw = []  # the incident ends 30 s later
+    for _ in range(35):
+        _tick(session, world, 1.0)
+    world.cw = [dataclasses.replace(_never_accepted(world.now), skaddr=0xEF, rport=6000)]
+    for _ in range(35):
+        _tick(session, world, 1.0)
+    sampled = [n for n in renderer.notices if n.startswith("accept() is now watched")]
+    assert len(sampled) == 2, renderer.notices
+    assert not [n for n in renderer.notices if "continuously again" in n], renderer.notices
 
 
 def test_a_namespace_learned_later_does_not_make_the_same_listener_new() -> None:
