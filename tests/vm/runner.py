@@ -65,7 +65,9 @@ A cell fails when its guest does not boot, hangs past ``--timeout`` (it is kille
 no exit status, exits non-zero, or its junit XML reports failures or errors.  Logs per cell
 (``--logs DIR``/KERNEL-BACKEND/): console.log (kernel console + vng), output.log (the
 command's stdout+stderr), run.sh/cmd.sh (what the guest ran), vng-cmd.txt, exit-status,
-junit.xml; DIR/summary.json holds the table.  Exit status: 0 if every cell passed, 1 if any
+junit.xml; DIR/summary.json holds the table.  A failed cell's report ends with the last
+lines of its output and each failed test's name and message from its junit XML (pytest's
+durations may fill the last lines).  Exit status: 0 if every cell passed, 1 if any
 failed, 2 for usage/setup errors.
 """
 
@@ -213,10 +215,17 @@ class Counts:
     failed: int = 0
     skipped: int = 0
     errors: int = 0
+    #: each failed or erred test: its id and the first part of its message
+    failures: list[str] = field(default_factory=list)
+
+
+#: How much of a failed test's message the report repeats (the output log has all of it).
+FAILURE_CHARS = 600
 
 
 def parse_junit(path: Path) -> Counts:
-    """Sum the counts of every <testsuite> in a pytest junit XML file (raises on bad XML)."""
+    """Sum the counts of every <testsuite> in a pytest junit XML file, and name its failed
+    tests with their messages (raises on bad XML)."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     c = Counts()
@@ -225,8 +234,21 @@ def parse_junit(path: Path) -> Counts:
         c.failed += int(s.get("failures", 0))
         c.errors += int(s.get("errors", 0))
         c.skipped += int(s.get("skipped", 0))
+        c.failures += [_failure(case) for case in s.iter("testcase")
+                       if case.find("failure") is not None or case.find("error") is not None]
     c.passed = c.tests - c.failed - c.errors - c.skipped
     return c
+
+
+def _failure(case: ET.Element) -> str:
+    bad = case.find("failure")
+    if bad is None:
+        bad = case.find("error")
+    assert bad is not None
+    message = " ".join((bad.get("message") or bad.text or "").split())
+    if len(message) > FAILURE_CHARS:
+        message = message[:FAILURE_CHARS] + " ..."
+    return f"{case.get('classname', '')}::{case.get('name', '')}: {message}"
 
 
 # ---------------------------------------------------------------- tools
@@ -302,6 +324,7 @@ class CellResult:
     failed: int | None = None
     skipped: int | None = None
     errors: int | None = None
+    failures: list[str] = field(default_factory=list)
     boot_s: float | None = None  # guest uptime when the command started
     cmd_s: float | None = None  # guest time spent in the command
     wall_s: float = 0.0
@@ -565,6 +588,7 @@ def run_cell(cell: Cell, cmd: str, opts: Options, vng: Path) -> CellResult:
         try:
             c = parse_junit(junit)
             res.passed, res.failed, res.skipped, res.errors = c.passed, c.failed, c.skipped, c.errors
+            res.failures = c.failures
             if c.failed or c.errors:
                 res.reasons.append(f"junit: {c.failed} failed, {c.errors} errors")
         except (ET.ParseError, ValueError, OSError) as e:
@@ -617,6 +641,9 @@ def report(results: list[CellResult], logs: Path) -> None:
         print(f"  output log:  {r.output_log}")
         print("  last lines of output:")
         print(_tail(r.output_log))
+        if r.failures:
+            print("  failed tests (junit XML):")
+            print("\n".join(f"    {f}" for f in r.failures))
     n_pass = sum(r.result == "PASS" for r in results)
     print(f"\nvm matrix: {n_pass} passed, {len(failed)} failed (cells); logs in {logs}")
 

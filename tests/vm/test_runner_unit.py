@@ -95,6 +95,24 @@ def test_junit_failures_fail_even_with_exit_0(fake: dict[str, Path], capsys: pyt
     assert "junit: 1 failed" in capsys.readouterr().out
 
 
+def test_report_names_each_failed_test_with_its_message(
+        fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """The output log's last lines may be pytest's durations: the report says what failed."""
+    xml = ('<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="0" tests="3">'
+           '<testcase classname="tests.kernel.a" name="test_ok"/>'
+           '<testcase classname="tests.kernel.a" name="test_late"><failure message="AssertionError:'
+           ' (1.4, 0.02)&#10;assert 1.4 &lt;= 1.02">trace</failure></testcase>'
+           '<testcase classname="tests.kernel.b" name="test_boom"><error message="">'
+           'RuntimeError: no tracer</error></testcase>'
+           '</testsuite></testsuites>').replace('"', '\\"')
+    assert _run(fake, f'echo "{xml}" > {{junit}}') == 1
+    out = capsys.readouterr().out
+    assert "junit: 1 failed, 1 errors" in out
+    assert "    tests.kernel.a::test_late: AssertionError: (1.4, 0.02) assert 1.4 <= 1.02\n" in out
+    assert "    tests.kernel.b::test_boom: RuntimeError: no tracer\n" in out
+    assert "test_ok" not in out
+
+
 def test_missing_junit_fails_when_cmd_names_it(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(fake, "true # would write {junit}") == 1
     assert "no junit XML" in capsys.readouterr().out
