@@ -22,8 +22,8 @@ from closewait_trace.kernel.features import FORCE_PERF_ENV
 from closewait_trace.kernel.kfields import CLASSIC_TRACEPOINT_ENV
 from closewait_trace.kernel.skips import kretprobe_counts
 
-from ..harness import FORK_AND_LEAK, PREEMPT_RT, START_TIMEOUT, Server, Tracer, bpf_prog_ids, \
-    bpftool_perf_list, kprobe_events, prog_ids_of, spawn_script
+from ..harness import FORK_AND_LEAK, PREEMPT_RT, START_TIMEOUT, Server, StallWatch, Tracer, \
+    bpf_prog_ids, bpftool_perf_list, kprobe_events, prog_ids_of, spawn_script
 from .shared import THRESHOLD, UNSEEN_ON_RT
 
 pytestmark = pytest.mark.kernel
@@ -213,12 +213,13 @@ def test_close_one_second_after_fin_is_timed_within_50ms(
     srv = _start(servers, accept=True, close_after=1.0)
     c = srv.connect()
     srv.wait_accepted()
-    c.close()
-    rec = tracer.wait_for(srv.since_start(
-        lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}")),
-        10, what="close record")
+    with StallWatch() as stall:  # the server's second is longer by a stall of the machine
+        c.close()
+        rec = tracer.wait_for(srv.since_start(
+            lambda r: r["type"] == "close" and r["connection"]["local"].endswith(f":{srv.port}")),
+            10, what="close record")
     conn = rec["connection"]
-    assert abs(conn["cw_age_s"] - 1.0) <= 0.05, conn
+    assert -0.05 <= conn["cw_age_s"] - 1.0 <= 0.05 + stall.stalled_s, (stall.longest_s, conn)
     assert conn["exit"] == "app-close"
     assert conn["closer_pid"] == srv.pid
     # It crossed the 1 s threshold just before it closed: a late close, not a leak now.
@@ -231,11 +232,15 @@ def test_flag_is_raised_within_threshold_plus_one_second(
     srv = _start(servers, accept=False)
     c = srv.connect()
     peer = _name(c)
-    c.close()
-    conn = _leak(tracer, srv, peer)
+    with StallWatch() as stall:
+        c.close()
+        conn = _leak(tracer, srv, peer)
     # The age at the moment of the flag is measured by the tracer from the kernel's timestamp
-    # of the FIN, so the test process's own scheduling does not count.
-    assert THRESHOLD <= conn["cw_age_s"] <= THRESHOLD + 1.0, conn
+    # of the FIN, so the test process's own scheduling does not count; a stall of the whole
+    # machine (an emulated guest the host did not run) delays every process alike and is
+    # not the tracer's lateness.
+    late = conn["cw_age_s"] - THRESHOLD
+    assert 0.0 <= late <= 1.0 + stall.stalled_s, (late, stall.longest_s, conn)
 
 
 def test_outbound_close_wait_is_reported(tracer: Tracer, servers: list[Server]) -> None:
