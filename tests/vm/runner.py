@@ -221,6 +221,8 @@ class Counts:
 
 #: How much of a failed test's message the report repeats (the output log has all of it).
 FAILURE_CHARS = 600
+#: How many failed tests of a cell the report names (a failed shared fixture fails them all).
+MAX_FAILURES_SHOWN = 10
 
 
 def parse_junit(path: Path) -> Counts:
@@ -643,7 +645,9 @@ def report(results: list[CellResult], logs: Path) -> None:
         print(_tail(r.output_log))
         if r.failures:
             print("  failed tests (junit XML):")
-            print("\n".join(f"    {f}" for f in r.failures))
+            print("\n".join(f"    {f}" for f in r.failures[:MAX_FAILURES_SHOWN]))
+            if len(r.failures) > MAX_FAILURES_SHOWN:
+                print(f"    ... and {len(r.failures) - MAX_FAILURES_SHOWN} more")
     n_pass = sum(r.result == "PASS" for r in results)
     print(f"\nvm matrix: {n_pass} passed, {len(failed)} failed (cells); logs in {logs}")
 

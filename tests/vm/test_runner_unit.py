@@ -113,6 +113,18 @@ def test_report_names_each_failed_test_with_its_message(
     assert "test_ok" not in out
 
 
+def test_report_names_at_most_ten_failed_tests(
+        fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cases = "".join(f'<testcase classname="t" name="test_{i}"><error message="fixture"/></testcase>'
+                    for i in range(12))
+    xml = (f'<testsuites><testsuite name="pytest" errors="12" failures="0" skipped="0" tests="12">'
+           f'{cases}</testsuite></testsuites>').replace('"', '\\"')
+    assert _run(fake, f'echo "{xml}" > {{junit}}') == 1
+    out = capsys.readouterr().out
+    assert "    t::test_9: fixture\n" in out and "test_10" not in out
+    assert "    ... and 2 more\n" in out
+
+
 def test_missing_junit_fails_when_cmd_names_it(fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(fake, "true # would write {junit}") == 1
     assert "no junit XML" in capsys.readouterr().out
