@@ -85,7 +85,7 @@ class StallWatch:
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self._stop.set()
         self._thread.join()
-        if exc is not None:
+        if exc is not None and hasattr(exc, "add_note"):  # Python 3.11 and later
             exc.add_note(f"longest stall of the machine meanwhile: {self.longest_s:.3f} s")
 
     @property
@@ -93,8 +93,8 @@ class StallWatch:
         return max((end - start for start, end in self.stalls), default=0.0)
 
     def stalled_s(self, start: float, end: float) -> float:
-        """The longest stall within [start, end] (the part of it inside)."""
-        return max([0.0] + [min(e, end) - max(s, start) for s, e in self.stalls])
+        """How long the machine stalled within [start, end]: the parts of the stalls inside."""
+        return sum(max(0.0, min(e, end) - max(s, start)) for s, e in self.stalls)
 
     def _watch(self) -> None:
         last = time.monotonic()

@@ -66,8 +66,8 @@ no exit status, exits non-zero, or its junit XML reports failures or errors.  Lo
 (``--logs DIR``/KERNEL-BACKEND/): console.log (kernel console + vng), output.log (the
 command's stdout+stderr), run.sh/cmd.sh (what the guest ran), vng-cmd.txt, exit-status,
 junit.xml; DIR/summary.json holds the table.  A failed cell's report ends with the last
-lines of its output and each failed test's name and message from its junit XML (pytest's
-durations may fill the last lines).  Exit status: 0 if every cell passed, 1 if any
+lines of its output and each failed test's name and message from its junit XML, ten at most
+(pytest's durations may fill the last lines).  Exit status: 0 if every cell passed, 1 if any
 failed, 2 for usage/setup errors.
 """
 
