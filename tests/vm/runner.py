@@ -89,6 +89,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from closewait_trace.outputs.textsafe import visible
+
 from . import hotlayer
 from . import kheaders as _kheaders
 
@@ -250,7 +252,7 @@ def _failure(case: ET.Element) -> str:
     message = " ".join((bad.get("message") or bad.text or "").split())
     if len(message) > FAILURE_CHARS:
         message = message[:FAILURE_CHARS] + " ..."
-    return f"{case.get('classname', '')}::{case.get('name', '')}: {message}"
+    return visible(f"{case.get('classname', '')}::{case.get('name', '')}: {message}")
 
 
 # ---------------------------------------------------------------- tools
@@ -630,7 +632,7 @@ def _tail(path: str, n: int = 15) -> str:
         lines = Path(path).read_text(errors="replace").splitlines()
     except OSError:
         return "    (missing)"
-    return "\n".join("    | " + x for x in lines[-n:]) or "    (empty)"
+    return "\n".join("    | " + visible(x) for x in lines[-n:]) or "    (empty)"
 
 
 def report(results: list[CellResult], logs: Path) -> None:

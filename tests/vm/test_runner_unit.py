@@ -113,6 +113,15 @@ def test_report_names_each_failed_test_with_its_message(
     assert "test_ok" not in out
 
 
+def test_report_shows_control_characters_of_the_output_as_escapes(
+        fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """An output line may quote a traced process's name: a terminal must not act on it (the
+    junit XML cannot hold control characters: pytest writes them as #x1B)."""
+    assert _run(fake, 'printf "name \\033[2J\\n"; exit 1') == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "| name \\x1b[2J" in out
+
+
 def test_report_names_at_most_ten_failed_tests(
         fake: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     cases = "".join(f'<testcase classname="t" name="test_{i}"><error message="fixture"/></testcase>'
