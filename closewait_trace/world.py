@@ -154,10 +154,9 @@ class HostWorld:
         try:
             if netns is None:
                 return enrich.diag_sockets({TcpState.CLOSE_WAIT})
-            found = self.diag.diag_sockets(netns, {TcpState.CLOSE_WAIT})
+            return self.diag.diag_sockets(netns, {TcpState.CLOSE_WAIT})
         except CloseWaitError:
             return []
-        return [dataclasses.replace(d, netns=netns) for d in found]
 
     def listeners(self, netns: int | None = None) -> list[Listener]:
         try:
@@ -203,14 +202,14 @@ class HostWorld:
 
     def _serving(self, listener: Listener, pids: list[int]) -> dict[int, int]:
         """pid -> connections of the listener's port it holds now (one dump of the
-        listener's namespace)."""
+        listener's port in its namespace, filtered by the kernel)."""
         if not pids:
             return {}
         try:
             states = set(TcpState) - {TcpState.LISTEN, TcpState.SYN_SENT, TcpState.SYN_RECV,
                                       TcpState.NEW_SYN_RECV, TcpState.TIME_WAIT}
-            socks = (enrich.diag_sockets(states) if listener.netns is None
-                     else self.diag.diag_sockets(listener.netns, states))
+            socks = (enrich.diag_sockets(states, sport=listener.lport) if listener.netns is None
+                     else self.diag.diag_sockets(listener.netns, states, sport=listener.lport))
         except CloseWaitError:
             return {}
         mine = {d.inode for d in socks if d.lport == listener.lport and d.inode}

@@ -176,6 +176,13 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 _NLMSGHDR = struct.Struct("=IHHII")
 #: struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes)
 _REQ_V2 = struct.Struct("=BBBBI48x")
+#: A netlink attribute header, and one operation of inet_diag's filter bytecode (a condition
+#: jumps ``yes`` bytes when true and ``no`` bytes when false; a port condition is followed by
+#: one more operation whose ``no`` holds the port, in host order). include/uapi/linux/inet_diag.h
+_NLA = struct.Struct("=HH")
+_BC_OP = struct.Struct("=BBH")
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
 #: struct inet_diag_msg: family, state, timer, retrans; sockid: sport, dport (big-endian),
 #: src[16], dst[16], if, cookie (2 x u32); expires, rqueue, wqueue, uid, inode
 _DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
@@ -194,9 +201,10 @@ def _addr_text(family: int, raw: bytes, cache: dict[bytes, str]) -> str:
 
 
 def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSocket],
-                        cache: dict[bytes, str]) -> bool:
-    """Parse the netlink messages of one recv() of a sock_diag dump into ``out``.
-    Returns True when the dump is done. Raises EnrichError on a netlink error."""
+                        cache: dict[bytes, str], netns: int | None = None) -> bool:
+    """Parse the netlink messages of one recv() of a sock_diag dump into ``out``, each
+    socket marked as found in ``netns``. Returns True when the dump is done. Raises
+    EnrichError on a netlink error."""
     off, end = 0, len(buf)
     while off + _NLMSGHDR.size <= end:
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
@@ -224,14 +232,23 @@ def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSoc
                     laddr=_addr_text(fam, src, cache), lport=_PORTS.unpack(sport)[0],
                     raddr=_addr_text(fam, dst, cache), rport=_PORTS.unpack(dport)[0],
                     inode=inode, uid=uid, rqueue=rqueue, wqueue=wqueue,
-                    cookie=c0 | (c1 << 32)))
+                    cookie=c0 | (c1 << 32), netns=netns))
         off += (length + 3) & ~3
     return False
 
 
+def sport_filter(port: int) -> bytes:
+    """The request attribute that has the kernel report only sockets whose local port is
+    ``port``: local port >= port, then <= port (comparisons every kernel's inet_diag has;
+    S_EQ came later). A false condition jumps 4 bytes past the end: the socket is left out."""
+    ops = (_BC_OP.pack(INET_DIAG_BC_S_GE, 8, 20) + _BC_OP.pack(0, 0, port)
+           + _BC_OP.pack(INET_DIAG_BC_S_LE, 8, 12) + _BC_OP.pack(0, 0, port))
+    return _NLA.pack(_NLA.size + len(ops), INET_DIAG_REQ_BYTECODE) + ops
+
+
 def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
-          out: list[DiagSocket], seq: int) -> None:
-    req = _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask)
+          out: list[DiagSocket], seq: int, netns: int | None, attrs: bytes) -> None:
+    req = _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask) + attrs
     nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
                            NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
     cache: dict[bytes, str] = {}
@@ -239,7 +256,7 @@ def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
         buf = nl.recv(1 << 20)
         if not buf:
             raise EnrichError("sock_diag: netlink socket closed during a dump")
-        if parse_diag_messages(buf, requested, out, cache):
+        if parse_diag_messages(buf, requested, out, cache, netns):
             return
 
 
@@ -261,6 +278,8 @@ def diag_sockets(
     families: Collection[int] = (socket.AF_INET, socket.AF_INET6),
     *,
     nl: socket.socket | None = None,
+    netns: int | None = None,
+    sport: int | None = None,
 ) -> list[DiagSocket]:
     """Dump the TCP sockets in ``states`` of the given families through sock_diag.
 
@@ -269,8 +288,9 @@ def diag_sockets(
     reported by the kernel as SYN_RECV, so asking for either state returns them as
     SYN_RECV.  ``nl`` is a socket from :func:`open_sock_diag` (made in the namespace to ask
     about; the caller serialises its use and drops it after an error); without it, a socket
-    is opened in the caller's namespace for this dump.  Raises :class:`EnrichError` when
-    netlink fails.
+    is opened in the caller's namespace for this dump.  Each socket is marked as found in
+    ``netns``.  With ``sport``, the kernel reports only the sockets of that local port.
+    Raises :class:`EnrichError` when netlink fails.
     """
     wanted = frozenset(int(TcpState(s)) for s in states)
     if not wanted:
@@ -281,11 +301,12 @@ def diag_sockets(
         if family not in _SUPPORTED_FAMILIES:
             raise UsageError(f"unsupported address family {family} (AF_INET or AF_INET6)")
     mask = _state_mask(TcpState(s) for s in wanted)
+    attrs = sport_filter(sport) if sport is not None else b""
     result: list[DiagSocket] = []
     try:
         with contextlib.nullcontext(nl) if nl is not None else open_sock_diag() as sock:
             for seq, family in enumerate(dict.fromkeys(families), start=1):
-                _dump(sock, family, mask, wanted, result, seq)
+                _dump(sock, family, mask, wanted, result, seq, netns, attrs)
     except OSError as exc:
         raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
     return result

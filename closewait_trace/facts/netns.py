@@ -330,13 +330,15 @@ class NetnsDiag:
     # -- queries -------------------------------------------------------------------
 
     def diag_sockets(self, netns: int, states: Collection[TcpState],
-                     families: Collection[int] = _FAMILIES) -> list[DiagSocket]:
-        """:func:`closewait_trace.facts.enrich.diag_sockets` asked in namespace ``netns``.
-        Raises :class:`EnrichError` (also when the namespace no longer exists)."""
+                     families: Collection[int] = _FAMILIES, *, sport: int | None = None
+                     ) -> list[DiagSocket]:
+        """:func:`closewait_trace.facts.enrich.diag_sockets` asked in namespace ``netns``
+        (each socket marked as found there). Raises :class:`EnrichError` (also when the
+        namespace no longer exists)."""
         sock, lock = self._socket(netns)
         with lock:
             try:
-                return diag_sockets(states, families, nl=sock)
+                return diag_sockets(states, families, nl=sock, netns=netns, sport=sport)
             except EnrichError:
                 self._drop(netns, sock)
                 raise

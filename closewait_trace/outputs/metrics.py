@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .. import __version__
 from ..kernel.decode import HIST_BUCKETS, LOSS_SOURCES, Stat
 from ..errors import UsageError
-from ..pipeline.join import Change, ChangeKind, Connection
+from ..pipeline.join import Change, Connection
 from .render import EXIT_WORDS, View
 from .textsafe import visible
 
@@ -109,6 +109,11 @@ class CgroupContainers:
         return ""
 
 
+def _cause(view: View, c: Connection) -> str:
+    verdict = view.verdicts.get(c.key)
+    return verdict.cause.value if verdict else "unknown"
+
+
 @dataclass(frozen=True)
 class _Values:
     """Plain values taken from one View at once: a scrape never mixes two moments."""
@@ -133,21 +138,27 @@ class _Values:
     @classmethod
     def of(cls, view: View, listeners: Sequence[tuple[int, int, int]],
            container_of: Callable[[int], str]) -> _Values:
-        def who(c: Connection) -> tuple[str, str]:
+        def who(c: Connection) -> tuple[str | None, str | None, int | None]:
             # the enrichment stage's identity where it read one (recorded, replayed)
             known = c.container.label if c.container is not None else None
-            container = known or (container_of(c.owner_pid) if c.owner_pid is not None else "")
-            return visible(c.owner_comm or ""), visible(container)
+            return c.owner_comm, known, None if known else c.owner_pid
 
-        groups: Counter[tuple[str, ...]] = Counter(
-            (*who(c), str(c.service_port), c.direction.value, c.accepted.value)
-            for c in view.open)
+        def labels(comm: str | None, known: str | None, pid: int | None) -> tuple[str, str]:
+            container = known or (container_of(pid) if pid is not None else "")
+            return visible(comm or ""), visible(container)
+
+        # counted by raw fields first, then labelled once per distinct owner: thousands of
+        # sockets share a few owners, and a label costs a /proc read and an escaping pass
+        raw_groups = Counter((*who(c), c.service_port, c.direction.value, c.accepted.value)
+                             for c in view.open)
+        raw_leaks = Counter((*who(c), c.service_port, _cause(view, c)) for c in view.open
+                            if c.flagged_ns is not None)
+        groups: Counter[tuple[str, ...]] = Counter()
+        for (comm, known, pid, port, direction, accepted), n in raw_groups.items():
+            groups[(*labels(comm, known, pid), str(port), direction, accepted)] += n
         leaks: Counter[tuple[str, ...]] = Counter()
-        for c in view.open:
-            if c.flagged_ns is not None:
-                verdict = view.verdicts.get(c.key)
-                leaks[(*who(c), str(c.service_port),
-                       verdict.cause.value if verdict else "unknown")] += 1
+        for (comm, known, pid, port, cause), n in raw_leaks.items():
+            leaks[(*labels(comm, known, pid), str(port), cause)] += n
         errs: Counter[int] = Counter()
         for (_pid, err), n in view.accept_errors.items():
             errs[err] += n
@@ -449,8 +460,7 @@ class MetricsExporter:
         self.health.ready = True
 
     def changes(self, changes: Sequence[Change], view: View) -> None:
-        if any(ch.kind is ChangeKind.FLAGGED for ch in changes):
-            self._update(view)
+        pass  # the session calls refresh() right after, in the same tick: one update a tick
 
     def refresh(self, view: View) -> None:
         self._update(view)

@@ -290,13 +290,14 @@ class JsonRenderer:
         self.timelines = timelines
         self.exporter = exporter
 
-    def _emit(self, kind: str, view: View | None, **body: Any) -> None:
+    def _emit(self, kind: str, view: View | None, flush: bool = True, **body: Any) -> None:
         record: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind}
         when = view.wall(view.now_ns) if view is not None else dt.datetime.now().astimezone()
         record["time"] = when.isoformat(timespec="milliseconds")
         record.update(body)
         self.out.write(json.dumps(record, sort_keys=False) + "\n")
-        self.out.flush()
+        if flush:
+            self.out.flush()
 
     def notice(self, message: str) -> None:
         self._emit("notice", None, message=message)
@@ -305,20 +306,22 @@ class JsonRenderer:
         self._emit("ready", view, **info)
 
     def changes(self, changes: Sequence[Change], view: View) -> None:
+        """The tick's records, flushed once at the end (a flush per record made a write(2)
+        each: 20,000 leaks flagged at once took most of a second)."""
         for ch in changes:
             if ch.conn is not None and ch.kind is not ChangeKind.TIMELINE:
-                self._emit(ch.kind.value, view, connection=conn_dict(ch.conn, view))
+                self._emit(ch.kind.value, view, False, connection=conn_dict(ch.conn, view))
             if timeline_wanted(ch, self.timelines):
                 assert ch.conn is not None
-                self._emit("timeline", view, connection=conn_dict(ch.conn, view),
+                self._emit("timeline", view, False, connection=conn_dict(ch.conn, view),
                            timeline=tl.as_dict(ch.conn, view.now_ns))
                 if self.exporter is not None:
                     self.exporter.add(ch.conn, view.now_ns)
             elif ch.listener is not None:
                 lst = ch.listener
-                self._emit(
-                    ch.kind.value, view, port=lst.lport, addr=lst.laddr, pid=lst.pid, comm=lst.comm
-                )
+                self._emit(ch.kind.value, view, False, port=lst.lport, addr=lst.laddr,
+                           pid=lst.pid, comm=lst.comm)
+        self.out.flush()
 
     def refresh(self, view: View) -> None:
         pass

@@ -253,6 +253,25 @@ def test_dual_stack_socket_reports_ipv4_text(stack: contextlib.ExitStack) -> Non
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("family,addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_the_kernel_reports_only_the_sockets_of_the_local_port_asked_for(
+        stack: contextlib.ExitStack, family: int, addr: str) -> None:
+    """sport: inet_diag's filter bytecode keeps the listener and its connections, and leaves
+    out the clients' ends (their local ports are others) and every other socket."""
+    lsock, port = make_listener(stack, family, addr)
+    clients = [connect(stack, family, addr, port) for _ in range(3)]
+    served = [stack.enter_context(lsock.accept()[0]) for _ in clients]
+    states = set(TcpState)
+    mine = diag_sockets(states, sport=port)
+    assert mine and {s.lport for s in mine} == {port}
+    assert {s.inode for s in mine} == {os.fstat(x.fileno()).st_ino for x in [lsock, *served]}
+    everything = diag_sockets(states)
+    assert {local_port(c) for c in clients} <= {s.lport for s in everything}  # there, unasked
+    assert diag_sockets(states, sport=local_port(clients[0]))[0].rport == port
+    assert len(everything) > len(mine)
+
+
+@pytest.mark.kernel
 def test_open_files_of_own_process() -> None:
     count, limit = open_files(os.getpid())
     listed = len(os.listdir("/proc/self/fd"))  # includes the fd used for the listing

@@ -90,7 +90,9 @@ def test_ip_netns_sockets_seen_only_in_their_namespace(diag: NetnsDiag) -> None:
         assert netns_inode(srv["pid"]) == inode
         info = list_netns()[inode]
         assert info.names == (ns,) and srv["pid"] in info.pids
-        assert _cw_of(diag.diag_sockets(inode, CW), srv["port"]) == set(srv["inodes"])
+        found_there = diag.diag_sockets(inode, CW)
+        assert _cw_of(found_there, srv["port"]) == set(srv["inodes"])
+        assert {s.netns for s in found_there} == {inode}  # each marked where it was found
         assert len(srv["inodes"]) == 2 and 0 not in srv["inodes"]
         assert _cw_of(diag_sockets(CW), srv["port"]) == set()  # the host's own answer
         assert _cw_of(diag.diag_sockets(diag.host_inode, CW), srv["port"]) == set()

@@ -114,6 +114,29 @@ def test_leaks_by_cause_and_labels_from_the_traced_system_are_made_visible() -> 
     assert _samples(text, "closewait_leaks_flagged_total") == [({}, 1.0)]
 
 
+def test_labels_are_read_once_per_owner_however_many_sockets_it_holds() -> None:
+    """20,000 sockets of a few owners: each owner's container is read (and its labels
+    escaped) once per update, not once per socket; two owners with the same labels are one
+    series."""
+    calls: list[int] = []
+
+    def container_of(pid: int) -> str:
+        calls.append(pid)
+        return "c1" if pid == 4001 else ""
+
+    conns = [_conn(1, owner_pid=4001 if i % 2 else 4002, flagged_ns=NOW - S if i < 10 else None)
+             for i in range(2000)]
+    conns.append(_conn(1, owner_pid=4003))  # same comm and (no) container as 4002
+    exp = MetricsExporter("127.0.0.1", 0, health=Health(node="node-a"), container_of=container_of)
+    exp.ready(_view(conns), {"backend": "tracepoint", "kernel": "6.18.0"})
+    assert sorted(calls) == [4001, 4001, 4002, 4002, 4003]  # sockets, then leaks
+    text = generate_latest(exp.registry).decode()
+    rows = sorted((r["container"], v) for r, v in _samples(text, "closewait_sockets"))
+    assert rows == [("", 1001.0), ("c1", 1000.0)]
+    leaks = sorted((r["container"], v) for r, v in _samples(text, "closewait_leaking_sockets"))
+    assert leaks == [("", 5.0), ("c1", 5.0)]
+
+
 def test_stays_that_left_close_wait_by_how_every_way_listed_from_zero() -> None:
     view = _view([], closed_total=6, closed_by_how={"app-close": 3, "process-exit": 2, "lost": 1})
     left = {r["how"]: v for r, v in _samples(_exposition(view), "closewait_left_total")}

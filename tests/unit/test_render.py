@@ -167,6 +167,28 @@ def test_conn_dict_preexisting_ipv6_closed() -> None:
     assert (d["accepted"], d["direction"], d["pid"], d["verdict"]) == ("unknown", "unknown", None, None)
 
 
+class _CountingOut(io.StringIO):
+    """An output that counts flushes (each is a write(2) on a pipe or file)."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_json_records_of_one_tick_are_flushed_once_at_its_end() -> None:
+    out = _CountingOut()
+    r = JsonRenderer(out)
+    conns = [open_conn(sk=SK + i) for i in range(50)]
+    v = view(conns)
+    r.changes([Change(ChangeKind.FLAGGED, c) for c in conns], v)
+    assert out.flushes == 1
+    assert [x["type"] for x in json_lines(out)] == ["leak"] * 50
+    r.notice("hello")  # a record outside a tick goes out at once
+    assert out.flushes == 2
+
+
 def test_json_records_for_open_leak_close_lost_and_listeners() -> None:
     out = io.StringIO()
     r = JsonRenderer(out)
