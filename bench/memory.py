@@ -9,8 +9,8 @@ Two more figures, each from a process of its own:
 * without BCC: a fresh interpreter that imports every module of the package but never BCC,
   the least a long-running tracer could keep if a short-lived child compiled and loaded the
   programs and handed them over (bpffs pins) to a reader of maps and ring buffer without BCC;
-* the start's peak in a memory cgroup of its own (cgroup v2 ``memory.peak``, or v1
-  ``memory.max_usage_in_bytes``): what a container's or a systemd unit's memory limit sees,
+* the start's peak in a memory cgroup of its own (cgroup v2 ``memory.peak``, Linux 5.19 and
+  later, or v1 ``memory.max_usage_in_bytes``): what a container's or a systemd unit's memory limit sees,
   page cache the start reads for the first time included, and what a compile in a child
   would still charge to the same cgroup. It runs first; pages already cached by an earlier
   process are not charged again, so a first start on a cold node charges more.
@@ -24,6 +24,7 @@ tracer's own for an error (77 without the privileges to load BPF programs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -61,17 +62,20 @@ def stages() -> dict[str, dict[str, int]]:
 _WITHOUT_BCC = """
 import importlib, json, pkgutil, sys
 import closewait_trace
-from bench.memory import memory
 for mod in pkgutil.walk_packages(closewait_trace.__path__, "closewait_trace."):
     if not mod.name.endswith("__main__"):
         importlib.import_module(mod.name)
-sys.exit(3) if "bcc" in sys.modules else print(json.dumps(memory()))
+if "bcc" in sys.modules:
+    sys.exit(3)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({key: int(status[key].split()[0]) for key in FIELDS}))
 """
 
 
 def without_bcc() -> dict[str, int]:
     """The memory of a fresh interpreter with every module of the package imported, no BCC."""
-    r = subprocess.run([sys.executable, "-c", _WITHOUT_BCC], capture_output=True, text=True,
+    code = f"FIELDS = {FIELDS!r}\n{_WITHOUT_BCC}"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"the import of the package without BCC failed ({r.returncode}):"
@@ -96,8 +100,9 @@ def memory_cgroup_root() -> tuple[Path, str] | None:
 
 
 def start_peak_kb() -> int | None:
-    """The peak (kB) of a memory cgroup made for one run of the stages in a child process;
-    None where no memory controller can be used (or the kernel has no peak file)."""
+    """The peak (kB) of a memory cgroup made for one run of the stages in a child process
+    (which moves itself into it first); None where no memory controller can be used, or the
+    kernel keeps no peak (cgroup v2's memory.peak came in Linux 5.19)."""
     found = memory_cgroup_root()
     if found is None:
         return None
@@ -105,20 +110,18 @@ def start_peak_kb() -> int | None:
     group = root / f"closewait-bench-memory-{os.getpid()}"
     group.mkdir()
     try:
-        def enter() -> None:
-            (group / "cgroup.procs").write_text(str(os.getpid()))
-        r = subprocess.run([sys.executable, "-m", "bench.memory", "--stages-only"],
-                           capture_output=True, text=True, timeout=300, check=False,
-                           preexec_fn=enter)
+        if not (group / peak_file).exists():
+            return None
+        r = subprocess.run([sys.executable, "-m", "bench.memory", "--stages-only",
+                            "--join-cgroup", str(group)],
+                           capture_output=True, text=True, timeout=300, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"the start in a cgroup of its own failed ({r.returncode}):"
                                f" {r.stderr.strip()[-300:]}")
-        try:
-            return int((group / peak_file).read_text()) // 1024
-        except (OSError, ValueError):
-            return None
+        return int((group / peak_file).read_text()) // 1024
     finally:
-        group.rmdir()
+        with contextlib.suppress(OSError):  # the child has exited: the group is empty
+            group.rmdir()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages-only", action="store_true",
                         help="only the stages of a start in this process (used for the cgroup peak)")
+    parser.add_argument("--join-cgroup", metavar="DIR", type=Path,
+                        help="move this process into the cgroup DIR first")
     args = parser.parse_args(argv)
+    if args.join_cgroup is not None:
+        (args.join_cgroup / "cgroup.procs").write_text(str(os.getpid()))
     from closewait_trace.errors import CloseWaitError
     try:
         if args.stages_only:
@@ -143,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for name, mem in [*found.items(), ("no-bcc", alone)]:
         print(f"{name:8} " + "  ".join(f"{k} {mem[k] / 1024:6.1f} MB" for k in FIELDS))
-    print("start's cgroup peak: " + (f"{peak / 1024:.1f} MB" if peak is not None
-                                     else "no memory cgroup controller usable here"))
+    print("start's cgroup peak: " + (f"{peak / 1024:.1f} MB" if peak is not None else
+                                     "none: no memory cgroup controller that keeps a peak"
+                                     " (cgroup v2's memory.peak needs Linux 5.19)"))
     print(json.dumps({"type": "memory", "kB": found, "without_bcc_kB": alone,
                       "cgroup_peak_kB": peak}))
     return 0

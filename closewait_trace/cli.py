@@ -276,14 +276,15 @@ def _quiet_exit(status: int) -> None:
 def _json_stream() -> IO[str]:
     """Standard output for the JSON lines alone: the stream gets its own descriptor and fd 1
     becomes stderr, so whatever BCC, its compiler or the kernel prints can never land in the
-    JSON stream."""
+    JSON stream. Block-buffered: JsonRenderer flushes after each record outside a tick and
+    once after a tick's records (line buffering made a write(2) of every record)."""
     try:
         if sys.stdout.fileno() != 1:
             return sys.stdout
     except (AttributeError, io.UnsupportedOperation, ValueError):
         return sys.stdout  # not a real descriptor (a test's runner): nothing else writes there
     sys.stdout.flush()
-    stream = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     return stream
 

@@ -10,7 +10,6 @@ answers, so a recording does not write them and a replay has no kernel to tell.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -174,10 +173,9 @@ class HostWorld:
     def lookup(self, netns: int, family: int, laddr: str, lport: int, raddr: str,
                rport: int) -> DiagSocket | None:
         try:
-            found = self.diag.lookup(netns, family, laddr, lport, raddr, rport)
+            return self.diag.lookup(netns, family, laddr, lport, raddr, rport)
         except CloseWaitError:
             return None
-        return None if found is None else dataclasses.replace(found, netns=netns)
 
     def netns_of(self, pid: int) -> int | None:
         return netns.netns_inode(pid)
@@ -212,7 +210,7 @@ class HostWorld:
                      else self.diag.diag_sockets(listener.netns, states, sport=listener.lport))
         except CloseWaitError:
             return {}
-        mine = {d.inode for d in socks if d.lport == listener.lport and d.inode}
+        mine = {d.inode for d in socks if d.inode}
         return {pid: len(self.index.inodes_of(pid) & mine) for pid in pids}
 
     def owners(self, inode: int) -> list[SocketOwner]:

@@ -175,14 +175,9 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 _NLMSGHDR = struct.Struct("=IHHII")
 #: struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes)
-_REQ_V2 = struct.Struct("=BBBBI48x")
-#: A netlink attribute header, and one operation of inet_diag's filter bytecode (a condition
-#: jumps ``yes`` bytes when true and ``no`` bytes when false; a port condition is followed by
-#: one more operation whose ``no`` holds the port, in host order). include/uapi/linux/inet_diag.h
-_NLA = struct.Struct("=HH")
-_BC_OP = struct.Struct("=BBH")
-INET_DIAG_REQ_BYTECODE = 1
-INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+#: inet_diag_req_v2: family, protocol, ext, pad, states, then the socket id, whose source
+#: port (network order) a dump honours when it is not 0: only sockets of that local port
+_REQ_V2 = struct.Struct("=BBBBI2s46x")
 #: struct inet_diag_msg: family, state, timer, retrans; sockid: sport, dport (big-endian),
 #: src[16], dst[16], if, cookie (2 x u32); expires, rqueue, wqueue, uid, inode
 _DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
@@ -237,18 +232,15 @@ def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSoc
     return False
 
 
-def sport_filter(port: int) -> bytes:
-    """The request attribute that has the kernel report only sockets whose local port is
-    ``port``: local port >= port, then <= port (comparisons every kernel's inet_diag has;
-    S_EQ came later). A false condition jumps 4 bytes past the end: the socket is left out."""
-    ops = (_BC_OP.pack(INET_DIAG_BC_S_GE, 8, 20) + _BC_OP.pack(0, 0, port)
-           + _BC_OP.pack(INET_DIAG_BC_S_LE, 8, 12) + _BC_OP.pack(0, 0, port))
-    return _NLA.pack(_NLA.size + len(ops), INET_DIAG_REQ_BYTECODE) + ops
+def dump_request(family: int, mask: int, sport: int = 0) -> bytes:
+    """The inet_diag_req_v2 of a TCP dump of the states in ``mask``; with ``sport``, the
+    kernel reports only the sockets of that local port."""
+    return _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask, _PORTS.pack(sport))
 
 
 def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
-          out: list[DiagSocket], seq: int, netns: int | None, attrs: bytes) -> None:
-    req = _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask) + attrs
+          out: list[DiagSocket], seq: int, netns: int | None, sport: int) -> None:
+    req = dump_request(family, mask, sport)
     nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
                            NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
     cache: dict[bytes, str] = {}
@@ -301,12 +293,11 @@ def diag_sockets(
         if family not in _SUPPORTED_FAMILIES:
             raise UsageError(f"unsupported address family {family} (AF_INET or AF_INET6)")
     mask = _state_mask(TcpState(s) for s in wanted)
-    attrs = sport_filter(sport) if sport is not None else b""
     result: list[DiagSocket] = []
     try:
         with contextlib.nullcontext(nl) if nl is not None else open_sock_diag() as sock:
             for seq, family in enumerate(dict.fromkeys(families), start=1):
-                _dump(sock, family, mask, wanted, result, seq, netns, attrs)
+                _dump(sock, family, mask, wanted, result, seq, netns, sport or 0)
     except OSError as exc:
         raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
     return result

@@ -246,8 +246,9 @@ def _packed(family: int, text: str) -> bytes:
 
 
 def diag_lookup(nl: socket.socket, family: int, laddr: str, lport: int, raddr: str,
-                rport: int) -> DiagSocket | None:
-    """The connection with this 4-tuple in ``nl``'s namespace, by the kernel's hash lookup
+                rport: int, netns: int | None = None) -> DiagSocket | None:
+    """The connection with this 4-tuple in ``nl``'s namespace (marked as found in ``netns``),
+    by the kernel's hash lookup
     (a request without NLM_F_DUMP: the kernel finds the one socket, it walks no table), or
     None.  An IPv4 connection is found asked either way (AF_INET, or AF_INET6 with mapped
     addresses), whichever family its socket has.  Not for
@@ -271,7 +272,7 @@ def diag_lookup(nl: socket.socket, family: int, laddr: str, lport: int, raddr: s
         if err == -errno.ENOENT:
             return None
     found: list[DiagSocket] = []
-    parse_diag_messages(buf, _ALL_STATES, found, {})
+    parse_diag_messages(buf, _ALL_STATES, found, {}, netns)
     return find_by_tuple(found, family, laddr, lport, raddr, rport)
 
 
@@ -349,7 +350,7 @@ class NetnsDiag:
         sock, lock = self._socket(netns)
         with lock:
             try:
-                return diag_lookup(sock, family, laddr, lport, raddr, rport)
+                return diag_lookup(sock, family, laddr, lport, raddr, rport, netns)
             except EnrichError:
                 self._drop(netns, sock)
                 raise

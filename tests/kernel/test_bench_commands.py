@@ -5,6 +5,7 @@ nginx, wrk and time."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -64,14 +65,18 @@ def test_memory_command_reports_each_stage() -> None:
     # the compiler's libraries paged out once the programs were loaded (kernel/release.py):
     # fewer of their file pages resident than after the imports alone (104 MB before, on 6.18)
     assert stages["loaded"]["RssFile"] < stages["imports"]["RssFile"], report
-    # the package imported without BCC (the floor of a tracer that compiled in a child): the
-    # command fails if any import pulled BCC in
-    assert set(report["without_bcc_kB"]) == set(FIELDS), report
-    # the start in a memory cgroup of its own: every machine this runs on has a memory
-    # controller (v1 beside v2 here); the child's own heap after the load is charged at least
+    # the package imported without BCC (the floor of a tracer that compiled in a child; the
+    # command fails if any import pulled BCC in): none of BCC's libraries mapped
+    assert report["without_bcc_kB"]["RssFile"] < stages["imports"]["RssFile"], report
+    # the start in a memory cgroup of its own, which charges at least the child's own heap;
+    # no figure only where no controller keeps a peak: cgroup v2 alone before Linux 5.19
     peak = report["cgroup_peak_kB"]
-    assert peak is not None, "no memory cgroup controller found: " + r.stdout
-    assert peak > stages["loaded"]["RssAnon"], report
+    if peak is None:
+        release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+        assert not Path("/sys/fs/cgroup/memory").is_dir() and release < (5, 19), r.stdout
+        assert "needs Linux 5.19" in r.stdout
+    else:
+        assert peak > stages["loaded"]["RssAnon"], report
 
 
 def _per_run_row(report: str, config: str) -> dict[str, str]:

@@ -101,7 +101,7 @@ def test_ip_netns_sockets_seen_only_in_their_namespace(diag: NetnsDiag) -> None:
         for sock_inode, peer in zip(srv["inodes"], srv["peers"]):
             found = diag.lookup(inode, socket.AF_INET, "127.0.0.1", srv["port"], "127.0.0.1",
                                 peer)
-            assert found is not None and found.inode == sock_inode
+            assert found is not None and (found.inode, found.netns) == (sock_inode, inode)
             assert found.state == TcpState.CLOSE_WAIT
             mapped = diag.lookup(inode, socket.AF_INET6, "::ffff:127.0.0.1", srv["port"],
                                  "127.0.0.1", peer)  # the kernel looks up IPv4 for mapped

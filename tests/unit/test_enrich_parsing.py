@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -409,6 +410,18 @@ def test_diag_sockets_argument_checks_need_no_kernel() -> None:
     assert diag_sockets(()) == []
     with pytest.raises(UsageError):
         diag_sockets({TcpState.CLOSE_WAIT}, (socket.AF_UNIX,))
+
+
+def test_dump_request_carries_the_local_port_in_network_order() -> None:
+    """inet_diag_req_v2 (56 bytes): family, protocol, ext, pad, states, then the socket id;
+    a dump honours the id's source port (network order) when it is not 0."""
+    from closewait_trace.facts.enrich import dump_request
+
+    req = dump_request(socket.AF_INET6, 0x180, 8080)
+    assert len(req) == 56
+    assert req[:8] == bytes([socket.AF_INET6, socket.IPPROTO_TCP, 0, 0]) + (0x180).to_bytes(4, sys.byteorder)
+    assert req[8:10] == b"\x1f\x90" and req[10:] == bytes(46)
+    assert dump_request(socket.AF_INET6, 0x180)[8:] == bytes(48)  # every port
 
 
 def test_netlink_failure_becomes_enrich_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -227,7 +227,8 @@ def test_json_stream_owns_stdout_and_fd1_goes_to_stderr() -> None:
             "s = cli._json_stream()\n"
             "os.write(1, b'bcc noise\\n')\n"
             "print('print noise')\n"
-            "s.write('{}\\n')\n")
+            "s.write('{}\\n')\n"
+            "assert not s.line_buffering  # the renderer flushes: once per tick, not per line\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout == "{}\n"
