@@ -24,7 +24,6 @@ tracer's own for an error (77 without the privileges to load BPF programs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -68,15 +67,14 @@ for mod in pkgutil.walk_packages(closewait_trace.__path__, "closewait_trace."):
 if "bcc" in sys.modules:
     sys.exit(3)
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({key: int(status[key].split()[0]) for key in FIELDS}))
+print(json.dumps({key: int(status[key].split()[0]) for key in sys.argv[1:]}))
 """
 
 
 def without_bcc() -> dict[str, int]:
     """The memory of a fresh interpreter with every module of the package imported, no BCC."""
-    code = f"FIELDS = {FIELDS!r}\n{_WITHOUT_BCC}"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=False)
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_BCC, *FIELDS], capture_output=True,
+                       text=True, timeout=120, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"the import of the package without BCC failed ({r.returncode}):"
                            f" {r.stderr.strip()[-300:]}")
@@ -99,10 +97,15 @@ def memory_cgroup_root() -> tuple[Path, str] | None:
     return None
 
 
+#: Enter the cgroup "$0", then become the command: the interpreter's start is charged too,
+#: as for a container's process, which starts inside its cgroup.
+_IN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+
+
 def start_peak_kb() -> int | None:
     """The peak (kB) of a memory cgroup made for one run of the stages in a child process
-    (which moves itself into it first); None where no memory controller can be used, or the
-    kernel keeps no peak (cgroup v2's memory.peak came in Linux 5.19)."""
+    that starts inside it; None where no memory controller can be used, or the kernel keeps
+    no peak (cgroup v2's memory.peak came in Linux 5.19)."""
     found = memory_cgroup_root()
     if found is None:
         return None
@@ -112,16 +115,18 @@ def start_peak_kb() -> int | None:
     try:
         if not (group / peak_file).exists():
             return None
-        r = subprocess.run([sys.executable, "-m", "bench.memory", "--stages-only",
-                            "--join-cgroup", str(group)],
+        r = subprocess.run(["sh", "-c", _IN_CGROUP, str(group), sys.executable, "-m",
+                            "bench.memory", "--stages-only"],
                            capture_output=True, text=True, timeout=300, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"the start in a cgroup of its own failed ({r.returncode}):"
                                f" {r.stderr.strip()[-300:]}")
         return int((group / peak_file).read_text()) // 1024
     finally:
-        with contextlib.suppress(OSError):  # the child has exited: the group is empty
-            group.rmdir()
+        try:
+            group.rmdir()  # the child has exited: the group is empty
+        except OSError as exc:
+            print(f"bench.memory: the cgroup {group} is left behind: {exc}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,11 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages-only", action="store_true",
                         help="only the stages of a start in this process (used for the cgroup peak)")
-    parser.add_argument("--join-cgroup", metavar="DIR", type=Path,
-                        help="move this process into the cgroup DIR first")
     args = parser.parse_args(argv)
-    if args.join_cgroup is not None:
-        (args.join_cgroup / "cgroup.procs").write_text(str(os.getpid()))
     from closewait_trace.errors import CloseWaitError
     try:
         if args.stages_only:

@@ -210,7 +210,8 @@ class HostWorld:
                      else self.diag.diag_sockets(listener.netns, states, sport=listener.lport))
         except CloseWaitError:
             return {}
-        mine = {d.inode for d in socks if d.inode}
+        # (the kernel filtered by port; a walk that ignores the id would still be caught here)
+        mine = {d.inode for d in socks if d.lport == listener.lport and d.inode}
         return {pid: len(self.index.inodes_of(pid) & mine) for pid in pids}
 
     def owners(self, inode: int) -> list[SocketOwner]:

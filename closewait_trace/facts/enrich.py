@@ -174,10 +174,11 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 _NLMSGHDR = struct.Struct("=IHHII")
-#: struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes)
-#: inet_diag_req_v2: family, protocol, ext, pad, states, then the socket id, whose source
-#: port (network order) a dump honours when it is not 0: only sockets of that local port
-_REQ_V2 = struct.Struct("=BBBBI2s46x")
+#: struct inet_diag_req_v2: family, protocol, ext, pad, states; then struct inet_diag_sockid:
+#: sport, dport (network order), src[16], dst[16], if, cookie[2]
+_REQ_V2 = struct.Struct("=BBBBI")
+_SOCKID = struct.Struct("!HH16s16s")
+_SOCKID_TAIL = struct.Struct("=III")
 #: struct inet_diag_msg: family, state, timer, retrans; sockid: sport, dport (big-endian),
 #: src[16], dst[16], if, cookie (2 x u32); expires, rqueue, wqueue, uid, inode
 _DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
@@ -232,15 +233,20 @@ def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSoc
     return False
 
 
-def dump_request(family: int, mask: int, sport: int = 0) -> bytes:
-    """The inet_diag_req_v2 of a TCP dump of the states in ``mask``; with ``sport``, the
-    kernel reports only the sockets of that local port."""
-    return _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask, _PORTS.pack(sport))
+def diag_request(family: int, mask: int, sport: int = 0, dport: int = 0,
+                 src: bytes = bytes(16), dst: bytes = bytes(16),
+                 cookie: tuple[int, int] = (0, 0)) -> bytes:
+    """A TCP inet_diag_req_v2 for the states in ``mask``. A dump honours a source port that
+    is not 0 (the kernel reports only the sockets of that local port; every kernel's TCP
+    dump compares it) and ignores the rest of the id; a lookup (no NLM_F_DUMP) finds the
+    one socket with the whole id."""
+    return (_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask)
+            + _SOCKID.pack(sport, dport, src, dst) + _SOCKID_TAIL.pack(0, *cookie))
 
 
 def _dump(nl: socket.socket, family: int, mask: int, requested: frozenset[int],
           out: list[DiagSocket], seq: int, netns: int | None, sport: int) -> None:
-    req = dump_request(family, mask, sport)
+    req = diag_request(family, mask, sport)
     nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
                            NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
     cache: dict[bytes, str] = {}
@@ -271,7 +277,7 @@ def diag_sockets(
     *,
     nl: socket.socket | None = None,
     netns: int | None = None,
-    sport: int | None = None,
+    sport: int = 0,
 ) -> list[DiagSocket]:
     """Dump the TCP sockets in ``states`` of the given families through sock_diag.
 
@@ -281,7 +287,7 @@ def diag_sockets(
     SYN_RECV.  ``nl`` is a socket from :func:`open_sock_diag` (made in the namespace to ask
     about; the caller serialises its use and drops it after an error); without it, a socket
     is opened in the caller's namespace for this dump.  Each socket is marked as found in
-    ``netns``.  With ``sport``, the kernel reports only the sockets of that local port.
+    ``netns``.  With ``sport`` (not 0), the kernel reports only the sockets of that local port.
     Raises :class:`EnrichError` when netlink fails.
     """
     wanted = frozenset(int(TcpState(s)) for s in states)
@@ -297,7 +303,7 @@ def diag_sockets(
     try:
         with contextlib.nullcontext(nl) if nl is not None else open_sock_diag() as sock:
             for seq, family in enumerate(dict.fromkeys(families), start=1):
-                _dump(sock, family, mask, wanted, result, seq, netns, sport or 0)
+                _dump(sock, family, mask, wanted, result, seq, netns, sport)
     except OSError as exc:
         raise EnrichError(f"sock_diag (inet_diag) query failed: {exc}") from exc
     return result

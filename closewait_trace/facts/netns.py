@@ -35,6 +35,7 @@ from closewait_trace.facts.enrich import (
     DiagSocket,
     TcpState,
     _pids,
+    diag_request,
     diag_sockets,
     find_by_tuple,
     normalize_addr,
@@ -229,11 +230,6 @@ def open_sock_diag_in(path: str, expect_inode: int | None = None) -> socket.sock
 
 # --------------------------------------------------------------------------- one socket, no dump
 
-#: inet_diag_req_v2 with its inet_diag_sockid: family, protocol, ext, pad, states; then
-#: sport, dport (big-endian), src[16], dst[16], if, cookie[2].
-_REQ_HEAD = struct.Struct("=BBBBI")
-_SOCKID_PORTS = struct.Struct("!HH")
-_SOCKID_TAIL = struct.Struct("=III")
 _NOCOOKIE = 0xFFFFFFFF
 _ALL_STATES = frozenset(int(s) for s in TcpState)
 
@@ -258,9 +254,7 @@ def diag_lookup(nl: socket.socket, family: int, laddr: str, lport: int, raddr: s
         src, dst = _packed(family, laddr), _packed(family, raddr)
     except ValueError:
         return None  # not an address: no such socket
-    req = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-           + _SOCKID_PORTS.pack(lport, rport) + src + dst
-           + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE))
+    req = diag_request(family, 0xFFFFFFFF, lport, rport, src, dst, (_NOCOOKIE, _NOCOOKIE))
     try:
         nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
                                0, 0) + req)
@@ -331,7 +325,7 @@ class NetnsDiag:
     # -- queries -------------------------------------------------------------------
 
     def diag_sockets(self, netns: int, states: Collection[TcpState],
-                     families: Collection[int] = _FAMILIES, *, sport: int | None = None
+                     families: Collection[int] = _FAMILIES, *, sport: int = 0
                      ) -> list[DiagSocket]:
         """:func:`closewait_trace.facts.enrich.diag_sockets` asked in namespace ``netns``
         (each socket marked as found there). Raises :class:`EnrichError` (also when the

@@ -74,7 +74,6 @@ def test_memory_command_reports_each_stage() -> None:
     if peak is None:
         release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
         assert not Path("/sys/fs/cgroup/memory").is_dir() and release < (5, 19), r.stdout
-        assert "needs Linux 5.19" in r.stdout
     else:
         assert peak > stages["loaded"]["RssAnon"], report
 

@@ -256,8 +256,8 @@ def test_dual_stack_socket_reports_ipv4_text(stack: contextlib.ExitStack) -> Non
 @pytest.mark.parametrize("family,addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
 def test_the_kernel_reports_only_the_sockets_of_the_local_port_asked_for(
         stack: contextlib.ExitStack, family: int, addr: str) -> None:
-    """sport: inet_diag's filter bytecode keeps the listener and its connections, and leaves
-    out the clients' ends (their local ports are others) and every other socket."""
+    """sport: the dump request's source port keeps the listener and its connections, and
+    leaves out the clients' ends (their local ports are others) and every other socket."""
     lsock, port = make_listener(stack, family, addr)
     clients = [connect(stack, family, addr, port) for _ in range(3)]
     served = [stack.enter_context(lsock.accept()[0]) for _ in clients]

@@ -412,16 +412,21 @@ def test_diag_sockets_argument_checks_need_no_kernel() -> None:
         diag_sockets({TcpState.CLOSE_WAIT}, (socket.AF_UNIX,))
 
 
-def test_dump_request_carries_the_local_port_in_network_order() -> None:
-    """inet_diag_req_v2 (56 bytes): family, protocol, ext, pad, states, then the socket id;
-    a dump honours the id's source port (network order) when it is not 0."""
-    from closewait_trace.facts.enrich import dump_request
+def test_diag_request_layout_ports_in_network_order() -> None:
+    """inet_diag_req_v2 (56 bytes): family, protocol, ext, pad, states, then the socket id:
+    ports (network order), addresses, interface, cookie; a dump honours the source port
+    when it is not 0."""
+    from closewait_trace.facts.enrich import diag_request
 
-    req = dump_request(socket.AF_INET6, 0x180, 8080)
+    req = diag_request(socket.AF_INET6, 0x180, 8080)
     assert len(req) == 56
     assert req[:8] == bytes([socket.AF_INET6, socket.IPPROTO_TCP, 0, 0]) + (0x180).to_bytes(4, sys.byteorder)
     assert req[8:10] == b"\x1f\x90" and req[10:] == bytes(46)
-    assert dump_request(socket.AF_INET6, 0x180)[8:] == bytes(48)  # every port
+    assert diag_request(socket.AF_INET6, 0x180)[8:] == bytes(48)  # every port
+    one = diag_request(socket.AF_INET, 0xFFF, 80, 443, b"a" * 16, b"b" * 16, (1, 2))
+    assert one[8:12] == b"\x00\x50\x01\xbb" and one[12:44] == b"a" * 16 + b"b" * 16
+    assert one[44:] == (0).to_bytes(4, sys.byteorder) + (1).to_bytes(4, sys.byteorder) \
+        + (2).to_bytes(4, sys.byteorder)
 
 
 def test_netlink_failure_becomes_enrich_error(monkeypatch: pytest.MonkeyPatch) -> None:
