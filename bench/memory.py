@@ -152,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, mem in [*found.items(), ("no-bcc", alone)]:
         print(f"{name:8} " + "  ".join(f"{k} {mem[k] / 1024:6.1f} MB" for k in FIELDS))
     print("start's cgroup peak: " + (f"{peak / 1024:.1f} MB" if peak is not None else
-                                     "none: no memory cgroup controller that keeps a peak"
-                                     " (cgroup v2's memory.peak needs Linux 5.19)"))
+                                     "none: no cgroup v1 memory hierarchy, and cgroup v2's root"
+                                     " does not delegate memory or (before Linux 5.19) keeps"
+                                     " no memory.peak"))
     print(json.dumps({"type": "memory", "kB": found, "without_bcc_kB": alone,
                       "cgroup_peak_kB": peak}))
     return 0

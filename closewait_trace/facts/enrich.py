@@ -236,10 +236,10 @@ def parse_diag_messages(buf: bytes, requested: frozenset[int], out: list[DiagSoc
 def diag_request(family: int, mask: int, sport: int = 0, dport: int = 0,
                  src: bytes = bytes(16), dst: bytes = bytes(16),
                  cookie: tuple[int, int] = (0, 0)) -> bytes:
-    """A TCP inet_diag_req_v2 for the states in ``mask``. A dump honours a source port that
-    is not 0 (the kernel reports only the sockets of that local port; every kernel's TCP
-    dump compares it) and ignores the rest of the id; a lookup (no NLM_F_DUMP) finds the
-    one socket with the whole id."""
+    """A TCP inet_diag_req_v2 for the states in ``mask``. A dump honours ports that are not 0
+    (with ``sport``, the kernel reports only the sockets of that local port; every kernel's
+    TCP dump compares it; a ``dport`` would leave the listeners out) and ignores the rest
+    of the id; a lookup (no NLM_F_DUMP) finds the one socket with the whole id."""
     return (_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, mask)
             + _SOCKID.pack(sport, dport, src, dst) + _SOCKID_TAIL.pack(0, *cookie))
 

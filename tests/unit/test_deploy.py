@@ -447,7 +447,7 @@ def test_daemonset_has_what_the_agent_needs_and_nothing_more() -> None:
     assert env["CLOSEWAIT_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["CLOSEWAIT_METRICS"]["value"] == "$(NODE_IP):9466"
     # Sized from the measured memory (160 MB at the compile's peak, up to 347 MB for a start's
-    # cgroup with a cold page cache, 242-256 MB with 20,000 sockets in CLOSE_WAIT).
+    # cgroup with a cold page cache, 241-258 MB with 20,000 sockets in CLOSE_WAIT).
     res = c["resources"]
     assert res["requests"]["memory"] == "256Mi" and res["limits"]["memory"] == "512Mi"
     port = c["ports"][0]
