@@ -59,15 +59,15 @@ def stages() -> dict[str, dict[str, int]]:
 #: Run in a fresh interpreter: import every module of the package, never BCC, and print the
 #: memory (kB) as JSON; refuse (exit 3) if some import pulled BCC in.
 _WITHOUT_BCC = """
-import importlib, json, pkgutil, sys
+import importlib, json, os, pkgutil, sys
 import closewait_trace
+from bench.load import status_kb
 for mod in pkgutil.walk_packages(closewait_trace.__path__, "closewait_trace."):
     if not mod.name.endswith("__main__"):
         importlib.import_module(mod.name)
 if "bcc" in sys.modules:
     sys.exit(3)
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({key: int(status[key].split()[0]) for key in sys.argv[1:]}))
+print(json.dumps({key: status_kb(os.getpid(), key) or 0 for key in sys.argv[1:]}))
 """
 
 
